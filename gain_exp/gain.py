@@ -1,0 +1,249 @@
+"""GAIN: a classifier whose Grad-CAM attention is trained through an attention-mining stream."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gain_exp.attention import NORMALISATIONS, FeatureExtractor, grad_cam, normalise
+
+FORMULATIONS = ("batch", "per_label")
+GRAD_MODES = ("full", "features", "frozen")
+
+
+@dataclass
+class GAINOutput:
+    """What one GAIN forward produces; N = B for ``batch``, N = number of (image, label) pairs for ``per_label``."""
+
+    logits: torch.Tensor  # B x K classification-stream scores
+    attention: torch.Tensor | None = None  # N x H x W Grad-CAM at image size, normalised
+    mask: torch.Tensor | None = None  # N x H x W soft mask T(A)
+    masked_images: torch.Tensor | None = None  # N x 3 x H x W, I* = I - T(A) * I
+    am_logits: torch.Tensor | None = None  # N x K scores of I* (attention-mining stream)
+    image_index: torch.Tensor | None = None  # N: the image each map belongs to
+    class_index: torch.Tensor | None = None  # N: the class each map explains (per_label only)
+    map_targets: torch.Tensor | None = None  # N x K: the classes each map explains (0/1)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient flowing back by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+class GAIN(nn.Module):
+    """Wraps a timm CNN classifier with differentiable Grad-CAM, soft masking and attention mining.
+
+    Args:
+        model: a classifier with ``forward_features``/``forward_head`` (any timm CNN), or any model
+            together with ``grad_layer``.
+        grad_layer: module name whose output is the Grad-CAM feature map (default: forward_features).
+        formulation: ``batch`` (one map per image from the sum of its target classes' logits) or
+            ``per_label`` (one map and one masked image per (image, target class) pair; Eq. 5).
+        grad_mode: ``full`` (keep the graph through the Grad-CAM weights), ``features`` (weights
+            detached) or ``frozen`` (weights detached and the AM stream's parameters get no gradient).
+        sigma, omega: threshold and scale of the soft mask T(A) = sigmoid(omega (A - sigma)).
+        normalisation: ``minmax``, ``max`` or ``none``, applied per map before thresholding.
+        fill: what erased pixels become: ``zero`` (I - T I on the input tensor, the paper's formula),
+            ``mean`` (each image's mean colour) or an RGB triple in [0, 1] pixel units.
+        am_grad_scale: factor on the gradient flowing back through the AM stream's input.
+        freeze_am_bn: run the AM stream with batch-norm in eval mode (no running-stat update).
+        multi_label: at evaluation, explain every class with sigmoid > 0.5 instead of the argmax.
+        pixel_mean, pixel_std: input normalisation (for RGB fills); default: the model's pretrained_cfg.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        grad_layer: str | None = None,
+        formulation: str = "batch",
+        grad_mode: str = "features",
+        sigma: float = 0.5,
+        omega: float = 10.0,
+        normalisation: str = "minmax",
+        fill: str | Sequence[float] = "zero",
+        am_grad_scale: float = 1.0,
+        freeze_am_bn: bool = True,
+        multi_label: bool = False,
+        pixel_mean: Sequence[float] | None = None,
+        pixel_std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_choice("formulation", formulation, FORMULATIONS)
+        _check_choice("grad_mode", grad_mode, GRAD_MODES)
+        _check_choice("normalisation", normalisation, NORMALISATIONS)
+        if not 0.0 < sigma < 1.0:
+            raise ValueError(f"sigma={sigma} is outside (0, 1); the soft-mask threshold must lie strictly between 0 and 1.")
+        if omega <= 0:
+            raise ValueError(f"omega={omega} must be > 0; it is the soft mask's steepness (the paper's seed uses 10).")
+        if am_grad_scale < 0:
+            raise ValueError(f"am_grad_scale={am_grad_scale} must be >= 0; it multiplies the AM stream's input gradient.")
+        self.model = model
+        self.extractor = FeatureExtractor(model, grad_layer)
+        self.formulation = formulation
+        self.grad_mode = grad_mode
+        self.sigma = float(sigma)
+        self.omega = float(omega)
+        self.normalisation = normalisation
+        self.am_grad_scale = float(am_grad_scale)
+        self.freeze_am_bn = freeze_am_bn
+        self.multi_label = multi_label
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = torch.tensor(pixel_mean or cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
+        std = torch.tensor(pixel_std or cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
+        self.fill = _parse_fill(fill)
+        if isinstance(self.fill, torch.Tensor):
+            self.register_buffer("fill_value", ((self.fill - mean) / std).view(1, 3, 1, 1), persistent=False)
+        self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.model, "num_classes", None)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention: bool = True,
+        mining: bool = True,
+    ) -> GAINOutput:
+        """Classify ``images`` and, unless switched off, compute attention, masks and the AM stream.
+
+        ``targets`` (B x K, 0/1 float) are the classes to explain; without them (or in eval mode with
+        none given) the predicted classes are explained. ``attention=False`` is plain classification;
+        ``mining=False`` skips the attention-mining stream (e.g. L_e only).
+        """
+        self._check_inputs(images, targets)
+        if not attention:
+            return GAINOutput(logits=self.model(images))
+        # Outside training (or under no_grad) attention is still computed, from a detached feature
+        # leaf, so no parameter, gradient or BN statistic is touched.
+        track = self.training and torch.is_grad_enabled()
+        with torch.enable_grad():
+            features, logits = self._features_and_logits(images, leaf=not track)
+            if targets is None:
+                targets = self.predicted_classes(logits.detach())
+            targets = targets.to(logits.dtype)
+            out = self._attention(images, features, logits, targets, create_graph=track and self.grad_mode == "full")
+        if not track:
+            out.logits, out.attention, out.mask = out.logits.detach(), out.attention.detach(), out.mask.detach()
+            out.masked_images = out.masked_images.detach()
+        if mining:
+            with torch.set_grad_enabled(track):
+                out.am_logits = self._mine(out.masked_images)
+        return out
+
+    def predicted_classes(self, logits: torch.Tensor) -> torch.Tensor:
+        """B x K 0/1 matrix of predicted classes: the argmax, or sigmoid > 0.5 (at least one) if multi-label."""
+        top = F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+        if not self.multi_label:
+            return top
+        return torch.maximum((logits > 0).to(logits.dtype), top)
+
+    def _features_and_logits(self, images: torch.Tensor, leaf: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not leaf:
+            return self.extractor(images)
+        if self.extractor.module is None:
+            with torch.no_grad():
+                features = self.model.forward_features(images)
+            features = features.detach().requires_grad_(True)
+            return features, self.model.forward_head(features)
+        handle = self.extractor.module.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True))
+        try:
+            return self.extractor(images)
+        finally:
+            handle.remove()
+
+    def _attention(self, images, features, logits, targets, create_graph: bool) -> GAINOutput:
+        if self.formulation == "batch":
+            cams = grad_cam(features, logits, targets, create_graph)
+            image_index = torch.arange(images.shape[0], device=images.device)
+            class_index, map_targets = None, targets
+        else:
+            image_index, class_index = targets.nonzero(as_tuple=True)
+            # rank of each pair within its image: maps for the r-th label of every image share one
+            # batched backward, so the cost grows with the most labels on one image, not their sum.
+            first = torch.searchsorted(image_index, image_index, right=False)
+            rank = torch.arange(image_index.numel(), device=images.device) - first
+            weights = torch.zeros((int(rank.max()) + 1 if rank.numel() else 1, *targets.shape),
+                                  dtype=logits.dtype, device=logits.device)
+            weights[rank, image_index, class_index] = 1.0
+            cams = grad_cam(features, logits, weights, create_graph)[rank, image_index]
+            map_targets = F.one_hot(class_index, targets.shape[1]).to(logits.dtype)
+        attention = F.interpolate(normalise(cams, self.normalisation).unsqueeze(1), size=images.shape[-2:],
+                                  mode="bilinear", align_corners=False).squeeze(1)
+        mask = torch.sigmoid(self.omega * (attention - self.sigma))  # Eq. 4
+        source = images[image_index] if self.formulation == "per_label" else images
+        masked = source - mask.unsqueeze(1) * (source - self._fill_like(source))  # Eq. 3
+        return GAINOutput(logits=logits, attention=attention, mask=mask, masked_images=masked,
+                          image_index=image_index, class_index=class_index, map_targets=map_targets)
+
+    def _fill_like(self, source: torch.Tensor) -> torch.Tensor | float:
+        if self.fill == "zero":
+            return 0.0
+        if self.fill == "mean":
+            return source.mean(dim=(-2, -1), keepdim=True)
+        return self.fill_value.to(source.dtype)
+
+    def _mine(self, masked: torch.Tensor) -> torch.Tensor:
+        """Score I* with the shared network (the attention-mining stream)."""
+        if masked.requires_grad and self.am_grad_scale != 1.0:
+            masked = _ScaleGrad.apply(masked, self.am_grad_scale)
+        with self._am_batch_norm():
+            if self.grad_mode == "frozen" and torch.is_grad_enabled():
+                params = {name: p.detach() for name, p in self.model.named_parameters()}
+                return torch.func.functional_call(self.model, params, (masked,))
+            return self.model(masked)
+
+    @contextmanager
+    def _am_batch_norm(self) -> Iterator[None]:
+        switched = [m for m in self._batch_norms if m.training] if self.freeze_am_bn else []
+        for m in switched:
+            m.train(False)
+        try:
+            yield
+        finally:
+            for m in switched:
+                m.train(True)
+
+    def _check_inputs(self, images: torch.Tensor, targets: torch.Tensor | None) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+            desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be a float B x C x H x W tensor; got {desc}.")
+        if targets is None:
+            return
+        k = self.num_classes
+        shape_ok = targets.dim() == 2 and targets.shape[0] == images.shape[0] and (k is None or targets.shape[1] == k)
+        if not shape_ok or not targets.is_floating_point():
+            want = f"{images.shape[0]} x {k if k is not None else 'K'}"
+            raise ValueError(
+                f"targets must be a float {want} multi-hot (or one-hot) tensor; got {targets.dtype} "
+                f"{tuple(targets.shape)}; convert class indices with F.one_hot(y, num_classes).float()."
+            )
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}='{value}' is unknown; choose one of {list(choices)}.")
+
+
+def _parse_fill(fill: str | Sequence[float]) -> str | torch.Tensor:
+    if isinstance(fill, str):
+        _check_choice("fill", fill, ("zero", "mean"))
+        return fill
+    rgb = [float(v) for v in fill]
+    if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
+        raise ValueError(f"fill={list(fill)} must be 'zero', 'mean' or three RGB values in [0, 1].")
+    return torch.tensor(rgb)

@@ -1,0 +1,140 @@
+"""GAIN's losses: classification L_cl, attention mining L_am (Eq. 5), extra supervision L_e (Eq. 7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gain_exp.data.base import IGNORE_INDEX
+from gain_exp.gain import GAINOutput
+
+AM_SCORES = ("softmax", "sigmoid", "logit")
+EX_ON = ("attention", "mask")
+
+
+@dataclass
+class LossTerms:
+    """The weighted total and its unweighted parts (a part that is off for this epoch is zero)."""
+
+    total: torch.Tensor
+    cl: torch.Tensor
+    am: torch.Tensor
+    ex: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        parts = torch.stack([self.total, self.cl, self.am, self.ex]).detach().tolist()
+        return dict(zip(("loss", "loss_cl", "loss_am", "loss_e"), parts))
+
+
+class GAINLoss(nn.Module):
+    """L = L_cl + am_weight * L_am + ex_weight * L_e, each part switched on from its start epoch.
+
+    Args:
+        multi_label: BCE-with-logits (multi-label) or cross-entropy (single-label) for L_cl.
+        am_weight: alpha of Eq. 6 (0 turns attention mining off).
+        ex_weight: omega_e of Eq. 8 (0 turns extra supervision off).
+        am_score: score of I* that L_am pushes down: ``softmax`` (seed), ``sigmoid`` or raw ``logit``.
+        am_start_epoch, ex_start_epoch: epochs of plain classification before each part starts.
+        am_on_all: binary data with a negative class: mine attention on every image (True) or on
+            positives only (False).
+        negative_class: index of the negative class, used when ``am_on_all`` is False.
+        ex_on: L_e compares the ``attention`` map A (Eq. 7) or the soft ``mask`` T(A) with the pixel mask.
+    """
+
+    def __init__(
+        self,
+        multi_label: bool,
+        am_weight: float = 1.0,
+        ex_weight: float = 10.0,
+        am_score: str = "softmax",
+        am_start_epoch: int = 0,
+        ex_start_epoch: int = 0,
+        am_on_all: bool = True,
+        negative_class: int | None = None,
+        ex_on: str = "attention",
+    ) -> None:
+        super().__init__()
+        for name, value in (("am_weight", am_weight), ("ex_weight", ex_weight)):
+            if value < 0:
+                raise ValueError(f"{name}={value} is negative; loss weights must be >= 0 (0 switches the term off).")
+        for name, value in (("am_start_epoch", am_start_epoch), ("ex_start_epoch", ex_start_epoch)):
+            if value < 0:
+                raise ValueError(f"{name}={value} is negative; use 0 to start that loss term in the first epoch.")
+        if am_score not in AM_SCORES:
+            raise ValueError(f"am_score='{am_score}' is unknown; choose one of {list(AM_SCORES)}.")
+        if ex_on not in EX_ON:
+            raise ValueError(f"ex_on='{ex_on}' is unknown; choose one of {list(EX_ON)}.")
+        self.multi_label = multi_label
+        self.am_weight = float(am_weight)
+        self.ex_weight = float(ex_weight)
+        self.am_score = am_score
+        self.am_start_epoch = am_start_epoch
+        self.ex_start_epoch = ex_start_epoch
+        self.am_on_all = am_on_all
+        self.negative_class = negative_class
+        self.ex_on = ex_on
+
+    def active(self, epoch: int) -> tuple[bool, bool]:
+        """Whether (L_am, L_e) are on in this epoch: decides which GAIN streams the step must run."""
+        return (self.am_weight > 0 and epoch >= self.am_start_epoch,
+                self.ex_weight > 0 and epoch >= self.ex_start_epoch)
+
+    def forward(
+        self,
+        out: GAINOutput,
+        targets: torch.Tensor,
+        seg: torch.Tensor | None = None,
+        use_mask: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> LossTerms:
+        """Weighted GAIN loss for one batch; ``seg``/``use_mask`` are the dataset's label maps and mask flags."""
+        cl = self.classification(out.logits, targets)
+        am_on, ex_on = self.active(epoch)
+        zero = cl.new_zeros(())
+        am = self.attention_mining(out, targets) if am_on and out.am_logits is not None else zero
+        ex = zero
+        if ex_on and out.attention is not None and seg is not None and use_mask is not None:
+            ex = self.extra_supervision(out, seg, use_mask)
+        return LossTerms(total=cl + self.am_weight * am + self.ex_weight * ex, cl=cl, am=am, ex=ex)
+
+    def classification(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L_cl: BCE-with-logits averaged over classes (multi-label) or cross-entropy (single-label)."""
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return F.cross_entropy(logits, targets.argmax(dim=1))
+
+    def attention_mining(self, out: GAINOutput, targets: torch.Tensor) -> torch.Tensor:
+        """L_am (Eq. 5): per image, the mean over its target labels of I*'s score, averaged over images."""
+        logits = out.am_logits
+        if self.am_score == "softmax":
+            scores = logits.softmax(dim=1)
+        elif self.am_score == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits
+        per_map = (scores * out.map_targets).sum(dim=1)
+        per_image = torch.zeros(targets.shape[0], dtype=per_map.dtype, device=per_map.device)
+        per_image = per_image.index_add(0, out.image_index, per_map)
+        n_labels = targets.sum(dim=1)
+        keep = n_labels > 0
+        if not self.am_on_all and self.negative_class is not None:
+            keep &= targets[:, self.negative_class] < 0.5
+        if not keep.any():
+            return per_map.sum() * 0.0
+        return (per_image[keep] / n_labels[keep]).mean()
+
+    def extra_supervision(self, out: GAINOutput, seg: torch.Tensor, use_mask: torch.Tensor) -> torch.Tensor:
+        """L_e (Eq. 7): mean squared error between each map and its class mask, on maps whose image has one."""
+        rows = use_mask.to(torch.bool)[out.image_index]
+        if not rows.any():
+            return out.attention.sum() * 0.0
+        labels = seg[out.image_index[rows]].long()
+        valid = labels != IGNORE_INDEX
+        # lookup table per map: label value v -> 1 if class v-1 is one this map explains (0 = background)
+        lut = F.pad(out.map_targets[rows], (1, 0))
+        truth = lut.gather(1, labels.where(valid, 0).flatten(1).clamp(max=lut.shape[1] - 1)).view_as(labels)
+        pred = (out.attention if self.ex_on == "attention" else out.mask)[rows]
+        err = (pred - truth) ** 2 * valid
+        return (err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()

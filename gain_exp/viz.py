@@ -1,0 +1,170 @@
+"""Attention overlay panels as plain PNGs (PIL + torch, no plotting library)."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+SEPARATOR_PX = 2
+MIN_TILE_PX = 128  # auto-scaling target: 64 px images are unreadable at their own size
+NO_MASK_GREY = 0.35  # darker than a soft mask's midpoint, lighter than a mask's background
+
+# matplotlib's "jet" as (position, value) knots per channel; sampled at 256 points below.
+_JET_KNOTS = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+
+
+def _jet_lut(n: int = 256) -> torch.Tensor:
+    """n x 3 RGB table of the jet colour map, piecewise linear between the knots."""
+    x = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    channels = []
+    for knots in _JET_KNOTS:
+        xp = torch.tensor([k[0] for k in knots], dtype=torch.float64)
+        fp = torch.tensor([k[1] for k in knots], dtype=torch.float64)
+        hi = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+        lo = hi - 1
+        t = (x - xp[lo]) / (xp[hi] - xp[lo])
+        channels.append(fp[lo] + t * (fp[hi] - fp[lo]))
+    return torch.stack(channels, dim=1).float()
+
+
+JET_LUT = _jet_lut()
+
+
+def denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Undo per-channel normalisation: 3 x H x W -> 3 x H x W in [0, 1]."""
+    image = image.detach().float().cpu()
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return (image * std_t + mean_t).clamp(0.0, 1.0)
+
+
+def heatmap(attention: torch.Tensor) -> torch.Tensor:
+    """Colour an H x W map in [0, 1] with jet: 3 x H x W RGB in [0, 1]."""
+    att = _as_map(attention).nan_to_num(0.0).clamp(0.0, 1.0)
+    # Same binning as matplotlib: value v falls in bin floor(v * 256), with 1.0 in the last bin.
+    idx = (att * len(JET_LUT)).long().clamp(max=len(JET_LUT) - 1)
+    return JET_LUT[idx].permute(2, 0, 1)
+
+
+def overlay(image01: torch.Tensor, attention: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Blend a jet heat-map of the attention over a [0, 1] image: 3 x H x W."""
+    image01 = image01.detach().float().cpu()
+    att = _resize(_as_map(attention), image01.shape[-2:], mode="bilinear")
+    return ((1.0 - alpha) * image01 + alpha * heatmap(att)).clamp(0.0, 1.0)
+
+
+def attention_panel(
+    image01: torch.Tensor,
+    attention: torch.Tensor,
+    soft_mask: torch.Tensor,
+    masked_image01: torch.Tensor,
+    gt_mask: torch.Tensor | None = None,
+    caption: str | None = None,
+    scale: int | None = None,
+) -> Image.Image:
+    """One strip: image | attention overlay | soft mask | masked image | ground-truth mask, captioned.
+
+    Maps of another size than the image are resized to it. ``scale`` upsamples every tile by an integer
+    factor (nearest neighbour); None picks the smallest factor that makes tiles >= MIN_TILE_PX.
+    """
+    image01 = image01.detach().float().cpu().clamp(0.0, 1.0)
+    size = image01.shape[-2:]
+    if scale is None:
+        scale = max(1, math.ceil(MIN_TILE_PX / min(size)))
+    if scale < 1:
+        raise ValueError(f"attention_panel scale must be a positive integer, got {scale}.")
+
+    tiles = [
+        image01,
+        overlay(image01, attention),
+        _grey(_resize(_as_map(soft_mask), size, mode="bilinear")),
+        masked_image01.detach().float().cpu().clamp(0.0, 1.0),
+        _grey(_resize(_as_map(gt_mask), size, mode="nearest"))
+        if gt_mask is not None
+        else torch.full_like(image01, NO_MASK_GREY),
+    ]
+    tiles = [t.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2) for t in tiles]
+    tile_h, tile_w = tiles[0].shape[-2:]
+    separator = torch.ones(3, tile_h, SEPARATOR_PX)
+    strip = torch.cat([part for t in tiles for part in (t, separator)][:-1], dim=2)
+    panel = _to_pil(strip)
+
+    font = ImageFont.load_default(size=max(12, tile_h // 12))
+    if gt_mask is None:
+        draw = ImageDraw.Draw(panel)
+        left = 4 * (tile_w + SEPARATOR_PX)
+        draw.text((left + tile_w / 2, tile_h / 2), "no mask", fill=(230, 230, 230), font=font, anchor="mm")
+    if caption:
+        panel = _add_caption(panel, caption, font)
+    return panel
+
+
+def save_panels(panels: Sequence[Image.Image], path: str | os.PathLike) -> None:
+    """Stack panels vertically into one PNG at ``path``, written atomically."""
+    if not panels:
+        raise ValueError(f"save_panels got no panels to write to {path}; pass at least one.")
+    width = max(p.width for p in panels)
+    height = sum(p.height for p in panels) + SEPARATOR_PX * (len(panels) - 1)
+    sheet = Image.new("RGB", (width, height), "white")
+    top = 0
+    for panel in panels:
+        sheet.paste(panel, (0, top))
+        top += panel.height + SEPARATOR_PX
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A reader (a dashboard, a person refreshing the file) never sees a half-written PNG.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sheet.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _as_map(t: torch.Tensor) -> torch.Tensor:
+    """Drop leading singleton dims so a 1 x H x W map is accepted as H x W."""
+    t = t.detach().float().cpu()
+    while t.ndim > 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 2:
+        raise ValueError(f"expected an H x W map, got shape {tuple(t.shape)}.")
+    return t
+
+
+def _resize(t: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    if tuple(t.shape) == tuple(size):
+        return t
+    extra = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(t[None, None], size=tuple(size), mode=mode, **extra)[0, 0]
+
+
+def _grey(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(0.0, 1.0).expand(3, -1, -1)
+
+
+def _to_pil(t: torch.Tensor) -> Image.Image:
+    return Image.fromarray(t.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+
+
+def _add_caption(panel: Image.Image, caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> Image.Image:
+    """Put a white row with the (possibly multi-line) caption above the panel."""
+    pad = 4
+    box = ImageDraw.Draw(panel).multiline_textbbox((0, 0), caption, font=font)
+    row_h = box[3] + 2 * pad
+    out = Image.new("RGB", (panel.width, panel.height + row_h), "white")
+    ImageDraw.Draw(out).multiline_text((pad, pad), caption, fill="black", font=font)
+    out.paste(panel, (0, row_h))
+    return out
