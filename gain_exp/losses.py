@@ -12,6 +12,7 @@ from gain_exp.gain import GAINOutput
 
 AM_SCORES = ("softmax", "sigmoid", "logit")
 EX_ON = ("attention", "mask")
+LOSS_NAMES = ("loss", "loss_cl", "loss_am", "loss_e")
 
 
 @dataclass
@@ -23,9 +24,12 @@ class LossTerms:
     am: torch.Tensor
     ex: torch.Tensor
 
+    def stacked(self) -> torch.Tensor:
+        """The four values, detached, in LOSS_NAMES order (no host sync)."""
+        return torch.stack([self.total, self.cl, self.am, self.ex]).detach().float()
+
     def as_dict(self) -> dict[str, float]:
-        parts = torch.stack([self.total, self.cl, self.am, self.ex]).detach().tolist()
-        return dict(zip(("loss", "loss_cl", "loss_am", "loss_e"), parts))
+        return dict(zip(LOSS_NAMES, self.stacked().tolist()))
 
 
 class GAINLoss(nn.Module):
@@ -130,11 +134,23 @@ class GAINLoss(nn.Module):
         rows = use_mask.to(torch.bool)[out.image_index]
         if not rows.any():
             return out.attention.sum() * 0.0
-        labels = seg[out.image_index[rows]].long()
-        valid = labels != IGNORE_INDEX
-        # lookup table per map: label value v -> 1 if class v-1 is one this map explains (0 = background)
-        lut = F.pad(out.map_targets[rows], (1, 0))
-        truth = lut.gather(1, labels.where(valid, 0).flatten(1).clamp(max=lut.shape[1] - 1)).view_as(labels)
+        truth, valid = map_masks(out, seg, rows)
         pred = (out.attention if self.ex_on == "attention" else out.mask)[rows]
         err = (pred - truth) ** 2 * valid
         return (err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+
+
+def map_masks(out: GAINOutput, seg: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth for each map: the pixels of the classes it explains (per_label: its class; batch: the union).
+
+    Returns (truth, valid), both N x H x W (``rows`` selects maps); valid is False on ignore pixels.
+    """
+    index, targets = out.image_index, out.map_targets
+    if rows is not None:
+        index, targets = index[rows], targets[rows]
+    labels = seg[index].long()
+    valid = labels != IGNORE_INDEX
+    # lookup table per map: label value v -> 1 if class v-1 is one the map explains (0 = background)
+    lut = F.pad(targets, (1, 0))
+    truth = lut.gather(1, labels.where(valid, 0).flatten(1).clamp(max=lut.shape[1] - 1)).view_as(labels)
+    return truth, valid

@@ -1,0 +1,90 @@
+"""Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, summary)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gain_exp.backbones import create_backbone
+from gain_exp.gain import FORMULATIONS, GRAD_MODES
+from gain_exp.losses import AM_SCORES, EX_ON
+from gain_exp.attention import NORMALISATIONS
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ValueError with one sentence for the first out-of-range value, before any work is done."""
+    g, loss, t = cfg.gain, cfg.loss, cfg.trainer
+    checks = [
+        (0.0 < g.sigma < 1.0, f"gain.sigma={g.sigma} is outside (0, 1); pick a threshold such as gain.sigma=0.5"),
+        (g.omega > 0, f"gain.omega={g.omega} must be > 0; the paper's seed uses gain.omega=10"),
+        (g.normalisation in NORMALISATIONS, f"gain.normalisation={g.normalisation} is unknown; use one of {list(NORMALISATIONS)}"),
+        (g.grad_mode in GRAD_MODES, f"gain.grad_mode={g.grad_mode} is unknown; use grad_mode=<one of {list(GRAD_MODES)}>"),
+        (g.formulation in FORMULATIONS, f"gain.formulation={g.formulation} is unknown; use formulation=<one of {list(FORMULATIONS)}>"),
+        (g.am_grad_scale >= 0, f"gain.am_grad_scale={g.am_grad_scale} must be >= 0"),
+        (loss.am_weight >= 0, f"loss.am_weight={loss.am_weight} is negative; loss weights must be >= 0 (0 = off)"),
+        (loss.ex_weight >= 0, f"loss.ex_weight={loss.ex_weight} is negative; loss weights must be >= 0 (0 = off)"),
+        (loss.am_score in AM_SCORES, f"loss.am_score={loss.am_score} is unknown; use one of {list(AM_SCORES)}"),
+        (loss.ex_on in EX_ON, f"loss.ex_on={loss.ex_on} is unknown; use one of {list(EX_ON)}"),
+        (loss.am_start_epoch >= 0 and loss.ex_start_epoch >= 0, "loss.am_start_epoch and loss.ex_start_epoch must be >= 0"),
+        (t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1"),
+        (t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1"),
+        (t.eval_batch_size is None or t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1 or null"),
+        (t.optimizer.lr > 0, f"trainer.optimizer.lr={t.optimizer.lr} must be > 0"),
+        (t.scheduler in ("cosine", "none", None), f"trainer.scheduler={t.scheduler} is unknown; use cosine or none"),
+        (t.monitor_mode in ("max", "min"), f"trainer.monitor_mode={t.monitor_mode} must be max or min"),
+        (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
+         f"trainer.device={t.device} is unknown; use auto, cpu or cuda"),
+        (t.workers >= 0, f"trainer.workers={t.workers} must be >= 0"),
+        (t.num_panels >= 0, f"trainer.num_panels={t.num_panels} must be >= 0"),
+    ]
+    for ok, sentence in checks:
+        if not ok:
+            raise ValueError(sentence + ".")
+    if not timm.is_model(cfg.backbone.name):
+        create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=auto or cpu.")
+    return torch.device(name)
+
+
+def resolve_monitor(name: str, multi_label: bool) -> str:
+    """``auto`` -> val/mAP for multi-label data, val/acc otherwise."""
+    if name != "auto":
+        return name
+    return "val/mAP" if multi_label else "val/acc"
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the backbone's pretrained config (ImageNet's when it names none)."""
+    cfg = timm.get_pretrained_cfg(name)
+    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    return tuple(mean), tuple(std)
+
+
+def git_commit() -> str | None:
+    """The source tree's commit (with +dirty when modified), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python containers (for JSON and trackers)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,466 @@
+"""`dataset=mask_folder`: your own images in class folders, with optional binary object masks.
+
+Layout (train/ and val/ required, test/ optional; one folder per class, the same names in every split):
+
+    <root>/train/<class_name>/<image>.<ext>
+    <root>/train/<class_name>/<image>_mask.png     optional mask of <image>.<ext> (the primary convention)
+    <root>/val/<class_name>/...
+    <root>/test/<class_name>/...
+
+The seed's convention `<image>m.<ext>` (same extension as the image) is accepted too. A mask is a
+single-channel image of the image's size holding only 0 (background) and 255 (object), or only 0
+and 1; JPEG masks are thresholded at 128 because compression blurs those values. Object pixels get
+the image's class (label map value c + 1). Classes are the sorted train folder names. With
+`negative_class` (e.g. "negative") that folder holds images without objects (their masks are not
+read) and its index is DataSplits.negative_class, so the AM loss can run on positives only.
+
+This module also holds the file-backed dataset, the per-file error policy, the mask budget and the
+balanced sampler that `voc.py` reuses.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample
+from gain_exp.data.transforms import ImageMaskTransform, build_transforms
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_SUFFIX = "_mask"  # <stem>_mask.<ext>: the primary mask naming
+SEED_MASK_SUFFIX = "m"  # <stem>m.<ext>: the seed's mask naming
+JPEG_MASK_THRESHOLD = 128
+LAYOUT = "<root>/{train,val,test}/<class_name>/<image> (test optional)"
+
+MaskReader = Callable[[Path, torch.Tensor], torch.Tensor]  # (mask file, sample target) -> H x W uint8 label map
+
+
+class BadFiles:
+    """Per-file problems: raised when strict, otherwise a counted warning (the caller then skips the file)."""
+
+    def __init__(self, dataset: str, strict: bool) -> None:
+        self.dataset = dataset
+        self.strict = strict
+        self.count = 0
+
+    def report(self, error: Exception) -> None:
+        """Raise `error` (strict) or log it with the running count of skipped files."""
+        if self.strict:
+            raise error
+        self.count += 1
+        log.warning(
+            "%s: skipped: %s (%d file(s) skipped so far; set strict=true to stop at the first bad file)",
+            self.dataset, error, self.count,
+        )
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A stable 63-bit seed for one purpose, so purposes never share a random stream."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_size_of(path: Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) read from the file header only; one-sentence error naming the file otherwise."""
+    try:
+        with PIL.Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} does not exist; restore it or remove it from the split.") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(
+            f"cannot read {what} file {path}: it is not an image; replace it with a valid image or delete it."
+        ) from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} file {path} ({e}); replace it with a valid image or delete it.") from None
+
+
+def load_rgb(path: Path) -> PIL.Image.Image:
+    """Decode the whole image (so truncation shows up here, not inside a transform) as RGB."""
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist; restore it or remove it from the split.") from None
+    except PIL.UnidentifiedImageError:
+        raise ValueError(f"cannot decode image {path}: it is not an image; replace it or delete it.") from None
+    except OSError as e:
+        raise ValueError(f"cannot decode image {path} ({e}); it is corrupt or truncated, replace it or delete it.") from None
+
+
+def check_files(
+    images: Sequence[Path], masks: Sequence[Path | None], bad_files: BadFiles,
+) -> list[int]:
+    """Indices whose image (and mask) headers are readable and of equal size; reports the others."""
+    keep = []
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        try:
+            size = image_size_of(image)
+            if mask is not None:
+                mask_size = image_size_of(mask, "mask")
+                if mask_size != size:
+                    raise ValueError(
+                        f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]};"
+                        " save the mask at the image's size."
+                    )
+        except (ValueError, FileNotFoundError) as e:
+            bad_files.report(e)
+            continue
+        keep.append(i)
+    return keep
+
+
+class FileDataset(Dataset):
+    """One split of image files with optional mask files; decodes and transforms on access."""
+
+    def __init__(
+        self,
+        images: list[Path],
+        masks: list[Path | None],
+        targets: torch.Tensor,
+        use_mask: torch.Tensor,
+        read_mask: MaskReader,
+        transform: ImageMaskTransform,
+        classes: list[str],
+        multi_label: bool,
+        bad_files: BadFiles,
+    ) -> None:
+        self.images = images
+        self.masks = masks
+        self.targets = targets  # N x K float
+        self.use_mask = use_mask  # N bool
+        self.read_mask = read_mask
+        self.transform = transform
+        self.classes = classes
+        self.multi_label = multi_label
+        self.bad_files = bad_files
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        # A file that fails to decode is reported once and replaced by the next readable sample, so an
+        # epoch never dies on one bad file and the replacement is the same in every run.
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            if i in self._unreadable:
+                continue
+            try:
+                return self._load(i)
+            except (ValueError, FileNotFoundError) as e:
+                self.bad_files.report(e)  # raises when strict, so only skipped files are remembered
+                self._unreadable.add(i)
+        raise ValueError(
+            f"{self.bad_files.dataset}: no sample of this split could be read; fix the files named in the warnings above."
+        )
+
+    def _load(self, i: int) -> Sample:
+        image = load_rgb(self.images[i])
+        mask_path = self.masks[i]
+        seg = None
+        if mask_path is not None:
+            seg = self.read_mask(mask_path, self.targets[i])
+            if tuple(seg.shape) != (image.height, image.width):
+                raise ValueError(
+                    f"mask {mask_path} is {seg.shape[1]}x{seg.shape[0]} but its image {self.images[i]} is"
+                    f" {image.width}x{image.height}; save the mask at the image's size."
+                )
+        x, seg_out = self.transform(image, seg)
+        return Sample(
+            image=x,
+            target=self.targets[i].clone(),
+            seg=seg_out,
+            has_mask=torch.tensor(mask_path is not None),
+            use_mask=self.use_mask[i].clone(),
+            index=i,
+        )
+
+
+def choose_masks(has_mask: torch.Tensor, masks_to_use: int | float, seed: int, dataset: str) -> torch.Tensor:
+    """N bool: the training samples whose masks feed L_e, drawn by seed (a smaller budget is a subset of a larger)."""
+    available = torch.nonzero(has_mask).flatten()
+    n = mask_count(masks_to_use, len(available), dataset)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "masks"))
+    chosen = torch.zeros(len(has_mask), dtype=torch.bool)
+    chosen[available[torch.randperm(len(available), generator=gen)[:n]]] = True
+    return chosen
+
+
+def mask_count(masks_to_use: int | float, available: int, dataset: str) -> int:
+    """Number of masks in the L_e budget: an int is a count, a float a fraction of the available masks."""
+    if isinstance(masks_to_use, bool) or not isinstance(masks_to_use, (int, float)) or masks_to_use < 0:
+        raise ValueError(
+            f"{dataset}: masks_to_use={masks_to_use!r} is not valid; give a count (int >= 0) or a fraction in [0, 1]."
+        )
+    if isinstance(masks_to_use, int):
+        if masks_to_use > available:
+            raise ValueError(
+                f"{dataset}: masks_to_use={masks_to_use} exceeds the {available} training images that have masks;"
+                " lower it or give a fraction such as 1.0."
+            )
+        return masks_to_use
+    if masks_to_use > 1.0:
+        raise ValueError(
+            f"{dataset}: masks_to_use={masks_to_use} is a fraction above 1; give a fraction in [0, 1] or an int count."
+        )
+    return int(round(masks_to_use * available))
+
+
+class BalancedSampler(Sampler[int]):
+    """Seeded stream of train indices, reshuffled every epoch; with pos_share, each batch holds that share of positives.
+
+    Without pos_share it concatenates random permutations of the split (the natural class mix). With
+    pos_share, every block of batch_size indices holds floor(pos_share * batch_size) positives plus one
+    more with probability equal to the remainder (so the expected share is exact even at batch size 1),
+    positives spread evenly over the positive classes, and the rest drawn from the negative class;
+    images are drawn with replacement within their class.
+    """
+
+    def __init__(
+        self, labels: torch.Tensor, batch_size: int, num_samples: int, seed: int,
+        negative_class: int | None = None, pos_share: float | None = None,
+    ) -> None:
+        self.labels = labels
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self.seed = seed
+        self.negative_class = negative_class
+        self.pos_share = pos_share
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at this epoch's order (e.g. after resuming from a checkpoint)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, f"sampler:{self.epoch}"))
+        self.epoch += 1
+        if self.pos_share is None:
+            n = len(self.labels)
+            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(self.num_samples / n))])
+        else:
+            order = self._balanced_order(gen)
+        return iter(order[: self.num_samples].tolist())
+
+    def _balanced_order(self, gen: torch.Generator) -> torch.Tensor:
+        blocks, b = math.ceil(self.num_samples / self.batch_size), self.batch_size
+        expected = self.pos_share * b
+        n_pos = math.floor(expected) + (torch.rand(blocks, generator=gen) < expected - math.floor(expected)).long()
+        is_pos = torch.arange(b).unsqueeze(0) < n_pos.unsqueeze(1)  # blocks x b, positives first
+        pos_classes = [c for c in self.labels.unique().tolist() if c != self.negative_class]
+        slot_class = torch.full((blocks, b), self.negative_class, dtype=torch.long)
+        slot_class[is_pos] = torch.tensor(pos_classes)[torch.randint(len(pos_classes), (int(is_pos.sum()),), generator=gen)]
+        order = torch.empty(blocks, b, dtype=torch.long)
+        for c in slot_class.unique().tolist():
+            members = torch.nonzero(self.labels == c).flatten()
+            sel = slot_class == c
+            order[sel] = members[torch.randint(len(members), (int(sel.sum()),), generator=gen)]
+        # Shuffle inside each block so positives are not always first in the batch.
+        shuffle = torch.argsort(torch.rand(blocks, b, generator=gen), dim=1)
+        return torch.gather(order, 1, shuffle).flatten()
+
+
+def read_binary_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
+    """H x W uint8 label map from a binary mask: object pixels -> the image's class + 1, the rest 0."""
+    try:
+        with PIL.Image.open(path) as im:
+            if im.format == "JPEG":
+                obj = np.asarray(im.convert("L")) >= JPEG_MASK_THRESHOLD
+            else:
+                if im.mode not in ("1", "L", "P", "I", "I;16"):
+                    raise ValueError(
+                        f"mask {path} has {len(im.getbands())} channels ({im.mode}); save it as a single-channel"
+                        " (greyscale) PNG holding 0 for background and 255 (or 1) for the object."
+                    )
+                arr = np.asarray(im)
+                values = set(np.unique(arr).tolist())
+                if values <= {0, 1}:
+                    obj = arr == 1
+                elif values <= {0, 255}:
+                    obj = arr == 255
+                else:
+                    shown = sorted(values)[:6]
+                    raise ValueError(
+                        f"mask {path} holds values {shown}{'...' if len(values) > 6 else ''}; a binary mask may hold"
+                        " only 0 and 255 (or only 0 and 1), re-save it with those values."
+                    )
+    except (PIL.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot decode mask {path} ({e}); replace it with a valid PNG or delete it.") from None
+    label = int(target.argmax()) + 1
+    return torch.from_numpy(obj.astype(np.uint8) * label)
+
+
+def _split_dir(root: Path, split: str, required: bool) -> Path | None:
+    path = root / split
+    if path.is_dir():
+        return path
+    if required:
+        raise FileNotFoundError(
+            f"mask_folder dataset: split folder {path} does not exist; lay out images as {LAYOUT}."
+        )
+    return None
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[Path], list[Path | None]]:
+    """Images of one class folder, each with its mask file or None."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+    by_name = {p.name: p for p in files}
+    # Mask naming is matched exactly (not by "contains m", as the seed did), so image names are free.
+    candidates = [p for p in files if not p.stem.endswith(MASK_SUFFIX)]
+    seed_masks: set[str] = set()
+    pairs: list[tuple[Path, Path | None]] = []
+    for p in candidates:
+        if p.name in seed_masks:
+            continue
+        mask = next((by_name[n] for n in _mask_names(p, extensions) if n in by_name), None)
+        if mask is not None and mask.name == f"{p.stem}{SEED_MASK_SUFFIX}{p.suffix}":
+            seed_masks.add(mask.name)
+        pairs.append((p, mask))
+    pairs = [(p, m) for p, m in pairs if p.name not in seed_masks]
+    if not pairs:
+        raise ValueError(
+            f"mask_folder dataset: no images ({', '.join(extensions)}) in {folder}; add images or remove the folder."
+        )
+    return [p for p, _ in pairs], [m for _, m in pairs]
+
+
+def _mask_names(image: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Mask file names to look for, in order of preference."""
+    exts = sorted(extensions, key=lambda e: e != ".png")  # a lossless PNG mask wins over others
+    return [f"{image.stem}{MASK_SUFFIX}{e}" for e in exts] + [f"{image.stem}{SEED_MASK_SUFFIX}{image.suffix}"]
+
+
+def _scan_split(
+    split_dir: Path, classes: list[str], negative_class: str | None, extensions: tuple[str, ...],
+) -> tuple[list[Path], list[Path | None], list[int]]:
+    images: list[Path] = []
+    masks: list[Path | None] = []
+    labels: list[int] = []
+    for folder in _class_dirs(split_dir):
+        if folder.name not in classes:
+            raise ValueError(
+                f"mask_folder dataset: class folder {folder} is not among the training classes {classes};"
+                " rename it or add a train/ folder of that name."
+            )
+        imgs, msks = _scan_class(folder, extensions)
+        if folder.name == negative_class and any(m is not None for m in msks):
+            log.warning(
+                "mask_folder: ignoring %d mask file(s) in the negative class folder %s (negative images have no objects)",
+                sum(m is not None for m in msks), folder,
+            )
+            msks = [None] * len(imgs)
+        images += imgs
+        masks += msks
+        labels += [classes.index(folder.name)] * len(imgs)
+    if not images:
+        raise ValueError(f"mask_folder dataset: no class folders in {split_dir}; lay out images as {LAYOUT}.")
+    return images, masks, labels
+
+
+def build(
+    root: str,
+    image_size: int = 224,
+    negative_class: str | None = None,
+    masks_to_use: int | float = 1.0,
+    batch_pos_dist: float | None = None,
+    steps_per_epoch: int | None = None,
+    autoaugment: bool = True,
+    hflip: bool = True,
+    strict: bool = False,
+    extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    seed: int = 0,
+    batch_size: int = 1,
+    **_,
+) -> DataSplits:
+    """Build train/val(/test) splits from class folders of images with optional binary masks."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise FileNotFoundError(
+            f"mask_folder dataset: root folder {root_path} does not exist; point root at a folder laid out as {LAYOUT}."
+        )
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    train_dir = _split_dir(root_path, "train", required=True)
+    classes = [p.name for p in _class_dirs(train_dir)]
+    if len(classes) < 2:
+        raise ValueError(
+            f"mask_folder dataset: {train_dir} has {len(classes)} class folder(s); a classifier needs at least 2"
+            " (for a binary task add a negative class folder and set negative_class)."
+        )
+    if len(classes) >= IGNORE_INDEX:
+        raise ValueError(f"mask_folder dataset: {train_dir} has {len(classes)} classes; at most 254 fit the label map.")
+    if negative_class is not None and negative_class not in classes:
+        raise ValueError(
+            f"mask_folder dataset: negative_class={negative_class!r} is not a class folder of {train_dir}"
+            f" (found {classes}); create that folder or fix the name."
+        )
+    if batch_pos_dist is not None and (negative_class is None or not 0.0 <= batch_pos_dist <= 1.0):
+        raise ValueError(
+            f"mask_folder dataset: batch_pos_dist={batch_pos_dist} needs negative_class set and a value in [0, 1]"
+            " (it is the share of positives per batch); set both or drop batch_pos_dist."
+        )
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"mask_folder dataset: steps_per_epoch={steps_per_epoch} must be 1 or more (or null).")
+
+    bad_files = BadFiles("mask_folder dataset", strict)
+    neg_idx = classes.index(negative_class) if negative_class is not None else None
+    dirs = {"train": train_dir, "val": _split_dir(root_path, "val", required=True),
+            "test": _split_dir(root_path, "test", required=False)}
+    datasets: dict[str, FileDataset] = {}
+    for split, split_dir in dirs.items():
+        if split_dir is None:
+            continue
+        images, masks, labels = _scan_split(split_dir, classes, negative_class, exts)
+        keep = check_files(images, masks, bad_files)
+        if not keep:
+            raise ValueError(
+                f"mask_folder dataset: no readable image in {split_dir}; fix the files named in the warnings above."
+            )
+        images, masks = [images[i] for i in keep], [masks[i] for i in keep]
+        label_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+        has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
+        use_mask = (choose_masks(has_mask, masks_to_use, seed, "mask_folder dataset") if split == "train"
+                    else torch.zeros(len(images), dtype=torch.bool))
+        datasets[split] = FileDataset(
+            images, masks, torch.nn.functional.one_hot(label_t, len(classes)).float(), use_mask, read_binary_mask,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
+            classes, False, bad_files,
+        )
+
+    train = datasets["train"]
+    sampler = None
+    if batch_pos_dist is not None or steps_per_epoch is not None:
+        num_samples = steps_per_epoch * batch_size if steps_per_epoch is not None else len(train)
+        sampler = BalancedSampler(
+            train.targets.argmax(1), batch_size, num_samples, seed, neg_idx, batch_pos_dist,
+        )
+    return DataSplits(
+        train=train,
+        val=datasets["val"],
+        tests={"test": datasets["test"]} if "test" in datasets else {},
+        classes=classes,
+        multi_label=False,
+        negative_class=neg_idx,
+        train_sampler=sampler,
+        extras={"num_masked_train": int(train.use_mask.sum()), "skipped_files": bad_files.count},
+    )

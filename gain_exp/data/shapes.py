@@ -1,0 +1,408 @@
+"""Built-in "biased shapes" dataset: shape classes on a background whose tint is a spurious class cue.
+
+It mirrors the paper's biased boat/water test at a size that trains in minutes on a CPU. Each image
+shows one (or, multi-label, several) shape objects with exact pixel masks on a textured background.
+The background tint is the spurious cue: it names the image's class with probability `bias` in
+train, val and test_biased, and is uniformly random (independent of the label) in test_unbiased.
+Object colour, size, position and a small rotation are random and independent of the class.
+
+Multi-label (`max_objects > 1`): each image holds 1..max_objects objects of distinct classes. With
+probability `bias` the tint is that of one present class chosen uniformly, otherwise that of an
+absent class chosen uniformly (any class when all are present); in test_unbiased it is uniform over
+all classes. "Cue agrees" therefore means "the tint's class is present in the image".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from gain_exp.data.base import DataSplits, Sample
+
+# Bump when the generator's code changes its output, so stale cache files are never read back (the
+# tuning constants below are hashed into the cache key already).
+GENERATOR_VERSION = 2
+
+SHAPE_NAMES = ("circle", "square", "triangle", "cross", "star", "ring", "diamond", "crescent")
+MAX_CLASSES = len(SHAPE_NAMES)
+
+# Object diameter as a fraction of the image side; smaller when several objects must fit side by side.
+SIZE_RANGE_SINGLE = (0.25, 0.50)
+SIZE_RANGE_MULTI = (0.22, 0.38)
+MAX_ROTATION_DEG = 10.0  # small, so square (0 deg) and diamond (45 deg) stay distinct classes
+TINT_STRENGTH = 0.75  # share of the background colour that is the class tint (rest: grey texture)
+TINT_VALUE = 0.60  # HSV value of the tints: mid-bright, so dark and bright objects both stand out
+TEXTURE_STRENGTH = 0.20  # amplitude of the low-frequency brightness texture on the background
+PIXEL_NOISE = 0.05  # std of per-pixel Gaussian noise over the whole image
+PLACEMENT_TRIES = 50  # candidate positions per extra object in multi-label mode
+SPLITS = ("train", "val", "test_biased", "test_unbiased")
+CHUNK = 256  # images rendered at once; bounds the float scratch memory
+
+
+# Shape membership tests in object-local coordinates (u right, v down, unit radius). Every shape
+# fits in the unit disc, so a centre at least one radius from the border keeps it inside the image.
+def _circle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u * u + v * v <= 1.0
+
+
+def _square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(u.abs(), v.abs()) <= 0.70
+
+
+def _triangle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Equilateral, inscribed in the unit circle, apex up: vertices (0, -1) and (+-0.866, 0.5).
+    return (v <= 0.5) & (u.abs() <= (v + 1.0) * (0.866 / 1.5))
+
+
+def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    au, av = u.abs(), v.abs()
+    return ((au <= 0.30) & (av <= 0.95)) | ((av <= 0.30) & (au <= 0.95))
+
+
+def _star(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r = torch.sqrt(u * u + v * v)
+    sector = 2 * math.pi / 5
+    theta = torch.atan2(u, -v)  # 0 points up, so one tip is at the top
+    offset = (torch.remainder(theta + sector / 2, sector) - sector / 2).abs() / (sector / 2)
+    return r <= 1.0 - 0.58 * offset  # tip radius 1, inner radius 0.42
+
+
+def _ring(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r2 = u * u + v * v
+    return (r2 <= 1.0) & (r2 >= 0.55**2)
+
+
+def _diamond(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u.abs() + v.abs() <= 1.0
+
+
+def _crescent(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v > 0.75**2)
+
+
+SHAPE_FNS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
+    _circle, _square, _triangle, _cross, _star, _ring, _diamond, _crescent,
+)
+
+
+class ShapesDataset(Dataset):
+    """One split of the biased-shapes data: uint8 images and label maps, normalised on access."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        seg: torch.Tensor,
+        targets: torch.Tensor,
+        cue: torch.Tensor,
+        use_mask: torch.Tensor,
+        classes: list[str],
+        multi_label: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+    ) -> None:
+        self.images = images  # N x 3 x H x W uint8
+        self.seg = seg  # N x H x W uint8
+        self.targets = targets  # N x K float
+        self.cue = cue  # N long: the class whose tint the background carries
+        self.use_mask = use_mask  # N bool
+        self.classes = classes
+        self.multi_label = multi_label
+        self.augment = augment
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Sample:
+        image = self.images[index].float().div_(255.0)
+        seg = self.seg[index].long()
+        if self.augment and torch.rand(()) < 0.5:
+            image, seg = image.flip(-1), seg.flip(-1)
+        return Sample(
+            image=(image - self._mean) / self._std,
+            target=self.targets[index].clone(),
+            seg=seg,
+            has_mask=torch.tensor(True),
+            use_mask=self.use_mask[index].clone(),
+            index=index,
+        )
+
+
+def build(
+    root: str = "data_cache/shapes",
+    num_classes: int = 4,
+    image_size: int = 64,
+    n_train: int = 2000,
+    n_val: int = 500,
+    n_test: int = 1000,
+    bias: float = 0.95,
+    masks_to_use: float | int = 0.1,
+    max_objects: int = 1,
+    seed: int = 0,
+    mean: tuple = (0.485, 0.456, 0.406),
+    std: tuple = (0.229, 0.224, 0.225),
+    augment: bool = False,
+) -> DataSplits:
+    """Build (or load from the disk cache) the biased-shapes splits."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
+    _validate(num_classes, image_size, n_train, n_val, n_test, bias, max_objects, mean, std)
+    n_masked = _mask_count(masks_to_use, n_train)
+    params = dict(
+        version=GENERATOR_VERSION, constants=_generator_constants(), num_classes=int(num_classes), image_size=int(image_size),
+        n_train=int(n_train), n_val=int(n_val), n_test=int(n_test), bias=float(bias),
+        max_objects=int(max_objects), seed=int(seed),
+    )
+    data = _load_or_generate(Path(root), params)
+    classes = list(SHAPE_NAMES[:num_classes])
+    multi_label = max_objects > 1
+
+    # Which training images carry masks is fixed by the seed alone, so it does not shift with the budget's
+    # other settings and a smaller budget is a subset of a larger one.
+    mask_gen = torch.Generator().manual_seed(_derive_seed(seed, "masks"))
+    train_use = torch.zeros(n_train, dtype=torch.bool)
+    train_use[torch.randperm(n_train, generator=mask_gen)[:n_masked]] = True
+
+    def make(split: str, use_mask: torch.Tensor | None, aug: bool) -> ShapesDataset:
+        d = data[split]
+        n = d["images"].shape[0]
+        return ShapesDataset(
+            d["images"], d["seg"], d["targets"], d["cue"],
+            use_mask if use_mask is not None else torch.zeros(n, dtype=torch.bool),
+            classes, multi_label, mean, std, augment=aug,
+        )
+
+    return DataSplits(
+        train=make("train", train_use, augment),
+        val=make("val", None, False),
+        tests={"test_biased": make("test_biased", None, False), "test_unbiased": make("test_unbiased", None, False)},
+        classes=classes,
+        multi_label=multi_label,
+        extras={"bias": float(bias), "num_masked_train": n_masked},
+    )
+
+
+def _validate(
+    num_classes: int, image_size: int, n_train: int, n_val: int, n_test: int,
+    bias: float, max_objects: int, mean: Sequence[float], std: Sequence[float],
+) -> None:
+    """Raise ValueError with one sentence for the first bad argument."""
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(
+            f"shapes dataset: num_classes={num_classes} is out of range; set it between 2 and {MAX_CLASSES}."
+        )
+    if image_size < 32:
+        raise ValueError(f"shapes dataset: image_size={image_size} is too small; set it to 32 or more.")
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if n < 1:
+            raise ValueError(f"shapes dataset: {name}={n} must be a positive number of images; set it to 1 or more.")
+    if not 0.0 <= bias <= 1.0:
+        raise ValueError(
+            f"shapes dataset: bias={bias} is not a probability; set it in [0, 1] (1/num_classes means no cue)."
+        )
+    if not 1 <= max_objects <= num_classes:
+        raise ValueError(
+            f"shapes dataset: max_objects={max_objects} must be between 1 and num_classes={num_classes}"
+            " (objects in one image have distinct classes); lower it or raise num_classes."
+        )
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(
+            f"shapes dataset: mean={tuple(mean)} and std={tuple(std)} must each have 3 values with std > 0; fix them."
+        )
+
+
+def _mask_count(masks_to_use: float | int, n_train: int) -> int:
+    """Number of training images whose masks may feed L_e: an int is a count, a float a fraction."""
+    if isinstance(masks_to_use, bool) or not isinstance(masks_to_use, (int, float)):
+        raise ValueError(
+            f"shapes dataset: masks_to_use={masks_to_use!r} is not a number; give a count (int) or a fraction in [0, 1]."
+        )
+    if masks_to_use < 0:
+        raise ValueError(
+            f"shapes dataset: masks_to_use={masks_to_use} is negative; give a count >= 0 or a fraction in [0, 1]."
+        )
+    if isinstance(masks_to_use, int):
+        if masks_to_use > n_train:
+            raise ValueError(
+                f"shapes dataset: masks_to_use={masks_to_use} exceeds n_train={n_train}; lower it or raise n_train."
+            )
+        return masks_to_use
+    if masks_to_use > 1.0:
+        raise ValueError(
+            f"shapes dataset: masks_to_use={masks_to_use} is a fraction > 1; give a fraction in [0, 1] or an int count."
+        )
+    return int(round(masks_to_use * n_train))
+
+
+def _generator_constants() -> dict:
+    """The module-level tuning knobs that shape the generated pixels (part of the cache key)."""
+    return dict(
+        size_single=list(SIZE_RANGE_SINGLE), size_multi=list(SIZE_RANGE_MULTI), rotation=MAX_ROTATION_DEG,
+        tint=TINT_STRENGTH, tint_value=TINT_VALUE, texture=TEXTURE_STRENGTH, noise=PIXEL_NOISE,
+        tries=PLACEMENT_TRIES,
+    )
+
+
+def _derive_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one purpose, so splits never share a random stream."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Read the splits from root/<hash>.pt, or generate them and write that file atomically."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    path = root / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)["splits"]
+    gen_args = {k: v for k, v in params.items() if k not in ("version", "constants")}
+    data = {split: _generate_split(split, **gen_args) for split in SPLITS}
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"params": params, "splits": data}, f)
+        os.replace(tmp, path)  # readers see either no file or a complete one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return data
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Vectorised HSV (each in [0, 1]) to RGB: ... -> ... x 3."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=-1)
+    f = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return v.unsqueeze(-1) * (1 - s.unsqueeze(-1) * f)
+
+
+def _tint_palette(num_classes: int) -> torch.Tensor:
+    """K x 3 strongly saturated background tints with hues evenly spaced around the colour wheel."""
+    h = torch.arange(num_classes, dtype=torch.float32) / num_classes
+    return _hsv_to_rgb(h, torch.full_like(h, 0.85), torch.full_like(h, TINT_VALUE))
+
+
+def _generate_split(
+    split: str, num_classes: int, image_size: int, n_train: int, n_val: int, n_test: int,
+    bias: float, max_objects: int, seed: int,
+) -> dict[str, torch.Tensor]:
+    """Generate one split: uint8 images and label maps, float targets, long cue labels."""
+    n = {"train": n_train, "val": n_val}.get(split, n_test)
+    gen = torch.Generator().manual_seed(_derive_seed(seed, split))
+    size = image_size
+    k = num_classes
+    multi = max_objects > 1
+    lo, hi = SIZE_RANGE_MULTI if multi else SIZE_RANGE_SINGLE
+
+    # Object layout: slots x N tensors; `present` marks slots holding an object.
+    cls, cx, cy, rad, present = _layout(n, k, size, max_objects, lo, hi, gen)
+    rot = (torch.rand(cls.shape, generator=gen) * 2 - 1) * math.radians(MAX_ROTATION_DEG)
+    # Object colour is independent of class and cue: a random hue, either dark or bright-pastel, so it
+    # contrasts with the mid-value tints by brightness whatever the hue.
+    hue = torch.rand(cls.shape, generator=gen)
+    dark = torch.rand(cls.shape, generator=gen) < 0.5
+    sat = torch.where(dark, 0.3 + 0.7 * torch.rand(cls.shape, generator=gen), 0.5 * torch.rand(cls.shape, generator=gen))
+    val = torch.where(dark, 0.25 * torch.rand(cls.shape, generator=gen), 0.9 + 0.1 * torch.rand(cls.shape, generator=gen))
+    obj_rgb = _hsv_to_rgb(hue, sat, val)  # slots x N x 3
+
+    targets = torch.zeros(n, k)
+    for s in range(cls.shape[0]):
+        targets[present[s], cls[s][present[s]]] = 1.0
+    cue = _draw_cue(targets, bias if split != "test_unbiased" else 1.0 / k, split == "test_unbiased", gen)
+
+    # Background: class tint blended with a grey base, modulated by smooth brightness texture.
+    palette = _tint_palette(k)
+    grey = 0.45 + 0.15 * torch.rand(n, generator=gen)
+    bg_rgb = TINT_STRENGTH * palette[cue] + (1 - TINT_STRENGTH) * grey.unsqueeze(1)  # N x 3
+    coarse = torch.randn(n, 1, 6, 6, generator=gen)
+    noise = torch.randn(n, 3, size, size, generator=gen) * PIXEL_NOISE
+
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    seg = torch.zeros(n, size, size, dtype=torch.uint8)
+    coords = torch.arange(size, dtype=torch.float32) + 0.5  # pixel centres
+    ys, xs = coords.view(1, size, 1), coords.view(1, 1, size)
+    for start in range(0, n, CHUNK):
+        sl = slice(start, min(start + CHUNK, n))
+        texture = torch.nn.functional.interpolate(coarse[sl], size=(size, size), mode="bilinear", align_corners=False)
+        img = bg_rgb[sl].view(-1, 3, 1, 1) * (1 + TEXTURE_STRENGTH * texture)
+        lab = torch.zeros(img.shape[0], size, size, dtype=torch.uint8)
+        for s in range(cls.shape[0]):
+            inside = _render_slot(cls[s, sl], cx[s, sl], cy[s, sl], rad[s, sl], rot[s, sl], present[s, sl], xs, ys, k)
+            img = torch.where(inside.unsqueeze(1), obj_rgb[s, sl].view(-1, 3, 1, 1), img)
+            lab = torch.where(inside, (cls[s, sl] + 1).to(torch.uint8).view(-1, 1, 1), lab)
+        img = img + noise[sl]
+        images[sl] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        seg[sl] = lab
+    return {"images": images, "seg": seg, "targets": targets, "cue": cue}
+
+
+def _layout(
+    n: int, k: int, size: int, max_objects: int, lo: float, hi: float, gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classes, centres, radii and presence of up to max_objects non-overlapping objects per image."""
+    slots = max_objects
+    # Distinct classes per image: the first `slots` entries of a random permutation of the K classes.
+    cls = torch.argsort(torch.rand(n, k, generator=gen), dim=1)[:, :slots].T.contiguous()  # slots x N
+    rad = (lo + (hi - lo) * torch.rand(slots, n, generator=gen)) * size / 2
+    # Centre candidates kept at least one radius (plus a pixel) from the border, so objects stay inside.
+    tries = 1 if slots == 1 else PLACEMENT_TRIES
+    u = torch.rand(slots, n, tries, 2, generator=gen)
+    margin = (rad + 1).unsqueeze(-1)
+    cand = margin.unsqueeze(-1) + u * (size - 2 * margin).unsqueeze(-1)  # slots x N x tries x 2
+    cx, cy = cand[:, :, 0, 0].clone(), cand[:, :, 0, 1].clone()
+    present = torch.zeros(slots, n, dtype=torch.bool)
+    present[0] = True
+    if slots > 1:
+        count = torch.randint(1, slots + 1, (n,), generator=gen)
+        # Per-image placement of the extra objects: a first non-overlapping candidate, else the object
+        # is dropped. Python loops run over images and objects only, never over pixels.
+        cand_l, rad_l, count_l = cand.tolist(), rad.tolist(), count.tolist()
+        for i in range(n):
+            placed = [(cand_l[0][i][0][0], cand_l[0][i][0][1], rad_l[0][i])]
+            for s in range(1, count_l[i]):
+                r = rad_l[s][i]
+                for x, y in cand_l[s][i]:
+                    if all((x - px) ** 2 + (y - py) ** 2 >= (r + pr + 1) ** 2 for px, py, pr in placed):
+                        placed.append((x, y, r))
+                        cx[s, i], cy[s, i] = x, y
+                        present[s, i] = True
+                        break
+    return cls, cx, cy, rad, present
+
+
+def _draw_cue(targets: torch.Tensor, p_agree: float, uniform: bool, gen: torch.Generator) -> torch.Tensor:
+    """Tint class per image: a present class with probability p_agree, else an absent one (uniform)."""
+    n, k = targets.shape
+    if uniform:
+        return torch.randint(0, k, (n,), generator=gen)
+    agree = torch.rand(n, generator=gen) < p_agree
+    absent = 1.0 - targets
+    # Images with every class present cannot disagree; they draw from all classes (and so agree).
+    absent[absent.sum(1) == 0] = 1.0
+    weights = torch.where(agree.unsqueeze(1), targets, absent)
+    return torch.multinomial(weights, 1, generator=gen).squeeze(1)
+
+
+def _render_slot(
+    cls: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, rad: torch.Tensor, rot: torch.Tensor,
+    present: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, k: int,
+) -> torch.Tensor:
+    """B x H x W bool: pixels inside each image's object in this slot (False where the slot is empty)."""
+    dx = (xs - cx.view(-1, 1, 1)) / rad.view(-1, 1, 1)
+    dy = (ys - cy.view(-1, 1, 1)) / rad.view(-1, 1, 1)
+    c, s = torch.cos(rot).view(-1, 1, 1), torch.sin(rot).view(-1, 1, 1)
+    u, v = c * dx + s * dy, -s * dx + c * dy  # rotate the sampling grid, i.e. the shape by -rot
+    inside = torch.zeros(u.shape, dtype=torch.bool)
+    for j in range(k):
+        sel = (cls == j) & present
+        if sel.any():
+            inside[sel] = SHAPE_FNS[j](u[sel], v[sel])
+    return inside

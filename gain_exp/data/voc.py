@@ -1,0 +1,186 @@
+"""`dataset=voc2012`: PASCAL VOC 2012 multi-label classification with the segmentation masks as pixel labels.
+
+Reads the extracted VOCtrainval_11-May-2012.tar (no download): `root` may be the folder holding
+VOCdevkit/, VOCdevkit/ itself, or VOC2012/ itself. Splits are the official ImageSets/Main train.txt
+and val.txt; `sbd_train_list` replaces train.txt with your own list (e.g. the SBD-augmented
+train_aug.txt; ids or "JPEGImages/<id>.jpg ..." lines), minus any VOC val image. Labels are the
+classes of the annotated objects. With exclude_difficult, objects marked difficult do not count, and
+an image whose objects are all difficult is dropped from its split (it has no label to learn or
+score; extras["dropped_only_difficult"] counts them). Pixel masks are the SegmentationClass PNGs
+(1464 train and 1449 val images): their values are VOC class ids, so class c (0-based) is c + 1,
+0 background, 255 the border/difficult "void" label, kept as the ignore label. The L_e budget
+`masks_to_use` is a count or a fraction of the training images that have masks (the paper used
+200 of 1464). VOC's test labels are not public, so the final evaluation uses val: tests={"val": val}.
+"""
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.datasets import VOCDetection
+
+from gain_exp.data.base import IGNORE_INDEX, DataSplits
+from gain_exp.data.mask_folder import (
+    IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, check_files, choose_masks,
+)
+from gain_exp.data.transforms import build_transforms
+
+log = logging.getLogger(__name__)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+VALID_MASK_VALUES = frozenset(range(len(VOC_CLASSES) + 1)) | {IGNORE_INDEX}
+HOW_TO_GET = "point root at the folder holding VOCdevkit/ from the extracted VOCtrainval_11-May-2012.tar"
+
+
+def find_voc_dir(root: Path) -> Path:
+    """The VOC2012 folder under root (root/VOCdevkit/VOC2012, root/VOC2012 or root itself)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"voc2012 dataset: root folder {root} does not exist; {HOW_TO_GET}.")
+    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
+        if (candidate / "JPEGImages").is_dir() and (candidate / "Annotations").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"voc2012 dataset: no VOC2012 folder with JPEGImages/ and Annotations/ in {root}, {root / 'VOC2012'}"
+        f" or {root / 'VOCdevkit' / 'VOC2012'}; {HOW_TO_GET}."
+    )
+
+
+def read_ids(path: Path) -> list[str]:
+    """Image ids of a split list: the file stem of each line's first field, duplicates removed."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"voc2012 dataset: split list {path} does not exist; it should hold one image id per line"
+            " (ImageSets/Main/train.txt and val.txt come with the VOC2012 trainval tar)."
+        )
+    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(ids))
+
+
+def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
+    """Sorted class names of the objects in one annotation XML (difficult ones left out if asked)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"voc2012 dataset: annotation {path} does not exist; restore it from the VOC tar or remove the id from the list."
+        )
+    try:
+        objects = VOCDetection.parse_voc_xml(ET.parse(path).getroot())["annotation"].get("object", [])
+    except (ET.ParseError, KeyError) as e:
+        raise ValueError(f"voc2012 dataset: cannot parse annotation {path} ({e}); restore it from the VOC tar.") from None
+    names = set()
+    for obj in objects:
+        name = str(obj.get("name", "")).strip()
+        if name not in VOC_CLASSES:
+            raise ValueError(
+                f"voc2012 dataset: annotation {path} names an unknown class {name!r}; VOC classes are"
+                f" {', '.join(VOC_CLASSES)}, fix or remove that object."
+            )
+        if not (exclude_difficult and str(obj.get("difficult", "0")).strip() == "1"):
+            names.add(name)
+    return sorted(names)
+
+
+def read_voc_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
+    """H x W uint8 label map from a SegmentationClass PNG (VOC class ids already equal our c + 1)."""
+    try:
+        with PIL.Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise ValueError(
+                    f"voc2012 dataset: mask {path} is a {im.mode} image; SegmentationClass masks are palette PNGs"
+                    " whose values are class ids, restore it from the VOC tar."
+                )
+            arr = np.asarray(im)
+    except (PIL.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"voc2012 dataset: cannot decode mask {path} ({e}); restore it from the VOC tar.") from None
+    bad = sorted(set(np.unique(arr).tolist()) - VALID_MASK_VALUES)
+    if bad:
+        raise ValueError(
+            f"voc2012 dataset: mask {path} holds values {bad[:6]} outside 0-20 and 255; restore it from the VOC tar."
+        )
+    return torch.from_numpy(arr.astype(np.uint8))
+
+
+def build(
+    root: str,
+    image_size: int = 224,
+    exclude_difficult: bool = True,
+    sbd_train_list: str | None = None,
+    masks_to_use: int | float = 200,
+    autoaugment: bool = True,
+    hflip: bool = True,
+    strict: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    seed: int = 0,
+    batch_size: int = 1,
+    **_,
+) -> DataSplits:
+    """Build the VOC2012 train and val splits (multi-label, 20 classes) from the extracted devkit."""
+    voc = find_voc_dir(Path(root).expanduser())
+    main = voc / "ImageSets" / "Main"
+    seg_dir = voc / "SegmentationClass"
+    if not seg_dir.is_dir():
+        raise FileNotFoundError(f"voc2012 dataset: mask folder {seg_dir} does not exist; {HOW_TO_GET}.")
+    val_ids = read_ids(main / "val.txt")
+    if sbd_train_list is None:
+        train_ids = read_ids(main / "train.txt")
+    else:
+        val_set = set(val_ids)
+        listed = read_ids(Path(sbd_train_list).expanduser())
+        train_ids = [i for i in listed if i not in val_set]
+        if len(train_ids) < len(listed):
+            # SBD's own train list overlaps VOC2012 val; training on those would leak into evaluation.
+            log.warning("voc2012: dropped %d VOC val image(s) from sbd_train_list %s", len(listed) - len(train_ids),
+                        sbd_train_list)
+
+    mask_names = {p.name for p in seg_dir.iterdir()}
+    bad_files = BadFiles("voc2012 dataset", strict)
+    dropped = 0
+    datasets: dict[str, FileDataset] = {}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        images, masks, targets = [], [], []
+        for image_id in ids:
+            try:
+                names = read_labels(voc / "Annotations" / f"{image_id}.xml", exclude_difficult)
+            except (ValueError, FileNotFoundError) as e:
+                bad_files.report(e)
+                continue
+            if not names:
+                dropped += 1
+                continue
+            images.append(voc / "JPEGImages" / f"{image_id}.jpg")
+            masks.append(seg_dir / f"{image_id}.png" if f"{image_id}.png" in mask_names else None)
+            targets.append([float(c in names) for c in VOC_CLASSES])
+        keep = check_files(images, masks, bad_files)
+        if not keep:
+            raise ValueError(f"voc2012 dataset: no readable image in the {split} split of {voc}; check the warnings above.")
+        masks = [masks[i] for i in keep]
+        has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
+        use_mask = (choose_masks(has_mask, masks_to_use, seed, "voc2012 dataset") if split == "train"
+                    else torch.zeros(len(keep), dtype=torch.bool))
+        datasets[split] = FileDataset(
+            [images[i] for i in keep], masks, torch.tensor([targets[i] for i in keep]), use_mask, read_voc_mask,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
+            list(VOC_CLASSES), True, bad_files,
+        )
+    if dropped:
+        log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
+    return DataSplits(
+        train=datasets["train"],
+        val=datasets["val"],
+        tests={"val": datasets["val"]},
+        classes=list(VOC_CLASSES),
+        multi_label=True,
+        extras={
+            "num_masked_train": int(datasets["train"].use_mask.sum()),
+            "dropped_only_difficult": dropped,
+            "skipped_files": bad_files.count,
+        },
+    )

@@ -1,0 +1,364 @@
+"""The training loop: GAIN steps, per-epoch evaluation, attention panels, atomic checkpoints, resume."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from gain_exp.data.base import DataSplits
+from gain_exp.gain import GAIN
+from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
+from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
+from gain_exp.tracking import Panel, Tracker
+from gain_exp.viz import denormalise
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; carries its path."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}; continue with trainer.resume={checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class FitConfig:
+    """The trainer/ config group's loop settings (see conf/trainer/default.yaml for each key)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    workers: int = 0
+    amp: bool = False
+    grad_clip: float | None = None
+    seed: int = 0
+    monitor: str = "val/acc"
+    monitor_mode: str = "max"
+    num_panels: int = 8
+    table_images: int = 64
+    log_every_n_steps: int = 10
+    resume: str | None = None
+    interrupt_after_steps: int | None = None
+    progress: bool | None = None
+
+
+class _ListSampler(Sampler[int]):
+    """Yields a precomputed index list, so an epoch's order is a pure function of (seed, epoch)."""
+
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class Trainer:
+    """Fits a GAIN model on a DataSplits and evaluates it; everything it writes goes under ``out_dir``."""
+
+    def __init__(
+        self,
+        gain: GAIN,
+        loss: GAINLoss,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        data: DataSplits,
+        cfg: FitConfig,
+        out_dir: str | os.PathLike,
+        tracker: Tracker,
+        device: torch.device,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
+        self.gain, self.loss, self.optimizer, self.scheduler = gain, loss, optimizer, scheduler
+        self.data, self.cfg, self.tracker, self.device = data, cfg, tracker, device
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.mean, self.std = mean, std
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
+        self.history: list[dict[str, float]] = []
+        self._stop_signal: int | None = None
+        self._epoch_sums: tuple[torch.Tensor | None, int] = (None, 0)
+        self._progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+        self._amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+
+    # ----------------------------------------------------------------------------------- fit
+    def fit(self) -> dict[str, float]:
+        """Train for cfg.epochs (resuming if asked), then evaluate every test split; returns final metrics."""
+        if self.cfg.resume:
+            self.load_checkpoint(self.cfg.resume)
+        with self._signals():
+            while self.epoch < self.cfg.epochs:
+                train_stats = self.train_epoch(self.epoch)
+                val = self.evaluate(self.data.val, "val", self.epoch)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                record = {"epoch": self.epoch, **train_stats, **val}
+                self.history.append(record)
+                self.tracker.log_metrics(record, self.step)
+                self._update_best(val)
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.save_checkpoint("last")
+                log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
+        final = dict(self.history[-1]) if self.history else {}
+        for name, split in self.data.tests.items():
+            metrics = self.evaluate(split, name, self.epoch - 1, table=True)
+            final.update(metrics)
+        self.tracker.log_metrics({k: v for k, v in final.items() if "/" in k and not k.startswith("val/")}, self.step)
+        return final
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
+        self.gain.train()
+        _seed_epoch(self.cfg.seed, epoch)
+        loader = self._train_loader(epoch)
+        am_on, ex_on = self.loss.active(epoch)
+        # loss sums over every step of the epoch (kept on device: no sync per step); they are saved in
+        # checkpoints so the epoch means of a resumed run match an uninterrupted one
+        sums, n = self._epoch_sums if self.batch_in_epoch else (None, 0)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self._progress, leave=False)
+        for batch in bar:
+            images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
+            use_mask = batch["use_mask"].to(self.device)
+            need_attention = am_on or (ex_on and bool(use_mask.any()))
+            with self._amp:
+                out = self.gain(images, targets, attention=need_attention, mining=am_on)
+                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.gain.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            self.batch_in_epoch += 1
+            parts = terms.stacked()
+            sums, n = (parts if sums is None else sums + parts), n + 1
+            self._epoch_sums = (sums, n)
+            if self.step % self.cfg.log_every_n_steps == 0 or n == 1:
+                logged = {f"train/{k}": v for k, v in zip(LOSS_NAMES, parts.tolist())}
+                logged["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                self.tracker.log_metrics({"epoch": epoch, **logged}, self.step)
+                bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
+            if self.cfg.interrupt_after_steps is not None and self.step >= self.cfg.interrupt_after_steps:
+                self._stop_signal = signal.SIGINT  # acts as a Ctrl-C at this step (used to test resume)
+            if self._stop_signal is not None:
+                raise Interrupted(self.save_checkpoint("last"))
+        means = (sums / n).tolist() if n else [math.nan] * len(LOSS_NAMES)
+        return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
+
+    # ------------------------------------------------------------------------------ evaluate
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, split: str, epoch: int, table: bool = False) -> dict[str, float]:
+        """Classification, localisation and AM-score metrics on one split, keys prefixed with ``split/``.
+
+        ``table``: also hand the trackers a per-image table of the first ``table_images`` images.
+        """
+        self.gain.eval()
+        d = self.data
+        cls = ClassificationMetrics(d.classes, d.multi_label, d.negative_class)
+        loc = LocalisationMetrics()
+        drops, loss_sum, count, panels = [], 0.0, 0, []
+        wanted = max(self.cfg.num_panels, self.cfg.table_images if table else 0)
+        loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
+                            num_workers=self.cfg.workers, shuffle=False)
+        for batch in tqdm(loader, desc=f"eval {split}", disable=not self._progress, leave=False):
+            images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
+            seg, has_mask = batch["seg"].to(self.device), batch["has_mask"].to(self.device)
+            with self._amp:
+                out = self.gain(images, targets)  # explains the true classes
+            logits = out.logits.float()
+            cls.update(logits, targets)
+            loss_sum += float(self.loss.classification(logits, targets)) * len(images)
+            count += len(images)
+            truth, valid = map_masks(out, seg)
+            rows = has_mask[out.image_index]
+            if rows.any():
+                loc.update(out.attention[rows].float(), truth[rows], valid[rows])
+            drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, d.multi_label)
+            drops.append(drop)
+            if len(panels) < wanted:
+                panels += self._panels(batch, out, truth, has_mask, wanted - len(panels))
+        metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
+        all_drops = torch.cat(drops) if drops else torch.empty(0)
+        metrics["am_drop"] = float(torch.nanmean(all_drops)) if all_drops.numel() else math.nan
+        self.tracker.log_panels(split, panels[: self.cfg.num_panels], epoch)
+        if table:
+            self.tracker.log_table(split, panels)
+        return {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def _panels(self, batch, out, truth, has_mask, limit: int) -> list[Panel]:
+        """Panels for the first map of each of the first ``limit`` images of the batch."""
+        names = self.data.classes
+        probs = out.logits.float().sigmoid() if self.data.multi_label else out.logits.float().softmax(1)
+        pred = self.gain.predicted_classes(out.logits.float())
+        seen: set[int] = set()
+        panels = []
+        for n, b in enumerate(out.image_index.tolist()):
+            if b in seen or len(panels) >= limit:
+                continue
+            seen.add(b)
+            masked = out.masked_images[n].float().cpu()
+            loc = LocalisationMetrics()
+            gt = truth[n].cpu() if bool(has_mask[b]) else None
+            if gt is not None:
+                loc.update(out.attention[n:n + 1].float().cpu(), gt.unsqueeze(0))
+            panels.append(Panel(
+                image=denormalise(batch["image"][b], self.mean, self.std),
+                attention=out.attention[n].float().cpu(), mask=out.mask[n].float().cpu(),
+                masked_image=denormalise(masked, self.mean, self.std), gt_mask=gt,
+                true_classes=[names[c] for c in batch["target"][b].nonzero().flatten().tolist()],
+                pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
+                explained=", ".join(names[c] for c in out.map_targets[n].nonzero().flatten().tolist()),
+                score=float(probs[b].max()),
+                am_drop=float(am_score_drop(out.logits[b:b + 1].float(), out.am_logits[n:n + 1].float(),
+                                            out.map_targets[n:n + 1], self.data.multi_label)[0]),
+                iou=loc.compute().get("loc_iou"),
+            ))
+        return panels
+
+    # --------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str) -> Path:
+        """Write ``checkpoints/<name>.ckpt`` atomically (temp file, then rename); returns its path."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = self.ckpt_dir / f"{name}.ckpt"
+        state = {
+            "model": self.gain.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "best": self.best,
+            "history": self.history,
+            "epoch_sums": {"sums": self._epoch_sums[0], "n": self._epoch_sums[1]},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        tmp = path.with_suffix(".ckpt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, where: str | os.PathLike) -> None:
+        """Restore model, optimiser, scheduler, position and RNG from a checkpoint file or run directory."""
+        path = resolve_checkpoint(where, self.out_dir)
+        if path is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
+            return
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.gain.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best, self.history = state["best"], state["history"]
+        self._epoch_sums = (state["epoch_sums"]["sums"], state["epoch_sums"]["n"])
+        self._resume_rng = state["rng"]
+        log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
+
+    # ------------------------------------------------------------------------------- helpers
+    def _train_loader(self, epoch: int) -> DataLoader:
+        data = self.data.train
+        sampler = self.data.train_sampler
+        if sampler is not None:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            indices = list(iter(sampler))
+        else:
+            order = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
+            indices = torch.randperm(len(data), generator=order).tolist()
+        bs = self.cfg.batch_size
+        drop_last = len(indices) > bs  # a batch of one breaks batch-norm in training mode
+        if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream
+            indices = indices[self.batch_in_epoch * bs:]
+            rng = getattr(self, "_resume_rng", None)
+            if rng is not None:
+                torch.set_rng_state(rng["torch"].cpu())
+                random.setstate(_as_tuple(rng["python"]))
+                self._resume_rng = None
+        return DataLoader(data, batch_size=bs, sampler=_ListSampler(indices), num_workers=self.cfg.workers,
+                          drop_last=drop_last, generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+
+    def _update_best(self, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.cfg.monitor)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        better = self.best["value"] is None or (
+            value > self.best["value"] if self.cfg.monitor_mode == "max" else value < self.best["value"])
+        if better:
+            self.best = {"metric": self.cfg.monitor, "value": value, "epoch": self.epoch}
+            self.tracker.log_checkpoint(self.save_checkpoint("best"), "best")
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        """Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop."""
+
+        def handler(signum, _frame):
+            log.warning("signal %d received: saving a checkpoint after this step", signum)
+            self._stop_signal = signum
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread (e.g. some launchers): keep default handling
+            old = {}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:
+    """``auto`` -> this run's last checkpoint if any; a run directory -> its last checkpoint; else the file."""
+    if str(where) == "auto":
+        path = out_dir / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    path = Path(where).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"trainer.resume={where}: no checkpoint at {path}; give a .ckpt file, a run directory holding "
+            f"checkpoints/last.ckpt, or 'auto'."
+        )
+    return path
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Every epoch's randomness (augmentation, dropout) is a pure function of (seed, epoch)."""
+    torch.manual_seed(_epoch_seed(seed, epoch))
+    random.seed(_epoch_seed(seed, epoch))
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _brief(record: dict[str, float]) -> str:
+    keys = [k for k in record if k.startswith("val/") and "/" not in k[4:]][:6]
+    keys = ["train/mean_loss"] + keys
+    return "  ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))

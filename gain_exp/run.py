@@ -1,0 +1,156 @@
+"""The experiment app: ``python -m gain_exp.run [group=option ...] [key=value ...]``.
+
+Reads top to bottom as one experiment: check the config, seed, build data, model, GAIN, loss and
+optimiser from config, train and evaluate, write summary.json, return the swept metric.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gain_exp.backbones import create_backbone
+from gain_exp.config import (backbone_normalisation, check_config, git_commit, plain, resolve_device,
+                             resolve_monitor)
+from gain_exp.engine import FitConfig, Interrupted, Trainer
+from gain_exp.tracking import build_tracker
+
+log = logging.getLogger("gain_exp")
+
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns the summary that is also written to summary.json."""
+    started = time.time()
+    out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
+    check_config(cfg)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+
+    mean, std = backbone_normalisation(cfg.backbone.name)
+    data = _call_with_accepted(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
+    model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
+                            weights_file=cfg.backbone.weights_file).to(device)
+    gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
+                       pixel_mean=mean, pixel_std=std)
+    loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
+    optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
+                 if cfg.trainer.scheduler == "cosine" else None)
+
+    monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
+    fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
+                        **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
+    tracker = build_tracker(cfg.logger, out_dir, plain(cfg))
+    trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std)
+    summary: dict[str, Any] = {"status": "running"}
+    try:
+        final = trainer.fit()
+        summary = _summary(cfg, final, trainer, monitor, started, "completed")
+        return summary
+    except Interrupted:
+        summary = _summary(cfg, trainer.history[-1] if trainer.history else {}, trainer, monitor, started,
+                           "interrupted")
+        raise
+    finally:
+        _write_json(out_dir / "summary.json", summary)
+        tracker.finish(summary)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy (if present) and torch RNGs from one seed."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _call_with_accepted(node: DictConfig, **extra: Any) -> Any:
+    """instantiate(node, **extra), passing only the extras the target's signature accepts."""
+    target = hydra.utils.get_method(node._target_)
+    params = inspect.signature(target).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return _instantiate(node, **{k: v for k, v in extra.items() if takes_any or k in params})
+
+
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra's instantiate, re-raising our one-sentence user errors instead of Hydra's wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
+
+
+def _summary(cfg: DictConfig, final: dict, trainer: Trainer, monitor: str, started: float, status: str) -> dict:
+    choices, overrides = {}, []
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+        overrides = list(hc.overrides.task)
+    metric = monitor if cfg.optimize_metric == "auto" else cfg.optimize_metric
+    return {
+        "status": status,
+        "final": {k: _finite(v) for k, v in final.items()},
+        "best": trainer.best,
+        "optimize_metric": metric,
+        "choices": choices,
+        "overrides": overrides,
+        "seed": cfg.seed,
+        "epochs_completed": trainer.epoch,
+        "wall_time_s": round(time.time() - started, 2),
+        "git_commit": git_commit(),
+        "device": str(trainer.device),
+    }
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry: runs one job and returns its optimisation metric (for sweepers)."""
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = train(cfg)
+    except USER_ERRORS as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(130)
+    value = summary["final"].get(summary["optimize_metric"])
+    print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
+    return value
+
+
+if __name__ == "__main__":
+    main()

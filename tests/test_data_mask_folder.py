@@ -1,0 +1,252 @@
+"""Tests for the class-folder dataset with masks (gain_exp/data/mask_folder.py) and its sampler."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from fixtures_data import image_ext, make_mask_folder, mask_kind, object_box
+from gain_exp.data.mask_folder import build
+
+SIZE = 48
+CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "mask_folder.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Per-sample transforms on tiny tensors run ~10x faster single-threaded (as in DataLoader workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def binary_root(tmp_path_factory) -> Path:
+    return make_mask_folder(tmp_path_factory.mktemp("binary"), size=SIZE)
+
+
+@pytest.fixture()
+def fresh(tmp_path) -> Path:
+    """A private binary dataset for tests that damage files."""
+    return make_mask_folder(tmp_path / "data", size=SIZE)
+
+
+def _build(root: Path, **kwargs):
+    return build(root=str(root), **{"image_size": SIZE, "negative_class": "negative", **kwargs})
+
+
+def _j(ds, k: int) -> int:
+    """Fixture image number of sample k."""
+    return int(ds.images[k].stem.split("_")[1])
+
+
+def _box_map(j: int, value: int) -> torch.Tensor:
+    seg = torch.zeros(SIZE, SIZE, dtype=torch.long)
+    x0, y0, x1, y1 = object_box(j, SIZE)
+    seg[y0:y1, x0:x1] = value
+    return seg
+
+
+def test_binary_splits_labels_and_masks(binary_root):
+    splits = _build(binary_root)
+    assert splits.classes == ["lesion", "negative"] and splits.negative_class == 1
+    assert splits.multi_label is False and splits.train_sampler is None
+    assert set(splits.tests) == {"test"}
+    assert len(splits.train) == len(splits.val) == len(splits.tests["test"]) == 12
+    for ds in (splits.val, splits.tests["test"]):
+        for k in range(len(ds)):
+            s, j = ds[k], _j(ds, k)
+            positive = ds.images[k].parent.name == "lesion"
+            assert s["target"].tolist() == ([1.0, 0.0] if positive else [0.0, 1.0])
+            assert s["has_mask"].item() == (positive and mask_kind(j) is not None)
+            assert not s["use_mask"] and s["seg"].dtype == torch.long and s["index"] == k
+            if s["has_mask"]:
+                expected = _box_map(j, 1)
+                if mask_kind(j) == "seed" and image_ext(j) == ".jpg":
+                    # A JPEG mask is thresholded; compression may move its edge by a pixel.
+                    assert (s["seg"] == expected).float().mean() > 0.98
+                else:
+                    assert torch.equal(s["seg"], expected)
+            else:
+                assert not s["seg"].any()
+
+
+def test_multi_class_without_negative(tmp_path):
+    root = make_mask_folder(tmp_path, classes=("square", "circle"), negative=None, splits=("train", "val"), size=SIZE)
+    splits = build(root=str(root), image_size=SIZE, autoaugment=False)
+    assert splits.classes == ["circle", "square"] and splits.negative_class is None and splits.tests == {}
+    for k in range(len(splits.val)):
+        s = splits.val[k]
+        c = splits.classes.index(splits.val.images[k].parent.name)
+        assert s["target"].argmax() == c and s["target"].sum() == 1
+        if s["has_mask"]:
+            assert set(s["seg"].unique().tolist()) == {0, c + 1}
+
+
+def test_mask_budget_counts_train_positives_with_masks(binary_root):
+    def chosen(**kw):
+        train = _build(binary_root, **kw).train
+        return {train.images[k] for k in torch.nonzero(train.use_mask).flatten().tolist()}, train
+
+    everything, train = chosen(masks_to_use=1.0)
+    assert len(everything) == 4  # 4 of the 6 positives have masks (mask_kind)
+    assert all(p.parent.name == "lesion" and train.masks[train.images.index(p)] is not None for p in everything)
+    half, _ = chosen(masks_to_use=0.5, seed=3)
+    three, _ = chosen(masks_to_use=3, seed=3)
+    assert len(half) == 2 and len(three) == 3 and half <= three
+    assert chosen(masks_to_use=0)[0] == set()
+    with pytest.raises(ValueError, match="exceeds the 4 training images that have masks"):
+        _build(binary_root, masks_to_use=5)
+    with pytest.raises(ValueError, match="masks_to_use=True is not valid"):
+        _build(binary_root, masks_to_use=True)
+
+
+def test_sampler_gives_each_batch_its_share_of_positives(binary_root):
+    splits = _build(binary_root, batch_pos_dist=0.25, steps_per_epoch=50, batch_size=8, seed=5)
+    sampler, labels = splits.train_sampler, splits.train.targets.argmax(1)
+    assert len(sampler) == 400
+    first = list(sampler)
+    assert len(first) == 400
+    per_batch = (labels[torch.tensor(first)] != splits.negative_class).view(50, 8).sum(1)
+    assert (per_batch == 2).all()  # 0.25 * 8 positives in every batch
+    second = list(sampler)
+    assert second != first  # a new order every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == first  # ...reproducible from the seed and epoch
+    again = _build(binary_root, batch_pos_dist=0.25, steps_per_epoch=50, batch_size=8, seed=5).train_sampler
+    assert list(again) == first
+
+
+def test_sampler_share_at_batch_size_one_and_balanced_positive_classes(tmp_path):
+    root = make_mask_folder(tmp_path, classes=("a", "b"), negative="neg", splits=("train", "val"), size=SIZE)
+    for j in range(6):  # class a gets 4x the images of class b
+        for copy in range(3):
+            src = root / "train" / "a" / f"img_{j:03d}{image_ext(j)}"
+            shutil.copy(src, src.with_name(f"extra{copy}_{j:03d}{image_ext(j)}"))
+    splits = build(root=str(root), image_size=SIZE, negative_class="neg", batch_pos_dist=0.6, steps_per_epoch=3000)
+    labels = splits.train.targets.argmax(1)[torch.tensor(list(splits.train_sampler))]
+    counts = torch.bincount(labels, minlength=3).float() / len(labels)
+    assert abs(counts[2] - 0.4) < 0.03  # negatives
+    assert abs(counts[0] - 0.3) < 0.03 and abs(counts[1] - 0.3) < 0.03  # positives split evenly over a and b
+
+
+def test_steps_per_epoch_alone_keeps_the_natural_mix(binary_root):
+    splits = _build(binary_root, steps_per_epoch=5, batch_size=4)
+    order = list(splits.train_sampler)
+    assert len(order) == 20 and sorted(order[:12]) == list(range(12))  # whole permutations first
+    with pytest.raises(ValueError, match="batch_pos_dist=0.5 needs negative_class"):
+        _build(binary_root, negative_class=None, batch_pos_dist=0.5)
+
+
+def test_mask_naming_conventions_and_extensions(tmp_path):
+    root = make_mask_folder(tmp_path, splits=("train", "val"), size=SIZE)
+    lesion = root / "train" / "lesion"
+    (lesion / "img_000.jpg").rename(lesion / "img_000.JPG")  # upper-case extensions count
+    (lesion / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(root / "train" / "negative" / "img_000_mask.png")
+    train = _build(root).train
+    names = {p.name: (m.name if m else None) for p, m in zip(train.images, train.masks) if p.parent == lesion}
+    assert names == {
+        "img_000.JPG": None, "img_001.png": "img_001_mask.png", "img_002.jpg": "img_002m.jpg",
+        "img_003.png": None, "img_004.jpg": "img_004_mask.png", "img_005.png": "img_005m.png",
+    }
+    assert all(m is None for p, m in zip(train.images, train.masks) if p.parent.name == "negative")
+    with pytest.raises(ValueError, match="no images \\(.bmp\\) in"):
+        _build(root, extensions=["bmp"])
+
+
+def test_hydra_config_instantiates(binary_root):
+    cfg = OmegaConf.load(CONF)
+    assert cfg._target_ == "gain_exp.data.mask_folder.build"
+    cfg.root, cfg.negative_class, cfg.batch_pos_dist, cfg.steps_per_epoch = str(binary_root), "negative", 0.5, 3
+    splits = hydra.utils.instantiate(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], seed=1, batch_size=2)
+    assert len(splits.train_sampler) == 6 and splits.train[0]["image"].shape == (3, 224, 224)
+
+
+# ---- bad input: one sentence naming the path; strict raises, otherwise a counted warning and a skip ----
+
+
+def test_missing_root_and_split_folders(fresh, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"root folder {tmp_path / 'nope'} does not exist.*<class_name>"):
+        _build(tmp_path / "nope")
+    shutil.rmtree(fresh / "test")
+    assert _build(fresh).tests == {}
+    shutil.rmtree(fresh / "val")
+    with pytest.raises(FileNotFoundError, match=f"split folder {fresh / 'val'} does not exist; lay out images as"):
+        _build(fresh)
+
+
+def test_bad_class_folders(fresh):
+    with pytest.raises(ValueError, match="negative_class='neg' is not a class folder"):
+        _build(fresh, negative_class="neg")
+    (fresh / "val" / "tumour").mkdir()
+    with pytest.raises(ValueError, match=f"class folder {fresh / 'val' / 'tumour'} is not among the training classes"):
+        _build(fresh)
+    (fresh / "train" / "tumour").mkdir()
+    with pytest.raises(ValueError, match=f"no images \\(.jpg, .jpeg, .png, .bmp\\) in {fresh / 'train' / 'tumour'}"):
+        _build(fresh)
+    shutil.rmtree(fresh / "train" / "negative")
+    shutil.rmtree(fresh / "train" / "tumour")
+    with pytest.raises(ValueError, match="has 1 class folder\\(s\\); a classifier needs at least 2"):
+        _build(fresh, negative_class=None)
+
+
+def test_unreadable_image_is_reported_at_build(fresh, caplog):
+    bad = fresh / "train" / "lesion" / "img_003.png"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"cannot read image file {bad}: it is not an image"):
+        _build(fresh, strict=True)
+    with caplog.at_level(logging.WARNING):
+        splits = _build(fresh)
+    assert len(splits.train) == 11 and bad not in splits.train.images
+    assert str(bad) in caplog.text and "1 file(s) skipped so far" in caplog.text
+    assert splits.extras["skipped_files"] == 1
+
+
+def test_truncated_image_is_skipped_when_loaded(fresh, caplog):
+    bad = fresh / "val" / "lesion" / "img_000.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) * 3 // 4])  # the header survives, the last pixels do not
+    strict = _build(fresh, strict=True).val
+    k = strict.images.index(bad)
+    with pytest.raises(ValueError, match=f"cannot decode image {bad}.*truncated"):
+        strict[k]
+    val = _build(fresh).val
+    with caplog.at_level(logging.WARNING):
+        assert val[k]["index"] == k + 1 and val[k]["index"] == k + 1
+    assert caplog.text.count(str(bad)) == 1
+
+
+def test_mask_of_wrong_size(fresh, caplog):
+    mask = fresh / "train" / "lesion" / "img_001_mask.png"
+    Image.fromarray(np.zeros((SIZE, SIZE + 2), np.uint8)).save(mask)
+    with pytest.raises(ValueError, match=f"mask {mask} is {SIZE + 2}x{SIZE} but its image .*img_001.png is {SIZE}x{SIZE}"):
+        _build(fresh, strict=True)
+    with caplog.at_level(logging.WARNING):
+        assert len(_build(fresh).train) == 11
+    assert str(mask) in caplog.text
+
+
+def test_mask_with_undocumented_values(fresh, caplog):
+    mask = fresh / "train" / "lesion" / "img_001_mask.png"
+    arr = np.zeros((SIZE, SIZE), np.uint8)
+    arr[:10, :10], arr[10:20, :10] = 128, 255
+    Image.fromarray(arr).save(mask)
+    strict = _build(fresh, strict=True).train
+    k = strict.images.index(mask.with_name("img_001.png"))
+    with pytest.raises(ValueError, match=f"mask {mask} holds values \\[0, 128, 255\\]; a binary mask may hold only 0"):
+        strict[k]
+    with caplog.at_level(logging.WARNING):
+        assert _build(fresh).train[k]["index"] == k + 1
+    assert str(mask) in caplog.text
+    Image.fromarray(np.stack([arr] * 3, -1)).save(mask)
+    with pytest.raises(ValueError, match=f"mask {mask} has 3 channels \\(RGB\\)"):
+        strict[k]
