@@ -220,6 +220,7 @@ class Trainer:
             if gt is not None:
                 loc.update(out.attention[n:n + 1].float().cpu(), gt.unsqueeze(0))
             panels.append(Panel(
+                index=int(batch["index"][b]),
                 image=denormalise(batch["image"][b], self.mean, self.std),
                 attention=out.attention[n].float().cpu(), mask=out.mask[n].float().cpu(),
                 masked_image=denormalise(masked, self.mean, self.std), gt_mask=gt,

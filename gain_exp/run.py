@@ -45,7 +45,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
     mean, std = backbone_normalisation(cfg.backbone.name)
     data = _call_with_accepted(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
     model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
-                            weights_file=cfg.backbone.weights_file).to(device)
+                            weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs).to(device)
     gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
                        pixel_mean=mean, pixel_std=std)
     loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 
 from gain_exp.viz import MIN_TILE_PX, attention_panel, overlay, save_panels
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
 ATTENTION_THRESHOLD = 0.5  # the W&B "attention" mask layer and the localisation IoU use the same cut
+RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every job, so no part of a run name
 
 
 @dataclass
@@ -159,7 +161,7 @@ class WandbTracker(Tracker):
                 job_type=logger_cfg.get("job_type"),
                 tags=list(logger_cfg.get("tags") or []),
                 name=logger_cfg.get("name") or name or self.out_dir.name,
-                config={**run_config, "choices": choices},
+                config={**run_config, "choices": choices, "run_dir": str(self.out_dir.resolve())},
                 dir=str(self.out_dir),
                 mode=mode,
                 reinit="finish_previous",  # a multirun in one process gets one W&B run per job
@@ -239,8 +241,8 @@ class TensorboardTracker(Tracker):
     def __init__(self, out_dir: str | os.PathLike, panel_every: int = 1) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
         self.schedule = _PanelSchedule(panel_every)
+        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
         self._step = 0
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -254,7 +256,7 @@ class TensorboardTracker(Tracker):
         if not self.schedule.due(split, epoch):
             return
         for i, p in enumerate(panels):
-            self.writer.add_image(f"{split}/panel_{i}", _as_array(_strip(p)), self._step, dataformats="HWC")
+            self.writer.add_image(f"{split}/panel_{i}", np.asarray(_strip(p)), self._step, dataformats="HWC")
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         header = "| index | true | pred | explained | score | AM drop | IoU |\n|---|---|---|---|---|---|---|\n"
@@ -343,13 +345,12 @@ def _default_wandb_host() -> str:
 def _hydra_job_context() -> tuple[str | None, str | None, dict[str, str]]:
     """(group, name, group choices) of the current Hydra job: a multirun's sweep dir names its group."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     if not HydraConfig.initialized():
         return None, None, {}
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
-    if hc.mode != RunMode.MULTIRUN:
+    if hc.job.get("num") is None:  # only sweeps number their jobs (hydra.mode is unset in some launch paths)
         return None, _run_name(list(hc.overrides.task), None), choices
     return Path(hc.sweep.dir).name, _run_name(list(hc.overrides.task), _swept_keys(hc)), choices
 
@@ -373,7 +374,7 @@ def _run_name(overrides: list[str], swept: set[str] | None, limit: int = 128) ->
     picked = []
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra") or key == "sweep":
+        if key.startswith("hydra") or key in RECIPE_GROUPS:
             continue
         if swept and key not in swept:
             continue
@@ -396,12 +397,6 @@ def _mask_layer(values: torch.Tensor, scale: int, label: str) -> dict[str, Any]:
     return {"mask_data": data, "class_labels": {0: "background", 1: label}}
 
 
-def _as_array(image: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(image)
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -417,14 +412,14 @@ def _jsonable(value: Any) -> Any:
 def build_tracker(logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[str, Any]) -> Trackers:
     """The local JSON tracker plus the backend ``logger.backend`` names (json and none add nothing)."""
     backend = logger_cfg.get("backend", "json") if logger_cfg is not None else "json"
-    backends: list[Tracker] = [JsonTracker(out_dir)]
+    extra: list[Tracker] = []
     if backend == "wandb":
         mode = wandb_mode(logger_cfg.get("mode"))
         if mode != "disabled":
-            backends.append(WandbTracker(logger_cfg, out_dir, run_config, mode))
+            extra.append(WandbTracker(logger_cfg, out_dir, run_config, mode))
     elif backend == "tensorboard":
-        backends.append(TensorboardTracker(out_dir, int(logger_cfg.get("panel_every", 1))))
+        extra.append(TensorboardTracker(out_dir, int(logger_cfg.get("panel_every", 1))))
     elif backend not in ("json", "none"):
         raise ValueError(f"logger.backend={backend} is unknown; use logger=wandb, logger=tensorboard, logger=json "
                          f"or logger=none.")
-    return Trackers(backends)
+    return Trackers([JsonTracker(out_dir), *extra])

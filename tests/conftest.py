@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+_WANDB_HOME = tempfile.mkdtemp(prefix="gain_exp_wandb_")  # W&B never writes under ~ during tests
+for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+    os.environ.setdefault(_var, _WANDB_HOME)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -29,6 +34,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "trainer.num_panels=2",
         "trainer.log_every_n_steps=1",
         "loss.am_start_epoch=1",
+        "logger=json",
     ]
 
 
@@ -45,3 +51,12 @@ def compose(overrides: list[str]):
 def tiny(tmp_path):
     """(composer, overrides) for a tiny run writing under tmp_path."""
     return tiny_overrides(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """Per-sample transforms on tiny tensors run ~10x faster single-threaded (as in DataLoader workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,7 @@ SIZE = 48
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "mask_folder.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Per-sample transforms on tiny tensors run ~10x faster single-threaded (as in DataLoader workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

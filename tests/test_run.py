@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +132,21 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     proc = _app(["backbone=resnet81", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "backbone/resnet81" in proc.stderr and "resnet18" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    out = tmp_path / "r"
+    args = tiny_overrides(tmp_path) + ["trainer.epochs=200", f"hydra.run.dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gain_exp.run", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "trainer.resume=" in stderr
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 1 <= state["epoch"] < 200
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"

@@ -15,13 +15,7 @@ PLAIN = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # keeps transformed pix
 OBJECT_RGB = (200, 60, 60)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Per-sample transforms on tiny tensors run ~10x faster single-threaded (as in DataLoader workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scene(h: int = 60, w: int = 80) -> tuple[Image.Image, torch.Tensor]:

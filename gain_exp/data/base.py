@@ -1,6 +1,7 @@
 """The contract every dataset follows: what one sample holds and what a built dataset exposes."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -43,3 +44,9 @@ def class_masks(seg: torch.Tensor, num_classes: int) -> torch.Tensor:
     """B x H x W label maps -> B x K x H x W float masks (ignore pixels count as 0)."""
     one_hot = torch.nn.functional.one_hot(seg.clamp(max=num_classes).long(), num_classes + 1)
     return one_hot[..., 1:].permute(0, 3, 1, 2).float() * (seg != IGNORE_INDEX).unsqueeze(1)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A stable 63-bit seed for one purpose, so purposes (splits, mask budgets) never share a random stream."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

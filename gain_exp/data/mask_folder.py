@@ -19,7 +19,6 @@ balanced sampler that `voc.py` reuses.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -30,7 +29,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample
+from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, derive_seed
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
 log = logging.getLogger(__name__)
@@ -62,12 +61,6 @@ class BadFiles:
             "%s: skipped: %s (%d file(s) skipped so far; set strict=true to stop at the first bad file)",
             self.dataset, error, self.count,
         )
-
-
-def derive_seed(seed: int, purpose: str) -> int:
-    """A stable 63-bit seed for one purpose, so purposes never share a random stream."""
-    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def image_size_of(path: Path, what: str = "image") -> tuple[int, int]:

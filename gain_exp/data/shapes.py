@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from gain_exp.data.base import DataSplits, Sample
+from gain_exp.data.base import DataSplits, Sample, derive_seed
 
 # Bump when the generator's code changes its output, so stale cache files are never read back (the
 # tuning constants below are hashed into the cache key already).
@@ -167,7 +167,7 @@ def build(
 
     # Which training images carry masks is fixed by the seed alone, so it does not shift with the budget's
     # other settings and a smaller budget is a subset of a larger one.
-    mask_gen = torch.Generator().manual_seed(_derive_seed(seed, "masks"))
+    mask_gen = torch.Generator().manual_seed(derive_seed(seed, "masks"))
     train_use = torch.zeros(n_train, dtype=torch.bool)
     train_use[torch.randperm(n_train, generator=mask_gen)[:n_masked]] = True
 
@@ -251,12 +251,6 @@ def _generator_constants() -> dict:
     )
 
 
-def _derive_seed(seed: int, name: str) -> int:
-    """A stable 63-bit seed for one purpose, so splits never share a random stream."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Read the splits from root/<hash>.pt, or generate them and write that file atomically."""
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
@@ -296,7 +290,7 @@ def _generate_split(
 ) -> dict[str, torch.Tensor]:
     """Generate one split: uint8 images and label maps, float targets, long cue labels."""
     n = {"train": n_train, "val": n_val}.get(split, n_test)
-    gen = torch.Generator().manual_seed(_derive_seed(seed, split))
+    gen = torch.Generator().manual_seed(derive_seed(seed, split))
     size = image_size
     k = num_classes
     multi = max_objects > 1

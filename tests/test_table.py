@@ -1,0 +1,133 @@
+"""The table tool: run discovery, seed grouping, mean ± std, Markdown/CSV, notes and one-sentence errors."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_overrides
+from gain_exp import run as app
+from gain_exp.table import build_table, find_runs, load_run, main
+
+
+def make_run(path: Path, overrides: list[str], final: dict, status: str = "completed",
+             choices: dict | None = None, config: dict | None = None) -> Path:
+    """A run directory as the app writes it: summary.json and the .hydra files the table reads."""
+    (path / ".hydra").mkdir(parents=True)
+    summary = {"status": status, "final": final, "choices": choices or {"loss": "gain_ext"}, "overrides": overrides,
+               "seed": 0, "best": {}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {"gain": {"sigma": 0.5}}))
+    return path
+
+
+def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_runner, hydra_restore_singletons,
+                                                        capsys):
+    sweep_dir = tmp_path / "sweep"
+    overrides = [f"hydra.searchpath=[file://{ROOT / 'sweeps'}]", "+setting=baseline,gain_ext_5pct", "seed=0,1",
+                 *tiny_overrides(tmp_path), "trainer.epochs=1", "dataset.n_train=16", "logger=json"]
+    runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
+                                task_function=app.main.__wrapped__, config_path="../conf", config_name="config",
+                                overrides=overrides, temp_dir=sweep_dir)
+    with runner:  # the runner deletes its sweep dir on exit
+        md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"
+        capsys.readouterr()  # the jobs' own output
+        assert main([str(sweep_dir), "--md", str(md), "--csv", str(out_csv)]) == 0
+        printed = capsys.readouterr().out
+        summaries = [json.loads((sweep_dir / str(i) / "summary.json").read_text()) for i in range(4)]
+
+    lines = printed.splitlines()
+    assert lines[0].startswith("| setting | n | test_biased/acc | test_unbiased/acc |") and md.read_text() == printed
+    by_setting: dict[str, list[dict]] = {}
+    for s in summaries:
+        by_setting.setdefault(next(o.split("=")[1] for o in s["overrides"] if o.startswith("+setting=")), []).append(s)
+    rows = {r["setting"]: r for r in csv.DictReader(io.StringIO(out_csv.read_text()))}
+    assert list(rows) == ["baseline", "gain_ext_5pct"]
+    for setting, runs in by_setting.items():
+        values = [r["final"]["test_unbiased/acc"] for r in runs]
+        assert int(rows[setting]["n"]) == 2 == len(values)
+        assert float(rows[setting]["test_unbiased/acc mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(rows[setting]["test_unbiased/acc std"]) == pytest.approx(statistics.stdev(values))
+        assert f"| {setting} | 2 | " in printed
+
+
+def test_seeds_group_into_mean_std_n_and_unfinished_runs_are_skipped_with_a_note(tmp_path, capsys):
+    for i, (loss, seed, acc) in enumerate([("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8),
+                                           ("gain", 1, 0.9), ("gain", 2, 1.0)]):
+        make_run(tmp_path / "m" / str(i), [f"loss={loss}", f"seed={seed}", "trainer.epochs=3"],
+                 {"test_unbiased/acc": acc, "val/acc": acc})
+    make_run(tmp_path / "m" / "5", ["loss=gain", "seed=3", "trainer.epochs=3"], {"val/acc": 0.0}, status="interrupted")
+    assert main([str(tmp_path / "m")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "| loss | n | test_unbiased/acc |",
+        "|---|---|---|",
+        "| baseline | 2 | 0.600 ± 0.141 |",
+        "| gain | 3 | 0.900 ± 0.100 |",
+    ]
+    assert f"skipped {tmp_path / 'm' / '5'}: status=interrupted" in err
+
+
+def test_rows_fall_back_to_group_choices_and_config_values(tmp_path):
+    a = make_run(tmp_path / "a", ["seed=0"], {"val/acc": 0.4}, choices={"loss": "gain_ext"},
+                 config={"gain": {"sigma": 0.5}})
+    b = make_run(tmp_path / "b", ["loss=gain", "gain.sigma=0.3"], {"val/acc": 0.6}, choices={"loss": "gain"},
+                 config={"gain": {"sigma": 0.3}})
+    runs = [load_run(p) for p in find_runs([a, b])]
+    table = build_table(runs)
+    assert table.row_keys == ["loss", "gain.sigma"] and table.metrics == ["val/acc"]  # no test split: val
+    assert [row.values for row in table.rows] == [("gain_ext", "0.5"), ("gain", "0.3")]
+    assert build_table(runs, rows=["gain.omega"]).rows[0].values == ("-",)
+
+
+def test_optuna_sweep_dirs_are_found_without_multirun_yaml_and_the_best_trial_is_noted(tmp_path, capsys):
+    sweep = tmp_path / "optuna"
+    for i, sigma in enumerate([0.31234567891, 0.6]):
+        make_run(sweep / str(i), [f"gain.sigma={sigma}", "+sweep=optuna"], {"val/acc": 0.5 + i / 10})
+    (sweep / "optimization_results.yaml").write_text(yaml.safe_dump(
+        {"name": "optuna", "best_params": {"gain.sigma": 0.6}, "best_value": 0.6}))
+    assert main([str(sweep), "--metrics", "val/acc"]) == 0
+    out, err = capsys.readouterr()
+    assert "| 0.3123 | 1 | 0.500 |" in out and "| 0.6 | 1 | 0.600 |" in out
+    assert "Optuna best" in err and "gain.sigma=0.6" in err
+
+
+@pytest.mark.parametrize("setup,args,phrase", [
+    ("none", ["missing"], "missing does not exist; pass a multirun directory"),
+    ("empty", ["empty"], "empty holds no runs (no summary.json at or below it)"),
+    ("interrupted", ["m"], "no completed runs under"),
+    ("runs", ["m", "--metrics", "val/acc_top"], "--metrics val/acc_top is in no run's summary.json final metrics; "
+                                                "did you mean val/acc"),
+])
+def test_bad_input_is_one_sentence_on_stderr(tmp_path, monkeypatch, capsys, setup, args, phrase):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    if setup in ("interrupted", "runs"):
+        make_run(tmp_path / "m" / "0", ["seed=0"], {"val/acc": 0.5},
+                 status="interrupted" if setup == "interrupted" else "completed")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err
+
+
+def test_wandb_flag_logs_the_table_offline(tmp_path, monkeypatch, capsys):
+    from wandb_offline import offline_runs
+
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for i in range(2):
+        make_run(tmp_path / "sweep" / str(i), [f"loss={['gain', 'baseline'][i]}"], {"val/acc": 0.5})
+    assert main([str(tmp_path / "sweep"), "--wandb"]) == 0
+    import wandb
+
+    wandb.teardown()
+    assert "wandb sync" in capsys.readouterr().out
+    [run] = offline_runs(tmp_path / "sweep" / "wandb")
+    assert run.group == "sweep" and run.job_type == "table" and "results/nrows" in run.history_keys()
