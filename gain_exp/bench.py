@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import timm
@@ -63,18 +63,13 @@ def _time(step: Callable[[], None], warmup: int, repeats: int, device: torch.dev
         torch.cuda.reset_peak_memory_stats()
     for i in range(repeats):
         start = time.perf_counter()
-        with _count_saved(saved) if i == 0 else _nullcontext():
+        with _count_saved(saved) if i == 0 else nullcontext():
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved[0]
     return statistics.median(times), peak
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 def run(backbone: str, batch: int, size: int, classes: int, labels: int, device: str, warmup: int,
