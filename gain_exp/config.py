@@ -10,26 +10,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gain_exp.backbones import create_backbone
-from gain_exp.gain import FORMULATIONS, GRAD_MODES
-from gain_exp.losses import AM_SCORES, EX_ON
-from gain_exp.attention import NORMALISATIONS
+from gain_exp.gain import check_options as check_gain_options
+from gain_exp.losses import check_options as check_loss_options
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ValueError with one sentence for the first out-of-range value, before any work is done."""
     g, loss, t = cfg.gain, cfg.loss, cfg.trainer
+    check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
+                       prefix="gain.")
+    check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
+                       loss.ex_start_epoch, prefix="loss.")
     checks = [
-        (0.0 < g.sigma < 1.0, f"gain.sigma={g.sigma} is outside (0, 1); pick a threshold such as gain.sigma=0.5"),
-        (g.omega > 0, f"gain.omega={g.omega} must be > 0; the paper's seed uses gain.omega=10"),
-        (g.normalisation in NORMALISATIONS, f"gain.normalisation={g.normalisation} is unknown; use one of {list(NORMALISATIONS)}"),
-        (g.grad_mode in GRAD_MODES, f"gain.grad_mode={g.grad_mode} is unknown; use grad_mode=<one of {list(GRAD_MODES)}>"),
-        (g.formulation in FORMULATIONS, f"gain.formulation={g.formulation} is unknown; use formulation=<one of {list(FORMULATIONS)}>"),
-        (g.am_grad_scale >= 0, f"gain.am_grad_scale={g.am_grad_scale} must be >= 0"),
-        (loss.am_weight >= 0, f"loss.am_weight={loss.am_weight} is negative; loss weights must be >= 0 (0 = off)"),
-        (loss.ex_weight >= 0, f"loss.ex_weight={loss.ex_weight} is negative; loss weights must be >= 0 (0 = off)"),
-        (loss.am_score in AM_SCORES, f"loss.am_score={loss.am_score} is unknown; use one of {list(AM_SCORES)}"),
-        (loss.ex_on in EX_ON, f"loss.ex_on={loss.ex_on} is unknown; use one of {list(EX_ON)}"),
-        (loss.am_start_epoch >= 0 and loss.ex_start_epoch >= 0, "loss.am_start_epoch and loss.ex_start_epoch must be >= 0"),
         (t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1"),
         (t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1"),
         (t.eval_batch_size is None or t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1 or null"),

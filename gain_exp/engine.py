@@ -96,6 +96,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._stop_signal: int | None = None
         self._epoch_sums: tuple[torch.Tensor | None, int] = (None, 0)
+        self._resume_rng: dict[str, Any] | None = None  # RNG state to restore at a mid-epoch resume
         self._progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
         self._amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
 
@@ -117,12 +118,12 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint("last")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
-        final = dict(self.history[-1]) if self.history else {}
+        tests: dict[str, float] = {}
         for name, split in self.data.tests.items():
-            metrics = self.evaluate(split, name, self.epoch - 1, table=True)
-            final.update(metrics)
-        self.tracker.log_metrics({k: v for k, v in final.items() if "/" in k and not k.startswith("val/")}, self.step)
-        return final
+            tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
+        if tests:
+            self.tracker.log_metrics(tests, self.step)
+        return {**(self.history[-1] if self.history else {}), **tests}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
@@ -289,7 +290,7 @@ class Trainer:
         drop_last = len(indices) > bs  # a batch of one breaks batch-norm in training mode
         if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream
             indices = indices[self.batch_in_epoch * bs:]
-            rng = getattr(self, "_resume_rng", None)
+            rng = self._resume_rng
             if rng is not None:
                 torch.set_rng_state(rng["torch"].cpu())
                 random.setstate(_as_tuple(rng["python"]))

@@ -80,15 +80,7 @@ class GAIN(nn.Module):
         pixel_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        _check_choice("formulation", formulation, FORMULATIONS)
-        _check_choice("grad_mode", grad_mode, GRAD_MODES)
-        _check_choice("normalisation", normalisation, NORMALISATIONS)
-        if not 0.0 < sigma < 1.0:
-            raise ValueError(f"sigma={sigma} is outside (0, 1); the soft-mask threshold must lie strictly between 0 and 1.")
-        if omega <= 0:
-            raise ValueError(f"omega={omega} must be > 0; it is the soft mask's steepness (the paper's seed uses 10).")
-        if am_grad_scale < 0:
-            raise ValueError(f"am_grad_scale={am_grad_scale} must be >= 0; it multiplies the AM stream's input gradient.")
+        check_options(sigma, omega, formulation, grad_mode, normalisation, fill, am_grad_scale)
         self.model = model
         self.extractor = FeatureExtractor(model, grad_layer)
         self.formulation = formulation
@@ -234,16 +226,32 @@ class GAIN(nn.Module):
             )
 
 
+def check_options(sigma: float, omega: float, formulation: str, grad_mode: str, normalisation: str,
+                  fill: str | Sequence[float], am_grad_scale: float, prefix: str = "") -> None:
+    """Raise ValueError with one sentence for the first invalid GAIN option (``prefix`` names its config node)."""
+    _check_choice(f"{prefix}formulation", formulation, FORMULATIONS)
+    _check_choice(f"{prefix}grad_mode", grad_mode, GRAD_MODES)
+    _check_choice(f"{prefix}normalisation", normalisation, NORMALISATIONS)
+    if not 0.0 < sigma < 1.0:
+        raise ValueError(f"{prefix}sigma={sigma} is outside (0, 1); pick a threshold strictly between 0 and 1, "
+                         f"e.g. {prefix}sigma=0.5.")
+    if omega <= 0:
+        raise ValueError(f"{prefix}omega={omega} must be > 0; it is the soft mask's steepness (the seed uses 10).")
+    if am_grad_scale < 0:
+        raise ValueError(f"{prefix}am_grad_scale={am_grad_scale} must be >= 0; it multiplies the AM stream's input gradient.")
+    _parse_fill(fill, prefix)
+
+
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name}='{value}' is unknown; choose one of {list(choices)}.")
 
 
-def _parse_fill(fill: str | Sequence[float]) -> str | torch.Tensor:
+def _parse_fill(fill: str | Sequence[float], prefix: str = "") -> str | torch.Tensor:
     if isinstance(fill, str):
-        _check_choice("fill", fill, ("zero", "mean"))
+        _check_choice(f"{prefix}fill", fill, ("zero", "mean"))
         return fill
     rgb = [float(v) for v in fill]
     if len(rgb) != 3 or not all(0.0 <= v <= 1.0 for v in rgb):
-        raise ValueError(f"fill={list(fill)} must be 'zero', 'mean' or three RGB values in [0, 1].")
+        raise ValueError(f"{prefix}fill={list(fill)} must be 'zero', 'mean' or three RGB values in [0, 1].")
     return torch.tensor(rgb)

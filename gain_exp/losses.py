@@ -60,16 +60,7 @@ class GAINLoss(nn.Module):
         ex_on: str = "attention",
     ) -> None:
         super().__init__()
-        for name, value in (("am_weight", am_weight), ("ex_weight", ex_weight)):
-            if value < 0:
-                raise ValueError(f"{name}={value} is negative; loss weights must be >= 0 (0 switches the term off).")
-        for name, value in (("am_start_epoch", am_start_epoch), ("ex_start_epoch", ex_start_epoch)):
-            if value < 0:
-                raise ValueError(f"{name}={value} is negative; use 0 to start that loss term in the first epoch.")
-        if am_score not in AM_SCORES:
-            raise ValueError(f"am_score='{am_score}' is unknown; choose one of {list(AM_SCORES)}.")
-        if ex_on not in EX_ON:
-            raise ValueError(f"ex_on='{ex_on}' is unknown; choose one of {list(EX_ON)}.")
+        check_options(am_weight, ex_weight, am_score, ex_on, am_start_epoch, ex_start_epoch)
         self.multi_label = multi_label
         self.am_weight = float(am_weight)
         self.ex_weight = float(ex_weight)
@@ -138,6 +129,21 @@ class GAINLoss(nn.Module):
         pred = (out.attention if self.ex_on == "attention" else out.mask)[rows]
         err = (pred - truth) ** 2 * valid
         return (err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+
+
+def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str, am_start_epoch: int,
+                  ex_start_epoch: int, prefix: str = "") -> None:
+    """Raise ValueError with one sentence for the first invalid loss option (``prefix`` names its config node)."""
+    for name, value in (("am_weight", am_weight), ("ex_weight", ex_weight)):
+        if value < 0:
+            raise ValueError(f"{prefix}{name}={value} is negative; loss weights must be >= 0 (0 switches the term off).")
+    for name, value in (("am_start_epoch", am_start_epoch), ("ex_start_epoch", ex_start_epoch)):
+        if value < 0:
+            raise ValueError(f"{prefix}{name}={value} is negative; use 0 to start that loss term in the first epoch.")
+    if am_score not in AM_SCORES:
+        raise ValueError(f"{prefix}am_score='{am_score}' is unknown; choose one of {list(AM_SCORES)}.")
+    if ex_on not in EX_ON:
+        raise ValueError(f"{prefix}ex_on='{ex_on}' is unknown; choose one of {list(EX_ON)}.")
 
 
 def map_masks(out: GAINOutput, seg: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
