@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from gain_exp.attention import normalise
 from gain_exp.data.base import DataSplits
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
@@ -190,12 +191,15 @@ class Trainer:
             count += len(images)
             truth, valid = map_masks(out, seg)
             rows = has_mask[out.image_index]
+            # Scored on the min-max view of each map whatever gain.normalisation is (for max and none it is the
+            # same map up to scale), so runs that differ in normalisation compare on equal terms.
+            scored = normalise(out.attention.float(), "minmax")
             if rows.any():
-                loc.update(out.attention[rows].float(), truth[rows], valid[rows])
+                loc.update(scored[rows], truth[rows], valid[rows])
             drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, d.multi_label)
             drops.append(drop)
             if len(panels) < wanted:
-                panels += self._panels(batch, out, truth, has_mask, wanted - len(panels))
+                panels += self._panels(batch, out, scored, truth, has_mask, wanted - len(panels))
         metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
         all_drops = torch.cat(drops) if drops else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(all_drops)) if all_drops.numel() else math.nan
@@ -204,8 +208,8 @@ class Trainer:
             self.tracker.log_table(split, panels)
         return {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _panels(self, batch, out, truth, has_mask, limit: int) -> list[Panel]:
-        """Panels for the first map of each of the first ``limit`` images of the batch."""
+    def _panels(self, batch, out, scored, truth, has_mask, limit: int) -> list[Panel]:
+        """Panels for the first map of each of the first ``limit`` images of the batch (``scored``: min-max maps)."""
         names = self.data.classes
         probs = out.logits.float().sigmoid() if self.data.multi_label else out.logits.float().softmax(1)
         pred = self.gain.predicted_classes(out.logits.float())
@@ -219,11 +223,11 @@ class Trainer:
             loc = LocalisationMetrics()
             gt = truth[n].cpu() if bool(has_mask[b]) else None
             if gt is not None:
-                loc.update(out.attention[n:n + 1].float().cpu(), gt.unsqueeze(0))
+                loc.update(scored[n:n + 1].cpu(), gt.unsqueeze(0))
             panels.append(Panel(
                 index=int(batch["index"][b]),
                 image=denormalise(batch["image"][b], self.mean, self.std),
-                attention=out.attention[n].float().cpu(), mask=out.mask[n].float().cpu(),
+                attention=scored[n].cpu(), mask=out.mask[n].float().cpu(),
                 masked_image=denormalise(masked, self.mean, self.std), gt_mask=gt,
                 true_classes=[names[c] for c in batch["target"][b].nonzero().flatten().tolist()],
                 pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
