@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from gain_exp.attention import normalise
 from gain_exp.data.base import DataSplits
+from gain_exp.files import atomic_write
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
@@ -242,7 +242,6 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str) -> Path:
         """Write ``checkpoints/<name>.ckpt`` atomically (temp file, then rename); returns its path."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = self.ckpt_dir / f"{name}.ckpt"
         state = {
             "model": self.gain.model.state_dict(),
@@ -257,9 +256,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
-        tmp = path.with_suffix(".ckpt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            torch.save(state, f)
         return path
 
     def load_checkpoint(self, where: str | os.PathLike) -> None:

@@ -21,12 +21,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
 from gain_exp.config import (backbone_normalisation, check_config, git_commit, plain, resolve_device,
                              resolve_monitor)
 from gain_exp.engine import FitConfig, Interrupted, Trainer
+from gain_exp.files import atomic_write
 from gain_exp.tracking import build_tracker
 
 log = logging.getLogger("gain_exp")
@@ -129,9 +130,8 @@ def _finite(v: Any) -> Any:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str).encode())
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

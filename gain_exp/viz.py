@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+from gain_exp.files import atomic_write
 
 SEPARATOR_PX = 2
 MIN_TILE_PX = 128  # auto-scaling target: 64 px images are unreadable at their own size
@@ -121,17 +121,8 @@ def save_panels(panels: Sequence[Image.Image], path: str | os.PathLike) -> None:
         sheet.paste(panel, (0, top))
         top += panel.height + SEPARATOR_PX
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader (a dashboard, a person refreshing the file) never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sheet.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:  # a dashboard or a person refreshing the file never sees half a PNG
+        sheet.save(f, format="PNG")
 
 
 def _as_map(t: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gain_exp.data.base import DataSplits, Sample, derive_seed
+from gain_exp.files import atomic_write
 
 # Bump when the generator's code changes its output, so stale cache files are never read back (the
 # tuning constants below are hashed into the cache key already).
@@ -259,15 +258,8 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
         return torch.load(path, weights_only=True)["splits"]
     gen_args = {k: v for k, v in params.items() if k not in ("version", "constants")}
     data = {split: _generate_split(split, **gen_args) for split in SPLITS}
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"params": params, "splits": data}, f)
-        os.replace(tmp, path)  # readers see either no file or a complete one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:  # readers see either no file or a complete one
+        torch.save({"params": params, "splits": data}, f)
     return data
 
 
