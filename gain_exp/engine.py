@@ -138,8 +138,8 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self._progress, leave=False)
         for batch in bar:
             images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
+            need_attention = am_on or (ex_on and bool(batch["use_mask"].any()))  # host tensor: no device sync
             use_mask = batch["use_mask"].to(self.device)
-            need_attention = am_on or (ex_on and bool(use_mask.any()))
             with self._amp:
                 out = self.gain(images, targets, attention=need_attention, mining=am_on)
                 terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch)
@@ -199,7 +199,7 @@ class Trainer:
             drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, d.multi_label)
             drops.append(drop)
             if len(panels) < wanted:
-                panels += self._panels(batch, out, scored, truth, has_mask, wanted - len(panels))
+                panels += self._panels(batch, out, scored, drop, truth, has_mask, wanted - len(panels))
         metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
         all_drops = torch.cat(drops) if drops else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(all_drops)) if all_drops.numel() else math.nan
@@ -208,8 +208,11 @@ class Trainer:
             self.tracker.log_table(split, panels)
         return {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _panels(self, batch, out, scored, truth, has_mask, limit: int) -> list[Panel]:
-        """Panels for the first map of each of the first ``limit`` images of the batch (``scored``: min-max maps)."""
+    def _panels(self, batch, out, scored, drop, truth, has_mask, limit: int) -> list[Panel]:
+        """Panels for the first map of each of the first ``limit`` images of the batch.
+
+        ``scored`` (min-max maps) and ``drop`` (AM-score drop per map) are the batch's, already computed by evaluate.
+        """
         names = self.data.classes
         probs = out.logits.float().sigmoid() if self.data.multi_label else out.logits.float().softmax(1)
         pred = self.gain.predicted_classes(out.logits.float())
@@ -233,8 +236,7 @@ class Trainer:
                 pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
                 explained=", ".join(names[c] for c in out.map_targets[n].nonzero().flatten().tolist()),
                 score=float(probs[b].max()),
-                am_drop=float(am_score_drop(out.logits[b:b + 1].float(), out.am_logits[n:n + 1].float(),
-                                            out.map_targets[n:n + 1], self.data.multi_label)[0]),
+                am_drop=float(drop[n]),
                 iou=loc.compute().get("loc_iou"),
             ))
         return panels

@@ -134,6 +134,9 @@ class ClassificationMetrics:
         return out
 
 
+LOC_THRESHOLD = 0.5  # the cut of a [0, 1] attention map that loc_iou scores (and W&B's attention mask layer shows)
+
+
 class LocalisationMetrics:
     """Epoch-level agreement of attention maps with ground-truth object masks.
 
@@ -146,7 +149,7 @@ class LocalisationMetrics:
     the dict once at least one map was scored. Maps are expected normalised to [0, 1].
     """
 
-    def __init__(self, threshold: float = 0.5, tolerance: int = 15) -> None:
+    def __init__(self, threshold: float = LOC_THRESHOLD, tolerance: int = 15) -> None:
         self.threshold = threshold
         self.tolerance = tolerance
         self.reset()

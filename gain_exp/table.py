@@ -178,8 +178,9 @@ def log_to_wandb(table: Table, where: Path, project: str | None) -> None:
 
     from gain_exp.tracking import wandb_mode
 
-    data = [list(r.values()) for r in table.records()]
-    columns = list(table.records()[0]) if data else []
+    records = table.records()
+    data = [list(r.values()) for r in records]
+    columns = list(records[0]) if records else []
     mode = wandb_mode(None)
     run = wandb.init(project=project or "gain-exp", job_type="table", group=where.name, name=f"table-{where.name}",
                      dir=str(where), mode=mode, reinit="finish_previous")

@@ -16,12 +16,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from gain_exp.metrics import LOC_THRESHOLD
 from gain_exp.viz import MIN_TILE_PX, attention_panel, overlay, save_panels
 
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
-ATTENTION_THRESHOLD = 0.5  # the W&B "attention" mask layer and the localisation IoU use the same cut
 RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every job, so no part of a run name
 
 
@@ -46,6 +46,12 @@ class Panel:
     def caption(self) -> str:
         return (f"true: {', '.join(self.true_classes)} | pred: {', '.join(self.pred_classes)} ({self.score:.2f})"
                 f" | map: {self.explained} | AM drop {self.am_drop:+.2f}")
+
+    @functools.cached_property
+    def strip(self) -> Any:
+        """The PIL strip (image | overlay | soft mask | masked image | ground truth), drawn once for all backends."""
+        return attention_panel(self.image, self.attention, self.mask, self.masked_image, self.gt_mask,
+                               caption=self.caption)
 
     def row(self, position: int) -> dict[str, Any]:
         """The per-image results row (JSON-ready) of this panel, ``position`` standing in for a missing index."""
@@ -93,7 +99,7 @@ class JsonTracker(Tracker):
     def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
         if not panels:
             return
-        save_panels([_strip(p) for p in panels], self.out_dir / "attention" / f"{split}_epoch{epoch:03d}.png")
+        save_panels([p.strip for p in panels], self.out_dir / "attention" / f"{split}_epoch{epoch:03d}.png")
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         path = self.out_dir / "results" / f"{split}.jsonl"
@@ -182,7 +188,7 @@ class WandbTracker(Tracker):
         wandb = self._wandb
         self.run.log({
             f"{split}/attention": [self._image(p.image, p) for p in panels],
-            f"{split}/panels": [wandb.Image(_strip(p), caption=p.caption) for p in panels],
+            f"{split}/panels": [wandb.Image(p.strip, caption=p.caption) for p in panels],
             "epoch": epoch,
         }, step=self._step)
 
@@ -218,7 +224,7 @@ class WandbTracker(Tracker):
     def _image(self, base: torch.Tensor, p: Panel) -> Any:
         """A wandb.Image of ``base`` with the ground truth and the thresholded attention as toggleable masks."""
         scale = max(1, math.ceil(MIN_TILE_PX / min(base.shape[-2:])))  # 32 px images are unreadable as they are
-        masks = {"attention": _mask_layer(p.attention, scale, f"attention >= {ATTENTION_THRESHOLD}")}
+        masks = {"attention": _mask_layer(p.attention, scale, f"attention >= {LOC_THRESHOLD}")}
         if p.gt_mask is not None:
             masks["ground_truth"] = _mask_layer(p.gt_mask, scale, "object")
         return self._wandb.Image(_upscale(base, scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
@@ -256,7 +262,7 @@ class TensorboardTracker(Tracker):
         if not self.schedule.due(split, epoch):
             return
         for i, p in enumerate(panels):
-            self.writer.add_image(f"{split}/panel_{i}", np.asarray(_strip(p)), self._step, dataformats="HWC")
+            self.writer.add_image(f"{split}/panel_{i}", np.asarray(p.strip), self._step, dataformats="HWC")
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         header = "| index | true | pred | explained | score | AM drop | IoU |\n|---|---|---|---|---|---|---|\n"
@@ -383,17 +389,13 @@ def _run_name(overrides: list[str], swept: set[str] | None, limit: int = 128) ->
     return name[:limit] or None
 
 
-def _strip(p: Panel) -> Any:
-    return attention_panel(p.image, p.attention, p.mask, p.masked_image, p.gt_mask, caption=p.caption)
-
-
 def _upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
     return t.detach().float().cpu().repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
 def _mask_layer(values: torch.Tensor, scale: int, label: str) -> dict[str, Any]:
     """A W&B mask layer: class 1 where ``values`` >= the threshold, background elsewhere."""
-    data = (_upscale(values.squeeze(), scale) >= ATTENTION_THRESHOLD).to(torch.uint8).numpy()
+    data = (_upscale(values.squeeze(), scale) >= LOC_THRESHOLD).to(torch.uint8).numpy()
     return {"mask_data": data, "class_labels": {0: "background", 1: label}}
 
 
