@@ -40,13 +40,37 @@ class DataSplits:
         return len(self.classes)
 
 
-def class_masks(seg: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """B x H x W label maps -> B x K x H x W float masks (ignore pixels count as 0)."""
-    one_hot = torch.nn.functional.one_hot(seg.clamp(max=num_classes).long(), num_classes + 1)
-    return one_hot[..., 1:].permute(0, 3, 1, 2).float() * (seg != IGNORE_INDEX).unsqueeze(1)
-
-
 def derive_seed(seed: int, purpose: str) -> int:
     """A stable 63-bit seed for one purpose, so purposes (splits, mask budgets) never share a random stream."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def choose_masks(has_mask: torch.Tensor, masks_to_use: int | float, seed: int, dataset: str) -> torch.Tensor:
+    """N bool: the training samples whose masks feed L_e, drawn by seed (a smaller budget is a subset of a larger)."""
+    available = torch.nonzero(has_mask).flatten()
+    n = mask_count(masks_to_use, len(available), dataset)
+    gen = torch.Generator().manual_seed(derive_seed(seed, "masks"))
+    chosen = torch.zeros(len(has_mask), dtype=torch.bool)
+    chosen[available[torch.randperm(len(available), generator=gen)[:n]]] = True
+    return chosen
+
+
+def mask_count(masks_to_use: int | float, available: int, dataset: str) -> int:
+    """Number of masks in the L_e budget: an int is a count, a float a fraction of the available masks."""
+    if isinstance(masks_to_use, bool) or not isinstance(masks_to_use, (int, float)) or masks_to_use < 0:
+        raise ValueError(
+            f"{dataset}: masks_to_use={masks_to_use!r} is not valid; give a count (int >= 0) or a fraction in [0, 1]."
+        )
+    if isinstance(masks_to_use, int):
+        if masks_to_use > available:
+            raise ValueError(
+                f"{dataset}: masks_to_use={masks_to_use} exceeds the {available} training images that have masks;"
+                " lower it or give a fraction such as 1.0."
+            )
+        return masks_to_use
+    if masks_to_use > 1.0:
+        raise ValueError(
+            f"{dataset}: masks_to_use={masks_to_use} is a fraction above 1; give a fraction in [0, 1] or an int count."
+        )
+    return int(round(masks_to_use * available))

@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, derive_seed
+from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, choose_masks, derive_seed
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,6 @@ class FileDataset(Dataset):
         use_mask: torch.Tensor,
         read_mask: MaskReader,
         transform: ImageMaskTransform,
-        classes: list[str],
-        multi_label: bool,
         bad_files: BadFiles,
     ) -> None:
         self.images = images
@@ -135,8 +133,6 @@ class FileDataset(Dataset):
         self.use_mask = use_mask  # N bool
         self.read_mask = read_mask
         self.transform = transform
-        self.classes = classes
-        self.multi_label = multi_label
         self.bad_files = bad_files
         self._unreadable: set[int] = set()
 
@@ -179,36 +175,6 @@ class FileDataset(Dataset):
             use_mask=self.use_mask[i].clone(),
             index=i,
         )
-
-
-def choose_masks(has_mask: torch.Tensor, masks_to_use: int | float, seed: int, dataset: str) -> torch.Tensor:
-    """N bool: the training samples whose masks feed L_e, drawn by seed (a smaller budget is a subset of a larger)."""
-    available = torch.nonzero(has_mask).flatten()
-    n = mask_count(masks_to_use, len(available), dataset)
-    gen = torch.Generator().manual_seed(derive_seed(seed, "masks"))
-    chosen = torch.zeros(len(has_mask), dtype=torch.bool)
-    chosen[available[torch.randperm(len(available), generator=gen)[:n]]] = True
-    return chosen
-
-
-def mask_count(masks_to_use: int | float, available: int, dataset: str) -> int:
-    """Number of masks in the L_e budget: an int is a count, a float a fraction of the available masks."""
-    if isinstance(masks_to_use, bool) or not isinstance(masks_to_use, (int, float)) or masks_to_use < 0:
-        raise ValueError(
-            f"{dataset}: masks_to_use={masks_to_use!r} is not valid; give a count (int >= 0) or a fraction in [0, 1]."
-        )
-    if isinstance(masks_to_use, int):
-        if masks_to_use > available:
-            raise ValueError(
-                f"{dataset}: masks_to_use={masks_to_use} exceeds the {available} training images that have masks;"
-                " lower it or give a fraction such as 1.0."
-            )
-        return masks_to_use
-    if masks_to_use > 1.0:
-        raise ValueError(
-            f"{dataset}: masks_to_use={masks_to_use} is a fraction above 1; give a fraction in [0, 1] or an int count."
-        )
-    return int(round(masks_to_use * available))
 
 
 class BalancedSampler(Sampler[int]):
@@ -328,7 +294,6 @@ def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[Path], 
         if mask is not None and mask.name == f"{p.stem}{SEED_MASK_SUFFIX}{p.suffix}":
             seed_masks.add(mask.name)
         pairs.append((p, mask))
-    pairs = [(p, m) for p, m in pairs if p.name not in seed_masks]
     if not pairs:
         raise ValueError(
             f"mask_folder dataset: no images ({', '.join(extensions)}) in {folder}; add images or remove the folder."
@@ -436,8 +401,7 @@ def build(
                     else torch.zeros(len(images), dtype=torch.bool))
         datasets[split] = FileDataset(
             images, masks, torch.nn.functional.one_hot(label_t, len(classes)).float(), use_mask, read_binary_mask,
-            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
-            classes, False, bad_files,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
         )
 
     train = datasets["train"]

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from gain_exp.data.base import DataSplits, Sample, derive_seed
+from gain_exp.data.base import DataSplits, Sample, choose_masks, derive_seed
 from gain_exp.files import atomic_write
 
 # Bump when the generator's code changes its output, so stale cache files are never read back (the
@@ -166,9 +166,7 @@ def build(
 
     # Which training images carry masks is fixed by the seed alone, so it does not shift with the budget's
     # other settings and a smaller budget is a subset of a larger one.
-    mask_gen = torch.Generator().manual_seed(derive_seed(seed, "masks"))
-    train_use = torch.zeros(n_train, dtype=torch.bool)
-    train_use[torch.randperm(n_train, generator=mask_gen)[:n_masked]] = True
+    train_use = choose_masks(torch.ones(n_train, dtype=torch.bool), n_masked, seed, "shapes dataset")
 
     def make(split: str, use_mask: torch.Tensor | None, aug: bool) -> ShapesDataset:
         d = data[split]

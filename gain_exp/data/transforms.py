@@ -68,7 +68,7 @@ class ImageMaskTransform:
         self.std = [float(s) for s in std]
 
     def __call__(self, image: PIL.Image.Image, seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+        img = tv_tensors.Image(F.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB")))
         if seg is not None and seg.shape != img.shape[-2:]:
             raise ValueError(
                 f"label map of shape {tuple(seg.shape)} does not match the image's {tuple(img.shape[-2:])};"

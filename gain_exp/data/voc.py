@@ -24,10 +24,8 @@ import PIL.Image
 import torch
 from torchvision.datasets import VOCDetection
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits
-from gain_exp.data.mask_folder import (
-    IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, check_files, choose_masks,
-)
+from gain_exp.data.base import IGNORE_INDEX, DataSplits, choose_masks
+from gain_exp.data.mask_folder import IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, check_files
 from gain_exp.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -119,7 +117,6 @@ def build(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     seed: int = 0,
-    batch_size: int = 1,
     **_,
 ) -> DataSplits:
     """Build the VOC2012 train and val splits (multi-label, 20 classes) from the extracted devkit."""
@@ -167,8 +164,7 @@ def build(
                     else torch.zeros(len(keep), dtype=torch.bool))
         datasets[split] = FileDataset(
             [images[i] for i in keep], masks, torch.tensor([targets[i] for i in keep]), use_mask, read_voc_mask,
-            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
-            list(VOC_CLASSES), True, bad_files,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
         )
     if dropped:
         log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
