@@ -199,7 +199,7 @@ class Trainer:
             drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, d.multi_label)
             drops.append(drop)
             if len(panels) < wanted:
-                panels += self._panels(batch, out, scored, drop, truth, has_mask, wanted - len(panels))
+                panels += self._panels(batch, out, scored, drop, truth, valid, has_mask, wanted - len(panels))
         metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
         all_drops = torch.cat(drops) if drops else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(all_drops)) if all_drops.numel() else math.nan
@@ -208,7 +208,7 @@ class Trainer:
             self.tracker.log_table(split, panels)
         return {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _panels(self, batch, out, scored, drop, truth, has_mask, limit: int) -> list[Panel]:
+    def _panels(self, batch, out, scored, drop, truth, valid, has_mask, limit: int) -> list[Panel]:
         """Panels for the first map of each of the first ``limit`` images of the batch.
 
         ``scored`` (min-max maps) and ``drop`` (AM-score drop per map) are the batch's, already computed by evaluate.
@@ -226,7 +226,7 @@ class Trainer:
             loc = LocalisationMetrics()
             gt = truth[n].cpu() if bool(has_mask[b]) else None
             if gt is not None:
-                loc.update(scored[n:n + 1].cpu(), gt.unsqueeze(0))
+                loc.update(scored[n:n + 1].cpu(), gt.unsqueeze(0), valid[n:n + 1].cpu())  # as the split's loc_iou
             panels.append(Panel(
                 index=int(batch["index"][b]),
                 image=denormalise(batch["image"][b], self.mean, self.std),

@@ -37,3 +37,24 @@ def test_gain_ext_on_mask_folder_fixture(tmp_path):
         for key in ("acc", "pos_acc", "neg_acc", "auroc", "sens@fpr0.05", "loc_iou", "pointing_game"):
             assert f"{split}/{key}" in final, f"{split}/{key}"
         assert isinstance(final[f"{split}/loc_iou"], float)
+
+
+def test_per_image_iou_scores_like_the_split_on_ignore_pixels(tmp_path, monkeypatch):
+    # VOC masks carry 255 borders; each panel's IoU must leave them out exactly as the split's loc_iou does.
+    from gain_exp.tracking import JsonTracker
+
+    seen = {}
+    original = JsonTracker.log_panels
+
+    def keep(self, split, panels, epoch):
+        seen[split] = list(panels)
+        original(self, split, panels, epoch)
+
+    monkeypatch.setattr(JsonTracker, "log_panels", keep)
+    root = make_voc(tmp_path / "voc", n=16, size=48)
+    final = train(compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3",
+                                    "trainer.num_panels=64", "trainer.eval_batch_size=64"]),
+                  out_dir=tmp_path / "run")["final"]
+    ious = [p.iou for p in seen["val"] if p.iou is not None]
+    assert len(ious) == final["val/loc_n"]
+    assert sum(ious) / len(ious) == pytest.approx(final["val/loc_iou"], abs=1e-6)
