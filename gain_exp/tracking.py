@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gain_exp.metrics import LOC_THRESHOLD
-from gain_exp.viz import MIN_TILE_PX, attention_panel, overlay, save_panels
+from gain_exp.viz import attention_panel, overlay, save_panels, tile_scale, upscale
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,11 @@ class WandbTracker(Tracker):
 
     def _image(self, base: torch.Tensor, p: Panel) -> Any:
         """A wandb.Image of ``base`` with the ground truth and the thresholded attention as toggleable masks."""
-        scale = max(1, math.ceil(MIN_TILE_PX / min(base.shape[-2:])))  # 32 px images are unreadable as they are
+        scale = tile_scale(base.shape[-2:])  # 32 px images are unreadable as they are
         masks = {"attention": _mask_layer(p.attention, scale, f"attention >= {LOC_THRESHOLD}")}
         if p.gt_mask is not None:
             masks["ground_truth"] = _mask_layer(p.gt_mask, scale, "object")
-        return self._wandb.Image(_upscale(base, scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
+        return self._wandb.Image(upscale(base.float(), scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
                                  caption=p.caption, masks=masks)
 
     def _disable(self, why: str) -> None:
@@ -389,13 +389,9 @@ def _run_name(overrides: list[str], swept: set[str] | None, limit: int = 128) ->
     return name[:limit] or None
 
 
-def _upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
-    return t.detach().float().cpu().repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-
-
 def _mask_layer(values: torch.Tensor, scale: int, label: str) -> dict[str, Any]:
     """A W&B mask layer: class 1 where ``values`` >= the threshold, background elsewhere."""
-    data = (_upscale(values.squeeze(), scale) >= LOC_THRESHOLD).to(torch.uint8).numpy()
+    data = (upscale(values.squeeze().float(), scale) >= LOC_THRESHOLD).to(torch.uint8).numpy()
     return {"mask_data": data, "class_labels": {0: "background", 1: label}}
 
 

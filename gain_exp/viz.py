@@ -80,7 +80,7 @@ def attention_panel(
     image01 = image01.detach().float().cpu().clamp(0.0, 1.0)
     size = image01.shape[-2:]
     if scale is None:
-        scale = max(1, math.ceil(MIN_TILE_PX / min(size)))
+        scale = tile_scale(size)
     if scale < 1:
         raise ValueError(f"attention_panel scale must be a positive integer, got {scale}.")
 
@@ -93,7 +93,7 @@ def attention_panel(
         if gt_mask is not None
         else torch.full_like(image01, NO_MASK_GREY),
     ]
-    tiles = [t.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2) for t in tiles]
+    tiles = [upscale(t, scale) for t in tiles]
     tile_h, tile_w = tiles[0].shape[-2:]
     separator = torch.ones(3, tile_h, SEPARATOR_PX)
     strip = torch.cat([part for t in tiles for part in (t, separator)][:-1], dim=2)
@@ -144,6 +144,16 @@ def _resize(t: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
 
 def _grey(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(0.0, 1.0).expand(3, -1, -1)
+
+
+def tile_scale(size: Sequence[int]) -> int:
+    """The smallest integer zoom that makes an image of ``size`` (H, W) at least MIN_TILE_PX on its short side."""
+    return max(1, math.ceil(MIN_TILE_PX / min(size)))
+
+
+def upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
+    """Nearest-neighbour integer zoom of the last two dimensions."""
+    return t.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
 def _to_pil(t: torch.Tensor) -> Image.Image:
