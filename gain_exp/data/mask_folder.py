@@ -114,6 +114,23 @@ def check_files(
     return keep
 
 
+def file_split(
+    images: Sequence[Path], masks: Sequence[Path | None], targets: torch.Tensor, read_mask: MaskReader,
+    transform: ImageMaskTransform, bad_files: BadFiles, masks_to_use: int | float | None, seed: int,
+    dataset: str, empty_error: str,
+) -> FileDataset:
+    """One split of files as a FileDataset: unreadable files dropped (``empty_error`` if none is left) and, when
+    ``masks_to_use`` is given (the training split), the L_e mask budget drawn from the samples that have masks."""
+    keep = check_files(images, masks, bad_files)
+    if not keep:
+        raise ValueError(empty_error)
+    masks = [masks[i] for i in keep]
+    has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
+    use_mask = (choose_masks(has_mask, masks_to_use, seed, dataset) if masks_to_use is not None
+                else torch.zeros(len(keep), dtype=torch.bool))
+    return FileDataset([images[i] for i in keep], masks, targets[keep], use_mask, read_mask, transform, bad_files)
+
+
 class FileDataset(Dataset):
     """One split of image files with optional mask files; decodes and transforms on access."""
 
@@ -389,19 +406,11 @@ def build(
         if split_dir is None:
             continue
         images, masks, labels = _scan_split(split_dir, classes, negative_class, exts)
-        keep = check_files(images, masks, bad_files)
-        if not keep:
-            raise ValueError(
-                f"mask_folder dataset: no readable image in {split_dir}; fix the files named in the warnings above."
-            )
-        images, masks = [images[i] for i in keep], [masks[i] for i in keep]
-        label_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
-        has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
-        use_mask = (choose_masks(has_mask, masks_to_use, seed, "mask_folder dataset") if split == "train"
-                    else torch.zeros(len(images), dtype=torch.bool))
-        datasets[split] = FileDataset(
-            images, masks, torch.nn.functional.one_hot(label_t, len(classes)).float(), use_mask, read_binary_mask,
-            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
+        datasets[split] = file_split(
+            images, masks, torch.nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), len(classes)).float(),
+            read_binary_mask, build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
+            masks_to_use if split == "train" else None, seed, "mask_folder dataset",
+            f"mask_folder dataset: no readable image in {split_dir}; fix the files named in the warnings above.",
         )
 
     train = datasets["train"]

@@ -24,8 +24,8 @@ import PIL.Image
 import torch
 from torchvision.datasets import VOCDetection
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, choose_masks
-from gain_exp.data.mask_folder import IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, check_files
+from gain_exp.data.base import IGNORE_INDEX, DataSplits
+from gain_exp.data.mask_folder import IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -155,16 +155,11 @@ def build(
             images.append(voc / "JPEGImages" / f"{image_id}.jpg")
             masks.append(seg_dir / f"{image_id}.png" if f"{image_id}.png" in mask_names else None)
             targets.append([float(c in names) for c in VOC_CLASSES])
-        keep = check_files(images, masks, bad_files)
-        if not keep:
-            raise ValueError(f"voc2012 dataset: no readable image in the {split} split of {voc}; check the warnings above.")
-        masks = [masks[i] for i in keep]
-        has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
-        use_mask = (choose_masks(has_mask, masks_to_use, seed, "voc2012 dataset") if split == "train"
-                    else torch.zeros(len(keep), dtype=torch.bool))
-        datasets[split] = FileDataset(
-            [images[i] for i in keep], masks, torch.tensor([targets[i] for i in keep]), use_mask, read_voc_mask,
+        datasets[split] = file_split(
+            images, masks, torch.tensor(targets).view(-1, len(VOC_CLASSES)), read_voc_mask,
             build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
+            masks_to_use if split == "train" else None, seed, "voc2012 dataset",
+            f"voc2012 dataset: no readable image in the {split} split of {voc}; check the warnings above.",
         )
     if dropped:
         log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
