@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -59,8 +60,8 @@ def resolve_monitor(name: str, multi_label: bool) -> str:
 def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std of the backbone's pretrained config (ImageNet's when it names none)."""
     cfg = timm.get_pretrained_cfg(name)
-    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
-    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
     return tuple(mean), tuple(std)
 
 

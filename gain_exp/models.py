@@ -7,6 +7,7 @@ receptive field (38 px at the Grad-CAM layer) and an 8 x 8 attention map at 64 p
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from torch import nn
 
@@ -29,7 +30,7 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(prev, num_classes)
-        self.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        self.pretrained_cfg = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import PIL.Image
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
 from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, choose_masks, derive_seed
@@ -34,8 +35,6 @@ from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_SUFFIX = "_mask"  # <stem>_mask.<ext>: the primary mask naming
 SEED_MASK_SUFFIX = "m"  # <stem>m.<ext>: the seed's mask naming
 JPEG_MASK_THRESHOLD = 128
@@ -362,8 +361,8 @@ def build(
     hflip: bool = True,
     strict: bool = False,
     extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     seed: int = 0,
     batch_size: int = 1,
     **_,

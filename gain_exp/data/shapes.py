@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from gain_exp.data.base import DataSplits, Sample, choose_masks, derive_seed
@@ -147,8 +148,8 @@ def build(
     masks_to_use: float | int = 0.1,
     max_objects: int = 1,
     seed: int = 0,
-    mean: tuple = (0.485, 0.456, 0.406),
-    std: tuple = (0.229, 0.224, 0.225),
+    mean: tuple = IMAGENET_DEFAULT_MEAN,
+    std: tuple = IMAGENET_DEFAULT_STD,
     augment: bool = False,
 ) -> DataSplits:
     """Build (or load from the disk cache) the biased-shapes splits."""

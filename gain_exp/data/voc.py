@@ -22,10 +22,11 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import VOCDetection
 
 from gain_exp.data.base import IGNORE_INDEX, DataSplits
-from gain_exp.data.mask_folder import IMAGENET_MEAN, IMAGENET_STD, BadFiles, FileDataset, file_split
+from gain_exp.data.mask_folder import BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def build(
     autoaugment: bool = True,
     hflip: bool = True,
     strict: bool = False,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     seed: int = 0,
     **_,
 ) -> DataSplits:
