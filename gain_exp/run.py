@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -28,7 +27,7 @@ from gain_exp.config import (backbone_normalisation, check_config, git_commit, p
                              resolve_monitor)
 from gain_exp.engine import FitConfig, Interrupted, Trainer
 from gain_exp.files import atomic_write
-from gain_exp.tracking import build_tracker
+from gain_exp.tracking import build_tracker, jsonable
 
 log = logging.getLogger("gain_exp")
 
@@ -112,7 +111,7 @@ def _summary(cfg: DictConfig, final: dict, trainer: Trainer, monitor: str, start
     metric = monitor if cfg.optimize_metric == "auto" else cfg.optimize_metric
     return {
         "status": status,
-        "final": {k: _finite(v) for k, v in final.items()},
+        "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
         "optimize_metric": metric,
         "choices": choices,
@@ -123,10 +122,6 @@ def _summary(cfg: DictConfig, final: dict, trainer: Trainer, monitor: str, start
         "git_commit": git_commit(),
         "device": str(trainer.device),
     }
-
-
-def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _write_json(path: Path, obj: dict) -> None:

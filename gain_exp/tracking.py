@@ -56,8 +56,8 @@ class Panel:
     def row(self, position: int) -> dict[str, Any]:
         """The per-image results row (JSON-ready) of this panel, ``position`` standing in for a missing index."""
         return {"index": position if self.index is None else self.index, "true": self.true_classes,
-                "pred": self.pred_classes, "explained": self.explained, "score": _jsonable(self.score),
-                "am_drop": _jsonable(self.am_drop), "iou": _jsonable(self.iou)}
+                "pred": self.pred_classes, "explained": self.explained, "score": jsonable(self.score),
+                "am_drop": jsonable(self.am_drop), "iou": jsonable(self.iou)}
 
 
 class Tracker:
@@ -92,7 +92,7 @@ class JsonTracker(Tracker):
         self._file = open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -178,7 +178,7 @@ class WandbTracker(Tracker):
     @_best_effort
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._step = max(self._step, step)
-        values = {k: _jsonable(v) for k, v in metrics.items()}
+        values = {k: jsonable(v) for k, v in metrics.items()}
         self.run.log({k: v for k, v in values.items() if v is not None}, step=self._step)
 
     @_best_effort
@@ -208,7 +208,7 @@ class WandbTracker(Tracker):
     @_best_effort
     def finish(self, summary: dict[str, Any]) -> None:
         run, status = self.run, summary.get("status")
-        final = {k: v for k, v in (summary.get("final") or {}).items() if _jsonable(v) is not None}
+        final = {k: v for k, v in (summary.get("final") or {}).items() if jsonable(v) is not None}
         best = summary.get("best") or {}
         run.summary.update({**final, **{f"best/{k}": v for k, v in best.items()}, "status": status})
         if self.upload_checkpoint and self._best is not None and self._best.is_file():
@@ -254,7 +254,7 @@ class TensorboardTracker(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._step = max(self._step, step)
         for key, value in metrics.items():
-            value = _jsonable(value)
+            value = jsonable(value)
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, self._step)
 
@@ -399,7 +399,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A metric value as strict JSON takes it: tensors as Python numbers, NaN and inf as None."""
     if isinstance(value, torch.Tensor):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
