@@ -22,8 +22,8 @@ from gain_exp.files import atomic_write
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
-from gain_exp.tracking import Panel, Tracker
-from gain_exp.viz import denormalise
+from gain_exp.tracking import Tracker
+from gain_exp.viz import Panel, denormalise
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
-"""Atomic file writes: a reader (a resumed run, a dashboard, a parallel job) sees the old file or the new one, never part."""
+"""Files a run writes: atomic writes (a reader sees the old file or the new one, never part) and strict JSON records."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
 @contextmanager
@@ -25,3 +27,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def jsonable(value: Any) -> Any:
+    """A metric value as strict JSON takes it: tensors as Python numbers, NaN and inf as None."""
+    if hasattr(value, "item") and callable(value.item):  # torch/NumPy scalars, without importing either here
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN; None reads back as "undefined on this data"
+    return value
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically (non-JSON values as their str)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str).encode())

@@ -26,8 +26,8 @@ from gain_exp.backbones import create_backbone
 from gain_exp.config import (backbone_normalisation, check_config, git_commit, plain, resolve_device,
                              resolve_monitor)
 from gain_exp.engine import FitConfig, Interrupted, Trainer
-from gain_exp.files import atomic_write
-from gain_exp.tracking import build_tracker, jsonable
+from gain_exp.files import jsonable, write_json
+from gain_exp.tracking import build_tracker
 
 log = logging.getLogger("gain_exp")
 
@@ -68,7 +68,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
                            "interrupted")
         raise
     finally:
-        _write_json(out_dir / "summary.json", summary)
+        write_json(out_dir / "summary.json", summary)
         tracker.finish(summary)
 
 
@@ -122,11 +122,6 @@ def _summary(cfg: DictConfig, final: dict, trainer: Trainer, monitor: str, start
         "git_commit": git_commit(),
         "device": str(trainer.device),
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=2, default=str).encode())
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

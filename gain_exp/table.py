@@ -172,17 +172,17 @@ def optuna_notes(paths: Sequence[str | Path]) -> list[str]:
     return notes
 
 
-def log_to_wandb(table: Table, where: Path, project: str | None) -> None:
+def log_to_wandb(table: Table, where: Path, project: str | None, entity: str | None = None) -> None:
     """Log the table as a wandb.Table in its own run (job_type=table) grouped with the sweep it summarises."""
     import wandb
 
-    from gain_exp.tracking import wandb_mode
+    from gain_exp.tracking.wandb import wandb_mode
 
     records = table.records()
     data = [list(r.values()) for r in records]
     columns = list(records[0]) if records else []
     mode = wandb_mode(None)
-    run = wandb.init(project=project or "gain-exp", job_type="table", group=where.name, name=f"table-{where.name}",
+    run = wandb.init(project=project or "gain-exp", entity=entity, job_type="table", group=where.name, name=f"table-{where.name}",
                      dir=str(where), mode=mode, reinit="finish_previous")
     run.log({"results": wandb.Table(columns=columns, data=data)})
     run.finish()
@@ -223,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv:
         args.csv.write_text(table.csv())
     if args.wandb:
-        project = (runs[0].config.get("logger") or {}).get("project")
-        log_to_wandb(table, Path(args.paths[0]), project)
+        wandb_cfg = (runs[0].config.get("logger") or {}).get("wandb") or {}
+        log_to_wandb(table, Path(args.paths[0]), wandb_cfg.get("project"), wandb_cfg.get("entity"))
     return 0
 
 

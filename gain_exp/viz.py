@@ -1,15 +1,18 @@
 """Attention overlay panels as plain PNGs (PIL + torch, no plotting library)."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from gain_exp.files import atomic_write
+from gain_exp.files import atomic_write, jsonable
 
 SEPARATOR_PX = 2
 MIN_TILE_PX = 128  # auto-scaling target: 64 px images are unreadable at their own size
@@ -169,3 +172,38 @@ def _add_caption(panel: Image.Image, caption: str, font: ImageFont.FreeTypeFont 
     ImageDraw.Draw(out).multiline_text((pad, pad), caption, fill="black", font=font)
     out.paste(panel, (0, row_h))
     return out
+
+
+@dataclass
+class Panel:
+    """One image's attention story, in display units ([0, 1] images, H x W maps)."""
+
+    image: torch.Tensor  # 3 x H x W
+    attention: torch.Tensor  # H x W
+    mask: torch.Tensor  # H x W soft mask T(A)
+    masked_image: torch.Tensor  # 3 x H x W
+    gt_mask: torch.Tensor | None  # H x W 0/1, None when the image has no pixel mask
+    true_classes: list[str]
+    pred_classes: list[str]
+    explained: str  # the class(es) the map explains
+    score: float  # predicted probability of the top class
+    am_drop: float  # true-class score drop on the masked image
+    iou: float | None = None  # localisation IoU of this map (None without a mask)
+    index: int | None = None  # position of the image in its split (None: the panel's own position)
+
+    @property
+    def caption(self) -> str:
+        return (f"true: {', '.join(self.true_classes)} | pred: {', '.join(self.pred_classes)} ({self.score:.2f})"
+                f" | map: {self.explained} | AM drop {self.am_drop:+.2f}")
+
+    @functools.cached_property
+    def strip(self) -> Any:
+        """The PIL strip (image | overlay | soft mask | masked image | ground truth), drawn once for all backends."""
+        return attention_panel(self.image, self.attention, self.mask, self.masked_image, self.gt_mask,
+                               caption=self.caption)
+
+    def row(self, position: int) -> dict[str, Any]:
+        """The per-image results row (JSON-ready) of this panel, ``position`` standing in for a missing index."""
+        return {"index": position if self.index is None else self.index, "true": self.true_classes,
+                "pred": self.pred_classes, "explained": self.explained, "score": jsonable(self.score),
+                "am_drop": jsonable(self.am_drop), "iou": jsonable(self.iou)}

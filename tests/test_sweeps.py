@@ -75,7 +75,7 @@ def test_wandb_sweep_spec_parses_and_its_parameters_are_config_keys():
             assert str(OmegaConf.select(cfg, key)) == value, key
         else:  # a group choice: its yaml was loaded
             assert key in ("logger", "loss")
-    assert cfg.logger.backend == "wandb" and spec["metric"]["name"].startswith("val/")
+    assert "wandb" in cfg.logger and spec["metric"]["name"].startswith("val/")
 
 
 def _tiny(tmp_path: Path) -> list[str]:

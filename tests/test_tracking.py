@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT, compose, tiny_overrides
 from gain_exp import run as app
-from gain_exp.tracking import JsonTracker, Tracker, Trackers, WandbTracker, _run_name, build_tracker, wandb_mode
+from gain_exp.tracking import JsonTracker, Tracker, Trackers, build_tracker
+from gain_exp.tracking.wandb import WandbTracker, _run_name, wandb_mode
 from wandb_offline import offline_runs
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like an API key; must never reach the disk
@@ -38,14 +39,14 @@ def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = tmp_path / "run"
-    summary = app.train(compose(_one_epoch(tmp_path, "logger=wandb", "logger.mode=offline", "logger.log_checkpoint=true",
-                                           "logger.tags=[paper]")), out_dir=out)
+    summary = app.train(compose(_one_epoch(tmp_path, "logger=wandb", "logger.wandb.mode=offline",
+                                           "logger.wandb.log_checkpoint=true", "logger.wandb.tags=[paper]")), out_dir=out)
     wandb.teardown()
     assert "wandb sync " + str(out / "wandb") in capsys.readouterr().out
 
     [run] = offline_runs(out / "wandb")
     assert run.name == "run" and run.job_type == "train" and run.tags == ["paper"] and run.group == ""
-    assert run.config["gain"]["sigma"] == 0.5 and run.config["logger"]["backend"] == "wandb"
+    assert run.config["gain"]["sigma"] == 0.5 and run.config["logger"]["wandb"]["project"] == "gain-exp"
     keys = run.history_keys()
     assert {"train/loss", "train/loss_cl", "train/loss_am", "train/lr", "val/acc", "val/loc_iou",
             "test_unbiased/acc", "test_biased/acc"} <= keys
@@ -115,7 +116,7 @@ def tensorboard_run(tmp_path_factory):
     logging.getLogger("gain_exp.tracking").addHandler(handler)
     real = app.build_tracker
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(app, "build_tracker", lambda *a: Trackers([*real(*a).backends, Exploding()]))
+        mp.setattr(app, "build_tracker", lambda *a, **k: Trackers([*real(*a, **k).backends, Exploding()]))
         summary = app.train(compose(_one_epoch(tmp, "logger=tensorboard")), out_dir=tmp / "run")
     logging.getLogger("gain_exp.tracking").removeHandler(handler)
     return tmp / "run", summary, [r.getMessage() for r in records]
@@ -179,7 +180,7 @@ def test_wandb_that_cannot_start_warns_once_and_turns_itself_off(tmp_path, monke
 
 def test_wandb_mode_resolution(tmp_path, monkeypatch):
     assert wandb_mode("disabled") == "disabled" and wandb_mode("online") == "online"
-    with pytest.raises(ValueError, match=r"logger\.mode=cloud is unknown; use auto, online, offline or disabled"):
+    with pytest.raises(ValueError, match=r"logger\.wandb\.mode=cloud is unknown; use auto, online, offline or disabled"):
         wandb_mode("cloud")
     assert wandb_mode("auto") == "offline"  # WANDB_MODE=offline from the sandbox
     monkeypatch.delenv("WANDB_MODE")
@@ -199,8 +200,38 @@ def test_run_names_come_from_the_swept_overrides():
     assert _run_name([], None) is None
 
 
-def test_unknown_backend_and_bad_panel_interval_are_one_sentence_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"logger\.backend=mlflow is unknown; use logger=wandb"):
-        build_tracker({"backend": "mlflow"}, tmp_path, {})
-    with pytest.raises(ValueError, match=r"logger\.panel_every=0 must be >= 1"):
-        build_tracker({"backend": "tensorboard", "panel_every": 0}, tmp_path, {})
+def test_a_backend_without_target_and_a_bad_panel_interval_are_one_sentence_errors(tmp_path):
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ValueError, match=r"logger\.mlflow has no _target_"):
+        build_tracker(OmegaConf.create({"mlflow": {"uri": "x"}}), tmp_path, {})
+    cfg = compose(["logger=tensorboard", "logger.tensorboard.panel_every=0"]).logger
+    with pytest.raises(ValueError, match=r"logger\.tensorboard\.panel_every=0 must be >= 1"):
+        build_tracker(cfg, tmp_path, {})
+
+
+def test_a_new_backend_is_one_class_named_by_target_and_backends_compose(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose(["logger=[tensorboard,json]"]).logger
+    assert list(cfg) == ["tensorboard"]
+    node = OmegaConf.create({"mine": {"_target_": f"{__name__}.Recording", "tag": "x"}})
+    tracker = build_tracker(node, tmp_path, {"seed": 3}, resume={"mine": {"count": 2}})
+    [_, mine] = tracker.backends
+    tracker.log_metrics({"val/acc": 0.5}, 1)
+    assert mine.seen == [({"val/acc": 0.5}, 1)] and mine.tag == "x" and mine.resumed == {"count": 2}
+    assert tracker.state() == {"mine": {"count": 3}}
+    tracker.finish({})
+
+
+class Recording(Tracker):
+    """A minimal backend built from a _target_ (what an MLflow backend would look like)."""
+
+    def __init__(self, out_dir, run_config, resume=None, tag=""):
+        self.tag, self.resumed, self.seen = tag, resume, []
+
+    def log_metrics(self, metrics, step):
+        self.seen.append((metrics, step))
+
+    def state(self):
+        return {"count": (self.resumed or {}).get("count", 0) + len(self.seen)}

@@ -1,0 +1,218 @@
+"""Weights & Biases backend: one W&B run per job with scalars, attention images with mask layers, per-image tables,
+summary metrics and the best checkpoint as an artifact. W&B trouble never stops training."""
+from __future__ import annotations
+
+import functools
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+import torch
+
+from gain_exp.files import jsonable
+from gain_exp.metrics import LOC_THRESHOLD
+from gain_exp.tracking.base import PanelSchedule, Tracker
+from gain_exp.viz import Panel, overlay, tile_scale, upscale
+
+log = logging.getLogger("gain_exp.tracking")
+
+WANDB_MODES = ("online", "offline", "disabled")
+RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every job, so no part of a run name
+
+
+def _best_effort(method: Callable[..., None]) -> Callable[..., None]:
+    """W&B never stops training: the first failing call logs one warning and turns the backend off."""
+
+    @functools.wraps(method)
+    def wrapper(self: WandbTracker, *args: Any, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        try:
+            method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any W&B failure (network, disk, API change) must not stop training
+            self._disable(f"{method.__name__} failed ({type(err).__name__}: {err})")
+
+    return wrapper
+
+
+class WandbTracker(Tracker):
+    """One W&B run per job: scalars, attention images with mask layers, per-image tables, summary, checkpoint."""
+
+    def __init__(self, out_dir: str | os.PathLike, run_config: dict[str, Any], resume: dict[str, Any] | None = None,
+                 project: str | None = "gain-exp", entity: str | None = None, group: str | None = None,
+                 job_type: str | None = "train", tags: Sequence[str] | None = None, name: str | None = None,
+                 mode: str | None = "auto", log_checkpoint: bool = False, panel_every: int = 1) -> None:
+        self.run: Any = None
+        self.out_dir = Path(out_dir)
+        self.mode = wandb_mode(mode)
+        self.upload_checkpoint = bool(log_checkpoint)
+        self.schedule = PanelSchedule(int(panel_every), "logger.wandb.panel_every")
+        self._step = 0
+        self._best: Path | None = None
+        if self.mode == "disabled":
+            return
+        hydra_group, hydra_name, choices = _hydra_job_context()
+        in_wandb_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))  # the agent's project/entity must win
+        try:
+            import wandb
+
+            self._wandb = wandb
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=None if in_wandb_sweep else project,
+                entity=None if in_wandb_sweep else entity,
+                group=group or hydra_group,
+                job_type=job_type,
+                tags=list(tags or []),
+                name=name or hydra_name or self.out_dir.name,
+                config={**run_config, "choices": choices, "run_dir": str(self.out_dir.resolve())},
+                dir=str(self.out_dir),
+                mode=self.mode,
+                reinit="finish_previous",  # a multirun in one process gets one W&B run per job
+            )
+        except Exception as err:  # noqa: BLE001 - an unreachable or misconfigured W&B must not stop training
+            self._disable(f"could not start a run ({type(err).__name__}: {err})")
+
+    @_best_effort
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._step = max(self._step, step)
+        values = {k: jsonable(v) for k, v in metrics.items()}
+        self.run.log({k: v for k, v in values.items() if v is not None}, step=self._step)
+
+    @_best_effort
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
+        if not panels or not self.schedule.due(split, epoch):
+            return
+        wandb = self._wandb
+        self.run.log({
+            f"{split}/attention": [self._image(p.image, p) for p in panels],
+            f"{split}/panels": [wandb.Image(p.strip, caption=p.caption) for p in panels],
+            "epoch": epoch,
+        }, step=self._step)
+
+    @_best_effort
+    def log_table(self, split: str, panels: Sequence[Panel]) -> None:
+        columns = ["index", "image", "true", "pred", "explained", "score", "am_drop", "iou"]
+        table = self._wandb.Table(columns=columns)
+        for i, p in enumerate(panels):
+            row = p.row(i)
+            table.add_data(row["index"], self._image(overlay(p.image, p.attention), p), ", ".join(row["true"]),
+                           ", ".join(row["pred"]), row["explained"], row["score"], row["am_drop"], row["iou"])
+        self.run.log({f"{split}/results": table}, step=self._step)
+
+    def log_checkpoint(self, path: Path, name: str) -> None:
+        self._best = Path(path)  # uploaded once at the end: the best file is rewritten whenever it improves
+
+    @_best_effort
+    def finish(self, summary: dict[str, Any]) -> None:
+        run, status = self.run, summary.get("status")
+        final = {k: v for k, v in (summary.get("final") or {}).items() if jsonable(v) is not None}
+        best = summary.get("best") or {}
+        run.summary.update({**final, **{f"best/{k}": v for k, v in best.items()}, "status": status})
+        if self.upload_checkpoint and self._best is not None and self._best.is_file():
+            artifact = self._wandb.Artifact(f"model-{run.id}", type="model", metadata=best)
+            artifact.add_file(str(self._best), name=self._best.name)
+            run.log_artifact(artifact, aliases=["best"])
+        sync_dir = Path(run.dir).parent
+        self.run = None
+        run.finish(exit_code=0 if status == "completed" else 1)
+        if self.mode == "offline":
+            print(f"W&B run saved offline; upload it with: wandb sync {sync_dir}")
+
+    def _image(self, base: torch.Tensor, p: Panel) -> Any:
+        """A wandb.Image of ``base`` with the ground truth and the thresholded attention as toggleable masks."""
+        scale = tile_scale(base.shape[-2:])  # 32 px images are unreadable as they are
+        masks = {"attention": _mask_layer(p.attention, scale, f"attention >= {LOC_THRESHOLD}")}
+        if p.gt_mask is not None:
+            masks["ground_truth"] = _mask_layer(p.gt_mask, scale, "object")
+        return self._wandb.Image(upscale(base.float(), scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
+                                 caption=p.caption, masks=masks)
+
+    def _disable(self, why: str) -> None:
+        log.warning("W&B is off for the rest of this run: %s; local JSON logging continues. "
+                    "Use logger.wandb.mode=offline (then `wandb sync`) or logger=json to silence this.", why)
+        run, self.run = self.run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001 - already failing; the warning above is the one message
+                pass
+
+
+def wandb_mode(mode: str | None) -> str:
+    """``auto``/null -> $WANDB_MODE if set, else online when W&B credentials exist, else offline."""
+    if mode in (None, "auto"):
+        env = os.environ.get("WANDB_MODE")
+        if env:
+            return "offline" if env == "dryrun" else env
+        return "online" if _has_wandb_credentials() else "offline"
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.wandb.mode={mode} is unknown; use auto, online, offline or disabled.")
+    return mode
+
+
+def _has_wandb_credentials() -> bool:
+    """An API key (or identity token) in the environment or ~/.netrc, found without prompting or network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or _default_wandb_host()).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _default_wandb_host() -> str:
+    import wandb
+
+    return wandb.Settings().base_url
+
+
+def _hydra_job_context() -> tuple[str | None, str | None, dict[str, str]]:
+    """(group, name, group choices) of the current Hydra job: a multirun's sweep dir names its group."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None, None, {}
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
+    if hc.job.get("num") is None:  # only sweeps number their jobs (hydra.mode is unset in some launch paths)
+        return None, _run_name(list(hc.overrides.task), None), choices
+    return Path(hc.sweep.dir).name, _run_name(list(hc.overrides.task), _swept_keys(hc)), choices
+
+
+def _swept_keys(hc: Any) -> set[str]:
+    """Keys a multirun varies: its sweeper's params plus the command line's sweep overrides (a,b / range)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    keys = set((hc.sweeper.get("params") or {}).keys())
+    saved = Path(hc.sweep.dir) / "multirun.yaml"  # the basic sweeper saves the unexpanded command line here
+    if saved.is_file():
+        original = OmegaConf.load(saved).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in original])
+        keys |= {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    return {k.lstrip("+~") for k in keys}
+
+
+def _run_name(overrides: list[str], swept: set[str] | None, limit: int = 128) -> str | None:
+    """``loss=gain,seed=1``: the job's overrides (only the swept ones in a sweep that names them)."""
+    picked = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or key in RECIPE_GROUPS:
+            continue
+        if swept and key not in swept:
+            continue
+        picked.append(item.lstrip("+"))
+    name = ",".join(picked)
+    return name[:limit] or None
+
+
+def _mask_layer(values: torch.Tensor, scale: int, label: str) -> dict[str, Any]:
+    """A W&B mask layer: class 1 where ``values`` >= the threshold, background elsewhere."""
+    data = (upscale(values.squeeze().float(), scale) >= LOC_THRESHOLD).to(torch.uint8).numpy()
+    return {"mask_data": data, "class_labels": {0: "background", 1: label}}
