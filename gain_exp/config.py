@@ -1,14 +1,10 @@
-"""Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, summary)."""
+"""Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, normalisation)."""
 from __future__ import annotations
-
-import subprocess
-from pathlib import Path
-from typing import Any
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
 from gain_exp.gain import check_options as check_gain_options
@@ -63,21 +59,3 @@ def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, .
     mean = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN
     std = getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
     return tuple(mean), tuple(std)
-
-
-def git_commit() -> str | None:
-    """The source tree's commit (with +dirty when modified), or None outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def plain(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python containers (for JSON and trackers)."""
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

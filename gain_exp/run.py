@@ -6,7 +6,6 @@ optimiser from config, train and evaluate, write summary.json, return the swept 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import random
@@ -23,10 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
-from gain_exp.config import (backbone_normalisation, check_config, git_commit, plain, resolve_device,
-                             resolve_monitor)
+from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
 from gain_exp.engine import FitConfig, Interrupted, Trainer
 from gain_exp.files import jsonable, write_json
+from gain_exp.provenance import resolved, run_record
 from gain_exp.tracking import build_tracker
 
 log = logging.getLogger("gain_exp")
@@ -56,15 +55,18 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
     monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
     fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
                         **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
-    tracker = build_tracker(cfg.logger, out_dir, plain(cfg))
+    record = run_record(cfg)
+    run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
+                  "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
+    tracker = build_tracker(cfg.logger, out_dir, run_config)
     trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std)
     summary: dict[str, Any] = {"status": "running"}
     try:
         final = trainer.fit()
-        summary = _summary(cfg, final, trainer, monitor, started, "completed")
+        summary = _summary(cfg, record, final, trainer, monitor, started, "completed")
         return summary
     except Interrupted:
-        summary = _summary(cfg, trainer.history[-1] if trainer.history else {}, trainer, monitor, started,
+        summary = _summary(cfg, record, trainer.history[-1] if trainer.history else {}, trainer, monitor, started,
                            "interrupted")
         raise
     finally:
@@ -102,25 +104,22 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def _summary(cfg: DictConfig, final: dict, trainer: Trainer, monitor: str, started: float, status: str) -> dict:
-    choices, overrides = {}, []
-    if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-        overrides = list(hc.overrides.task)
+def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monitor: str, started: float,
+             status: str) -> dict:
+    """summary.json: status and metrics first, then everything needed to re-run the job (run_record, config)."""
     metric = monitor if cfg.optimize_metric == "auto" else cfg.optimize_metric
+    git = record["git"]
     return {
         "status": status,
         "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
         "optimize_metric": metric,
-        "choices": choices,
-        "overrides": overrides,
-        "seed": cfg.seed,
         "epochs_completed": trainer.epoch,
         "wall_time_s": round(time.time() - started, 2),
-        "git_commit": git_commit(),
         "device": str(trainer.device),
+        "git_commit": None if git["commit"] is None else git["commit"] + ("+dirty" if git["dirty"] else ""),
+        **record,
+        "config": resolved(cfg),
     }
 
 
