@@ -25,6 +25,7 @@ def check_config(cfg: DictConfig) -> None:
         (t.optimizer.lr > 0, f"trainer.optimizer.lr={t.optimizer.lr} must be > 0"),
         (t.scheduler in ("cosine", "none", None), f"trainer.scheduler={t.scheduler} is unknown; use cosine or none"),
         (t.monitor_mode in ("max", "min"), f"trainer.monitor_mode={t.monitor_mode} must be max or min"),
+        (t.test_on in ("best", "last"), f"trainer.test_on={t.test_on} is unknown; use best or last"),
         (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
          f"trainer.device={t.device} is unknown; use auto, cpu or cuda"),
         (t.workers >= 0, f"trainer.workers={t.workers} must be >= 0"),

@@ -55,6 +55,7 @@ class FitConfig:
     resume: str | None = None
     interrupt_after_steps: int | None = None
     progress: bool | None = None
+    test_on: str = "best"
 
 
 class _ListSampler(Sampler[int]):
@@ -86,12 +87,15 @@ class Trainer:
         device: torch.device,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        record: dict[str, Any] | None = None,
     ) -> None:
         self.gain, self.loss, self.optimizer, self.scheduler = gain, loss, optimizer, scheduler
         self.data, self.cfg, self.tracker, self.device = data, cfg, tracker, device
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.mean, self.std = mean, std
+        self.record = record or {}  # provenance + resolved config, saved in every checkpoint
+        self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
@@ -120,11 +124,26 @@ class Trainer:
                 self.save_checkpoint("last")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
         tests: dict[str, float] = {}
+        if self.data.tests:
+            self._load_test_weights()
         for name, split in self.data.tests.items():
             tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
+
+    def _load_test_weights(self) -> None:
+        """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
+        best = self.ckpt_dir / "best.ckpt"
+        if self.cfg.test_on == "best" and self.best.get("epoch") is not None and best.is_file():
+            state = torch.load(best, map_location=self.device, weights_only=True)
+            self.gain.model.load_state_dict(state["model"])
+            self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
+            return
+        if self.cfg.test_on == "best":
+            log.warning("trainer.test_on=best but no epoch had a finite %s; testing the last epoch's weights",
+                        self.cfg.monitor)
+        self.tested_on = {"checkpoint": "last", "epoch": self.epoch - 1}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
@@ -257,6 +276,8 @@ class Trainer:
             "epoch_sums": {"sums": self._epoch_sums[0], "n": self._epoch_sums[1]},
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "tracking": self.tracker.state(),  # e.g. the W&B run id, so a resumed run continues the same record
+            "run": self.record,  # config, choices, overrides, git commit, versions: the checkpoint explains itself
         }
         with atomic_write(path) as f:
             torch.save(state, f)
@@ -348,6 +369,15 @@ def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:
             f"checkpoints/last.ckpt, or 'auto'."
         )
     return path
+
+
+def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, Any] | None:
+    """The tracker state (e.g. W&B run id) in the checkpoint ``trainer.resume`` points at; None when starting fresh."""
+    path = resolve_checkpoint(where, out_dir) if where else None
+    if path is None:
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are not read
+    return state.get("tracking")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

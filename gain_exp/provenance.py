@@ -59,7 +59,7 @@ def versions() -> dict[str, str]:
 
     from gain_exp import __version__
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
             "gain_exp": __version__}
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
 from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
-from gain_exp.engine import FitConfig, Interrupted, Trainer
+from gain_exp.engine import FitConfig, Interrupted, Trainer, saved_tracking
 from gain_exp.files import jsonable, write_json
 from gain_exp.provenance import resolved, run_record
 from gain_exp.tracking import build_tracker
@@ -58,8 +58,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
     record = run_record(cfg)
     run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                   "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
-    tracker = build_tracker(cfg.logger, out_dir, run_config)
-    trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std)
+    tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
+    trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std,
+                      record={**record, "config": resolved(cfg)})
     summary: dict[str, Any] = {"status": "running"}
     try:
         final = trainer.fit()
@@ -113,12 +114,14 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
         "status": status,
         "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
+        "tested_on": trainer.tested_on,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
         "optimize_metric": metric,
         "epochs_completed": trainer.epoch,
         "wall_time_s": round(time.time() - started, 2),
         "device": str(trainer.device),
         "git_commit": None if git["commit"] is None else git["commit"] + ("+dirty" if git["dirty"] else ""),
         **record,
+        "tracking": trainer.tracker.state(),
         "config": resolved(cfg),
     }
 

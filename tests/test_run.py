@@ -15,6 +15,7 @@ import torch
 from conftest import CONF, ROOT, compose, tiny_overrides
 from gain_exp.engine import Interrupted
 from gain_exp.run import train
+from gain_exp.tracking import Tracker
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -162,3 +163,50 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert 1 <= state["epoch"] < 200
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_test_splits_use_the_best_checkpoint_unless_told_last(tmp_path, tiny):
+    # val/loss_cl with mode max picks epoch 0 (the loss falls), so best and last weights differ
+    pick_first = tiny + ["loss=baseline", "trainer.monitor=val/loss_cl", "trainer.monitor_mode=max"]
+    best = train(compose(pick_first), out_dir=tmp_path / "best")
+    last = train(compose(pick_first + ["trainer.test_on=last"]), out_dir=tmp_path / "last")
+    assert best["best"]["epoch"] == 0 and best["tested_on"] == {"checkpoint": "best", "epoch": 0}
+    assert last["tested_on"] == {"checkpoint": "last", "epoch": 1}
+    assert best["final"]["val/acc"] == last["final"]["val/acc"]  # same training
+    assert best["final"]["test_biased/loss_cl"] != last["final"]["test_biased/loss_cl"]
+    saved = torch.load(tmp_path / "best" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert saved["best"]["epoch"] == 0 and saved["run"]["config"]["trainer"]["test_on"] == "best"
+    assert saved["run"]["choices"] == {} and saved["run"]["seed"] == 0 and "git" in saved["run"]
+
+
+def test_summary_records_how_to_rerun_the_job(tmp_path, tiny):
+    summary = json.loads(json.dumps(train(compose(tiny), out_dir=tmp_path / "r"), default=str))
+    assert summary["config"]["trainer"]["epochs"] == 2 and summary["seed"] == 0
+    assert summary["threads"] == torch.get_num_threads() and set(summary["versions"]) >= {"torch", "timm", "python"}
+    assert set(summary["git"]) == {"commit", "dirty"}
+
+
+class Counting(Tracker):
+    """A backend whose state counts the metric records it has seen, across resumes."""
+
+    def __init__(self, out_dir, run_config, resume=None):
+        self.start = (resume or {}).get("records", 0)
+        self.resumed_from, self.records = resume, 0
+        Counting.last = self
+
+    def log_metrics(self, metrics, step):
+        self.records += 1
+
+    def state(self):
+        return {"records": self.start + self.records}
+
+
+def test_a_resumed_run_hands_each_backend_its_saved_state(tmp_path, tiny):
+    backend = ["+logger.mine._target_=test_run.Counting"]
+    with pytest.raises(Interrupted) as stop:
+        train(compose(tiny + backend + ["trainer.interrupt_after_steps=3"]), out_dir=tmp_path / "cut")
+    saved = torch.load(stop.value.checkpoint, weights_only=True)["tracking"]
+    assert saved == {"mine": {"records": 3}}  # one record per logged step, nothing per epoch yet
+    summary = train(compose(tiny + backend + [f"trainer.resume={tmp_path / 'cut'}"]), out_dir=tmp_path / "resumed")
+    assert Counting.last.resumed_from == {"records": 3}
+    assert summary["tracking"]["mine"]["records"] == 3 + Counting.last.records
