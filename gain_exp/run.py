@@ -25,6 +25,7 @@ from gain_exp.backbones import create_backbone
 from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
 from gain_exp.engine import FitConfig, Interrupted, Trainer, saved_tracking
 from gain_exp.files import jsonable, write_json
+from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
 from gain_exp.tracking import build_tracker
 
@@ -126,7 +127,7 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry: runs one job and returns its optimisation metric (for sweepers)."""
     out_dir = HydraConfig.get().runtime.output_dir
@@ -145,4 +146,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from gain_exp.cli import run
+
+    run(sys.argv[1:])  # the same command-line fixes as `gain-exp run` (relative --config-path, sweep recipes)
