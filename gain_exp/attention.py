@@ -43,7 +43,14 @@ class FeatureExtractor:
             features = _check_map(self.model.forward_features(images), "forward_features")
             return features, self.model.forward_head(features)
         captured: list[torch.Tensor] = []
-        handle = self.module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+        def capture(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            captured.append(out)
+            # The model goes on with a copy: a later in-place op (ResNet's `x += shortcut`, VGG's ReLU(inplace))
+            # would otherwise rewrite the captured map, or fail on the leaf GAIN uses at evaluation.
+            return out.clone() if isinstance(out, torch.Tensor) else None
+
+        handle = self.module.register_forward_hook(capture)
         try:
             logits = self.model(images)
         finally:

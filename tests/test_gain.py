@@ -256,3 +256,19 @@ def test_bad_targets_are_a_clear_error(targets):
 def test_bad_options_are_clear_errors(kwargs, phrase):
     with pytest.raises(ValueError, match=phrase):
         GAIN(_model("resnet18"), **kwargs)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_grad_layer_whose_output_is_later_modified_in_place_gives_its_own_map(train):
+    # test_resnet's layer2.0.bn2 output is followed by `x += shortcut` (in place), as resnet18's layer4.1.bn2
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3, pretrained=False)
+    gain = GAIN(model, grad_layer="layer2.0.bn2").train(train)
+    seen = []
+    handle = model.layer2[0].bn2.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+    images, targets = torch.randn(2, 3, 32, 32), torch.eye(3)[:2]
+    features, _ = gain.extractor(images)
+    handle.remove()
+    assert torch.equal(features.detach(), seen[0])  # the layer's output, not the sum after it
+    out = gain(images, targets)  # at evaluation this raised "a leaf Variable ... in-place operation"
+    assert out.attention.shape == (2, 32, 32) and torch.isfinite(out.attention).all()
