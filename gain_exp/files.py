@@ -10,6 +10,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 would hide shared outputs from the group
+TEMP_GLOB = ".*.tmp"
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yield a binary file beside ``path``; on success it replaces ``path``, on any error it is removed.
@@ -23,6 +33,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,3 +53,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as indented JSON at ``path``, written atomically (non-JSON values as their str)."""
     with atomic_write(path) as f:
         f.write(json.dumps(obj, indent=2, default=str).encode())
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files a killed writer left in ``folder`` (only for folders one run writes alone)."""
+    stale = sorted(Path(folder).glob(TEMP_GLOB)) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

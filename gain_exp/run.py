@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from gain_exp.backbones import create_backbone
 from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
 from gain_exp.engine import FitConfig, Interrupted, Trainer, saved_tracking
-from gain_exp.files import jsonable, write_json
+from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
 from gain_exp.tracking import build_tracker
@@ -39,6 +39,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
     started = time.time()
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
     check_config(cfg)
+    for stale in remove_stale_temps(out_dir / "checkpoints"):
+        log.info("removed %s, a partial checkpoint from a killed run", stale)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
 

@@ -206,7 +206,38 @@ def test_a_resumed_run_hands_each_backend_its_saved_state(tmp_path, tiny):
     with pytest.raises(Interrupted) as stop:
         train(compose(tiny + backend + ["trainer.interrupt_after_steps=3"]), out_dir=tmp_path / "cut")
     saved = torch.load(stop.value.checkpoint, weights_only=True)["tracking"]
-    assert saved == {"mine": {"records": 3}}  # one record per logged step, nothing per epoch yet
+    assert saved["mine"] == {"records": 3}  # one record per logged step, nothing per epoch yet
     summary = train(compose(tiny + backend + [f"trainer.resume={tmp_path / 'cut'}"]), out_dir=tmp_path / "resumed")
     assert Counting.last.resumed_from == {"records": 3}
     assert summary["tracking"]["mine"]["records"] == 3 + Counting.last.records
+
+
+def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step(tmp_path, tiny):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(compose(tiny + ["trainer.interrupt_after_steps=3"]), out_dir=out)
+    # what a kill -9 after the checkpoint leaves: a half-written checkpoint and metric lines past the checkpoint
+    (out / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"partial")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "epoch": 0, "train/loss": 9.0}) + "\n")
+    train(compose(tiny + ["trainer.resume=auto"]), out_dir=out)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps)) and 9.0 not in [json.loads(x).get("train/loss") for x in
+                                                       (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path, tiny):
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import gain_exp.files
+
+        importlib.reload(gain_exp.files)  # the mode is read from the umask at import
+        with gain_exp.files.atomic_write(tmp_path / "x.bin") as f:
+            f.write(b"1")
+        assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

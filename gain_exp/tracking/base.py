@@ -118,7 +118,7 @@ def build_tracker(logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[
 
     from gain_exp.tracking.json import JsonTracker
 
-    backends: list[Tracker] = [JsonTracker(out_dir)]
+    backends: list[Tracker] = [JsonTracker(out_dir, resume=(resume or {}).get("json"))]
     names = ["json"]
     for name, node in (logger_cfg or {}).items():
         if node is None:  # logger.<name>=null switches a composed backend off
