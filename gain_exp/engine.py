@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gain_exp.attention import normalise
 from gain_exp.data.base import DataSplits
-from gain_exp.files import atomic_write
+from gain_exp.files import CorruptFile, atomic_write, load_state
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
@@ -136,8 +136,7 @@ class Trainer:
         """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
         best = self.ckpt_dir / "best.ckpt"
         if self.cfg.test_on == "best" and self.best.get("epoch") is not None and best.is_file():
-            state = torch.load(best, map_location=self.device, weights_only=True)
-            self.gain.model.load_state_dict(state["model"])
+            self.gain.model.load_state_dict(load_state(best, map_location=self.device)["model"])
             self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
             return
         if self.cfg.test_on == "best":
@@ -289,7 +288,7 @@ class Trainer:
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
             return
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = _checkpoint(path, self.device)
         self.gain.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -376,8 +375,21 @@ def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, 
     path = resolve_checkpoint(where, out_dir) if where else None
     if path is None:
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are not read
-    return state.get("tracking")
+    return _checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
+
+
+def _checkpoint(path: Path, device: Any, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's state, or one sentence naming the file and what to do instead."""
+    try:
+        state = load_state(path, map_location=device, mmap=mmap)
+    except CorruptFile as err:
+        raise ValueError(f"trainer.resume: checkpoint {err} Resume from another one (checkpoints/best.ckpt or a "
+                         f"checkpoint_every copy) or start fresh without trainer.resume.") from None
+    missing = {"model", "optimizer", "epoch", "step"} - set(state)
+    if missing:
+        raise ValueError(f"trainer.resume: {path} is not a gain-exp training checkpoint (no {', '.join(sorted(missing))});"
+                         f" point trainer.resume at a run directory or its checkpoints/last.ckpt.")
+    return state
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -61,3 +61,28 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+class CorruptFile(ValueError):
+    """A saved file that cannot be read back (truncated, overwritten, or not what it should be)."""
+
+
+def load_state(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a file this project wrote (tensors and plain values only); CorruptFile names the path."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses anything that could run code on load; such a file was not written by gain-exp
+        reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
+        raise CorruptFile(f"{path} holds objects other than tensors and plain values ({reason[:120]}); "
+                          f"gain-exp only loads files it wrote, so point at one of those.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise CorruptFile(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is "
+                          f"truncated or not a gain-exp file.") from None
+    if not isinstance(state, dict):
+        raise CorruptFile(f"{path} is not a gain-exp file (it holds a {type(state).__name__}, not a dict).")
+    return state

@@ -241,3 +241,29 @@ def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path, tiny):
         assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "not_a_checkpoint"])
+def test_a_corrupt_checkpoint_is_one_sentence_with_its_path(tmp_path, tiny, damage):
+    out = tmp_path / "run"
+    train(compose(tiny + ["trainer.epochs=1"]), out_dir=out)
+    last = out / "checkpoints" / "last.ckpt"
+    if damage == "truncate":
+        last.write_bytes(last.read_bytes()[:2000])
+    elif damage == "foreign":  # a pickle that would run code on load
+        torch.save({"model": Path("x")}, last)
+    else:
+        torch.save({"weights": torch.zeros(1)}, last)
+    with pytest.raises(ValueError) as err:
+        train(compose(tiny + [f"trainer.resume={out}"]), out_dir=tmp_path / "again")
+    message = str(err.value)
+    assert str(last) in message and "weights_only" not in message and "\n" not in message
+    assert "start fresh" in message or "point trainer.resume" in message
+
+
+def test_a_corrupt_shapes_cache_is_generated_again(tmp_path, tiny, caplog):
+    first = train(compose(tiny + ["trainer.epochs=1", "loss=baseline"]), out_dir=tmp_path / "a")["final"]
+    [cache] = (tmp_path / "shapes").glob("*.pt")
+    cache.write_bytes(b"not a cache")
+    again = train(compose(tiny + ["trainer.epochs=1", "loss=baseline"]), out_dir=tmp_path / "b")["final"]
+    assert again == first and "generating it again" in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 
 from gain_exp.data.base import DataSplits, Sample, choose_masks, derive_seed
-from gain_exp.files import atomic_write
+from gain_exp.files import CorruptFile, atomic_write, load_state
+
+log = logging.getLogger(__name__)
 
 # Bump when the generator's code changes its output, so stale cache files are never read back (the
 # tuning constants below are hashed into the cache key already).
@@ -254,7 +257,10 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = root / f"{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)["splits"]
+        try:
+            return load_state(path)["splits"]
+        except (CorruptFile, KeyError) as err:  # a cache is only a cache: make it again
+            log.warning("shapes cache %s is unreadable (%s); generating it again", path, err)
     gen_args = {k: v for k, v in params.items() if k not in ("version", "constants")}
     data = {split: _generate_split(split, **gen_args) for split in SPLITS}
     with atomic_write(path) as f:  # readers see either no file or a complete one
