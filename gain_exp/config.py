@@ -1,10 +1,13 @@
 """Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, normalisation)."""
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gain_exp.backbones import create_backbone
 from gain_exp.gain import check_options as check_gain_options
@@ -13,6 +16,9 @@ from gain_exp.losses import check_options as check_loss_options
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ValueError with one sentence for the first out-of-range value, before any work is done."""
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value} is not a finite number; give a finite value (see its default in conf/).")
     g, loss, t = cfg.gain, cfg.loss, cfg.trainer
     check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
                        prefix="gain.")
@@ -29,6 +35,8 @@ def check_config(cfg: DictConfig) -> None:
         (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
          f"trainer.device={t.device} is unknown; use auto, cpu or cuda"),
         (t.workers >= 0, f"trainer.workers={t.workers} must be >= 0"),
+        (t.grad_clip is None or t.grad_clip > 0,
+         f"trainer.grad_clip={t.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping"),
         (t.num_panels >= 0, f"trainer.num_panels={t.num_panels} must be >= 0"),
     ]
     for ok, sentence in checks:
@@ -36,6 +44,23 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(sentence + ".")
     if not timm.is_model(cfg.backbone.name):
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
+
+
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in the config tree (lists included)."""
+    if isinstance(node, DictConfig):
+        items = [(f"{prefix}{k}", node[k]) for k in node.keys() if not OmegaConf.is_missing(node, k)]
+    elif isinstance(node, ListConfig):
+        items = [(f"{prefix[:-1]}[{i}]", v) for i, v in enumerate(node)]
+    else:
+        return [(prefix[:-1], node)] if isinstance(node, float) else []
+    found = []
+    for key, value in items:
+        if isinstance(value, (DictConfig, ListConfig)):
+            found += _numbers(value, key + ".")
+        elif isinstance(value, float):
+            found.append((key, value))
+    return found
 
 
 def resolve_device(name: str) -> torch.device:

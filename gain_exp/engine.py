@@ -28,6 +28,10 @@ from gain_exp.viz import Panel, denormalise
 log = logging.getLogger(__name__)
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss or non-finite weights; nothing non-finite was saved as a checkpoint."""
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; carries its path."""
 
@@ -100,6 +104,8 @@ class Trainer:
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
         self._stop_signal: int | None = None
+        self.started = False  # set once a resume checkpoint has loaded: from then on summary.json is this run's
+        self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last check (kept on device)
         self._epoch_sums: tuple[torch.Tensor | None, int] = (None, 0)
         self._resume_rng: dict[str, Any] | None = None  # RNG state to restore at a mid-epoch resume
         self._progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
@@ -110,10 +116,14 @@ class Trainer:
         """Train for cfg.epochs (resuming if asked), then evaluate every test split; returns final metrics."""
         if self.cfg.resume:
             self.load_checkpoint(self.cfg.resume)
+        self.started = True
         with self._signals():
             while self.epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(self.epoch)
                 val = self.evaluate(self.data.val, "val", self.epoch)
+                if not math.isfinite(val.get("val/loss_cl", 0.0)):
+                    raise Diverged(f"the weights are no longer finite after epoch {self.epoch} (val/loss_cl is "
+                                   f"{val['val/loss_cl']}); {_DIVERGED_FIX}")
                 if self.scheduler is not None:
                     self.scheduler.step()
                 record = {"epoch": self.epoch, **train_stats, **val}
@@ -131,6 +141,11 @@ class Trainer:
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
+
+    def _check_finite(self, epoch: int) -> None:
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise Diverged(f"the training loss became non-finite in epoch {epoch} (step {self.step + 1}); "
+                           f"{_DIVERGED_FIX}")
 
     def _load_test_weights(self) -> None:
         """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
@@ -163,8 +178,15 @@ class Trainer:
                 terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
+            bad = ~torch.isfinite(terms.total.detach())
             if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.gain.parameters(), self.cfg.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.gain.parameters(), self.cfg.grad_clip)
+                bad = bad | ~torch.isfinite(norm)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            # On the CPU the check costs nothing, so a non-finite step never reaches the weights; on a GPU it waits
+            # for the logging steps, which synchronise anyway, and the epoch's validation check catches the rest.
+            if self.device.type == "cpu" or (self.step + 1) % self.cfg.log_every_n_steps == 0:
+                self._check_finite(epoch)
             self.optimizer.step()
             self.step += 1
             self.batch_in_epoch += 1
@@ -180,6 +202,7 @@ class Trainer:
                 self._stop_signal = signal.SIGINT  # acts as a Ctrl-C at this step (used to test resume)
             if self._stop_signal is not None:
                 raise Interrupted(self.save_checkpoint("last"))
+        self._check_finite(epoch)
         means = (sums / n).tolist() if n else [math.nan] * len(LOSS_NAMES)
         return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
 
@@ -352,6 +375,9 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+_DIVERGED_FIX = "lower trainer.optimizer.lr or set trainer.grad_clip (e.g. 1.0); no non-finite weights were saved"
 
 
 def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import random
 import sys
@@ -17,13 +18,14 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
 from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
-from gain_exp.engine import FitConfig, Interrupted, Trainer, saved_tracking
+from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer, saved_tracking
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
@@ -35,37 +37,45 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run one experiment from a composed config; returns the summary that is also written to summary.json."""
+    """Run one experiment from a composed config; returns the summary that is also written to summary.json.
+
+    summary.json only ever moves forward: "completed", "interrupted" (checkpoint saved), "diverged" or "failed" (with
+    the reason), and a run that fails before training starts (e.g. an unreadable resume checkpoint) leaves an
+    existing summary.json as it was.
+    """
     started = time.time()
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
-    check_config(cfg)
-    for stale in remove_stale_temps(out_dir / "checkpoints"):
-        log.info("removed %s, a partial checkpoint from a killed run", stale)
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-
-    mean, std = backbone_normalisation(cfg.backbone.name)
-    data = _call_with_accepted(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
-    model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
-                            weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs).to(device)
-    gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
-                       pixel_mean=mean, pixel_std=std)
-    loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
-    optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
-                 if cfg.trainer.scheduler == "cosine" else None)
-
-    monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
-    fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
-                        **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
-    record = run_record(cfg)
-    run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
-                  "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
-    tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
-    trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std,
-                      record={**record, "config": resolved(cfg)})
-    summary: dict[str, Any] = {"status": "running"}
+    summary: dict[str, Any] | None = None
+    trainer: Trainer | None = None
+    tracker = None
+    record: dict[str, Any] = {}
     try:
+        check_config(cfg)
+        for stale in remove_stale_temps(out_dir / "checkpoints"):
+            log.info("removed %s, a partial checkpoint from a killed run", stale)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.trainer.device)
+
+        mean, std = backbone_normalisation(cfg.backbone.name)
+        data = _call_with_accepted(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
+        model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
+                                weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs).to(device)
+        gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
+                           pixel_mean=mean, pixel_std=std)
+        loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
+        optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
+        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
+                     if cfg.trainer.scheduler == "cosine" else None)
+
+        monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
+        fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
+                            **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
+        record = run_record(cfg)
+        run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
+                      "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
+        tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
+        trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std,
+                          record={**record, "config": resolved(cfg)})
         final = trainer.fit()
         summary = _summary(cfg, record, final, trainer, monitor, started, "completed")
         return summary
@@ -73,9 +83,22 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         summary = _summary(cfg, record, trainer.history[-1] if trainer.history else {}, trainer, monitor, started,
                            "interrupted")
         raise
+    except BaseException as err:
+        status = "diverged" if isinstance(err, Diverged) else "failed"
+        reason = str(err) if isinstance(err, (Diverged, *USER_ERRORS)) else f"{type(err).__name__}: {err}"
+        if trainer is not None:
+            summary = _summary(cfg, record, trainer.history[-1] if trainer.history else {}, trainer, monitor,
+                               started, status)
+        else:
+            summary = {"status": status, **record}
+        summary["error"] = reason.splitlines()[0] if reason else type(err).__name__
+        raise
     finally:
-        write_json(out_dir / "summary.json", summary)
-        tracker.finish(summary)
+        path = out_dir / "summary.json"
+        if summary is not None and (trainer is not None and trainer.started or not path.exists()):
+            write_json(path, summary)
+        if tracker is not None:
+            tracker.finish(summary or {"status": "failed"})
 
 
 def seed_everything(seed: int) -> None:
@@ -142,6 +165,12 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(130)
+    except Diverged as err:
+        log.error("diverged: %s", err)
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return math.nan  # the other jobs of the sweep go on; sweepers read NaN as a failed trial
+        sys.exit(3)
     value = summary["final"].get(summary["optimize_metric"])
     print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
     return value

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CONF, ROOT, compose, tiny_overrides
-from gain_exp.engine import Interrupted
+from gain_exp.engine import Diverged, Interrupted
 from gain_exp.run import train
 from gain_exp.tracking import Tracker
 
@@ -267,3 +267,49 @@ def test_a_corrupt_shapes_cache_is_generated_again(tmp_path, tiny, caplog):
     cache.write_bytes(b"not a cache")
     again = train(compose(tiny + ["trainer.epochs=1", "loss=baseline"]), out_dir=tmp_path / "b")["final"]
     assert again == first and "generating it again" in caplog.text
+
+
+def test_a_diverging_run_stops_says_so_and_saves_no_nonfinite_weights(tmp_path, tiny):
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"training loss became non-finite .* lower trainer\.optimizer\.lr"):
+        train(compose(tiny + ["trainer.optimizer.lr=1e6", "loss=baseline", "trainer.epochs=3"]), out_dir=out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "non-finite" in summary["error"]
+    for ckpt in (out / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), ckpt
+
+
+@pytest.mark.parametrize("override", ["gain.omega=nan", "loss.ex_weight=inf", "trainer.optimizer.lr=inf",
+                                      "gain.am_grad_scale=nan", "trainer.grad_clip=-1"])
+def test_non_finite_numbers_and_a_negative_clip_are_refused(tmp_path, tiny, override):
+    key = override.split("=")[0].replace(".", r"\.")
+    with pytest.raises(ValueError, match=rf"^{key}=\S+ (is not a finite number|must be > 0)"):
+        train(compose(tiny + [override]), out_dir=tmp_path / "r")
+
+
+def test_a_failed_start_never_clobbers_a_finished_run_and_a_crash_says_failed(tmp_path, tiny, monkeypatch):
+    out = tmp_path / "run"
+    done = train(compose(tiny + ["trainer.epochs=1"]), out_dir=out)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="unreadable"):
+        train(compose(tiny + ["trainer.epochs=1", "trainer.resume=auto"]), out_dir=out)
+    assert json.loads((out / "summary.json").read_text())["final"] == json.loads(json.dumps(done["final"]))
+
+    from gain_exp.engine import Trainer
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(Trainer, "evaluate", crash)
+    with pytest.raises(RuntimeError):
+        train(compose(tiny + ["trainer.epochs=1"]), out_dir=tmp_path / "crash")
+    summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: CUDA error: an illegal memory access"
+
+
+def test_the_app_exits_non_zero_on_divergence(tmp_path):
+    args = tiny_overrides(tmp_path) + ["trainer.optimizer.lr=1e6", "loss=baseline", f"hydra.run.dir={tmp_path / 'r'}"]
+    proc = _app(args, cwd=tmp_path)
+    assert proc.returncode == 3 and "error: training diverged: the training loss became non-finite" in proc.stderr
+    assert "Traceback" not in proc.stderr
