@@ -61,21 +61,25 @@ def test_paper_table_settings_differ_only_in_loss_and_mask_budget():
     assert [seen[f"gain_ext_{p}pct"][2] for p in (2, 5, 10)] == [0.02, 0.05, 0.1]
 
 
-def test_wandb_sweep_spec_parses_and_its_parameters_are_config_keys():
+def test_wandb_sweep_spec_composes_and_sweeps_no_config_section():
     spec = yaml.safe_load((SWEEPS / "wandb_sweep.yaml").read_text())
-    assert spec["command"][-1] == "${args_no_hyphens}" and spec["metric"]["goal"] in ("maximize", "minimize")
-    overrides = []
+    command = spec["command"]
+    assert command[-1] == "${args_no_hyphens}" and command[command.index("--config-dir") + 1] == "sweeps"
+    assert spec["metric"]["goal"] in ("maximize", "minimize") and spec["metric"]["name"].startswith("val/")
+    fixed = [arg for arg in command if "=" in arg and not arg.startswith("$")]
+    base = compose_with_sweeps(fixed)
+    assert "wandb" in base.logger
     for key, param in spec["parameters"].items():
-        value = param.get("value", (param.get("values") or [param.get("min")])[0])
-        overrides.append(f"{key}={value}")
-    cfg = compose_with_sweeps(overrides)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        if OmegaConf.select(cfg, key) is not None and not OmegaConf.is_dict(OmegaConf.select(cfg, key)):
-            assert str(OmegaConf.select(cfg, key)) == value, key
-        else:  # a group choice: its yaml was loaded
-            assert key in ("logger", "loss")
-    assert "wandb" in cfg.logger and spec["metric"]["name"].startswith("val/")
+        # The agent also writes each parameter into the W&B config: a section's name would be replaced by a string.
+        assert not OmegaConf.is_dict(OmegaConf.select(base, key.lstrip("+"))), f"{key} is a config section"
+        for value in param.get("values") or [param.get("value", param.get("min")), param.get("max")]:
+            if value is None:
+                continue
+            cfg = compose_with_sweeps([*fixed, f"{key}={value}"])
+            if key.startswith("+"):  # a sweeps/<group> recipe: its file exists and the sections stay whole
+                assert (SWEEPS / key[1:] / f"{value}.yaml").is_file() and OmegaConf.is_dict(cfg.loss)
+            else:
+                assert OmegaConf.select(cfg, key) == pytest.approx(value), key
 
 
 def _tiny(tmp_path: Path) -> list[str]:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, compose, tiny_overrides
 from gain_exp import run as app
@@ -54,9 +56,15 @@ def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_
     steps = [row["_step"] for row in run.history]
     assert steps == sorted(steps)  # nothing was dropped for going back in time
     final = summary["final"]
-    assert run.summary["test_unbiased/acc"] == pytest.approx(final["test_unbiased/acc"])
-    assert run.summary["best/value"] == summary["best"]["value"] and run.summary["status"] == "completed"
+    assert run.metrics["val/acc"].step_metric == "epoch" and run.metrics["test_unbiased/acc"].step_metric == "epoch"
+    assert run.summary["test_unbiased/acc"] == {"max": pytest.approx(final["test_unbiased/acc"])}
+    assert run.summary["val/acc"] == {"max": pytest.approx(summary["best"]["value"])}  # one epoch: it is the best
+    [test_row] = [row for row in run.history if "test_unbiased/acc" in row]
+    assert test_row["epoch"] == 0  # the test metrics sit on the epoch axis at the last epoch
+    assert not any(k.startswith("best/") for k in run.summary) and run.summary["status"] == "completed"
     assert f"model-{run.run_id}" in run.artifacts
+    assert run.config["provenance"]["git"] == summary["git"] and run.config["overrides"] == summary["overrides"]
+    assert run.config["provenance"]["command"] == summary["command"] and run.config["choices"] == summary["choices"]
 
     masks = next(row["val/attention/all_masks"] for row in run.history if "val/attention/all_masks" in row)
     assert len(masks) == 2 and {"attention", "ground_truth"} <= set(masks[0])
@@ -91,9 +99,133 @@ def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(tmp_pa
         assert sorted(r.name for r in runs) == ["seed=0", "seed=1"]
         for job, wb in zip(("0", "1"), runs):
             summary = json.loads((sweep_dir / job / "summary.json").read_text())
-            assert wb.summary["val/acc"] == pytest.approx(summary["final"]["val/acc"])
+            assert wb.summary["val/acc"] == {"max": pytest.approx(summary["final"]["val/acc"])}
             assert wb.config["seed"] == summary["seed"] and wb.config["choices"]["loss"] == "gain_ext"
             assert len([row for row in wb.history if "val/acc" in row]) == 1  # no metrics merged across jobs
+
+
+def _epoch_record(epoch: int, acc: float, loss_cl: float) -> dict[str, float]:
+    """What the engine logs after an epoch: the epoch, train means and the val metrics."""
+    return {"epoch": epoch, "train/mean_loss": loss_cl + 0.1, "val/acc": acc, "val/loss_cl": loss_cl,
+            "val/loc_iou": acc / 2, "val/am_drop": 0.1}
+
+
+def _read_back(out: Path):
+    import wandb
+
+    wandb.teardown()  # flushes the .wandb file
+    return offline_runs(out)
+
+
+def test_wandb_charts_epoch_metrics_on_epochs_and_summarises_each_by_its_best_epoch(tmp_path):
+    tracker = WandbTracker(tmp_path / "run", {"seed": 0}, mode="offline")
+    accs, losses = [0.5, 0.8, 0.6], [0.9, 0.4, 0.7]  # the best epoch (1) is neither the first nor the last
+    for epoch, (acc, loss) in enumerate(zip(accs, losses)):
+        for step in range(2 * epoch + 1, 2 * epoch + 3):
+            tracker.log_metrics({"epoch": epoch, "train/loss": float(step), "train/lr": 0.1}, step)
+        tracker.log_metrics(_epoch_record(epoch, acc, loss), 2 * epoch + 2)
+    tracker.log_metrics({"test_biased/acc": 0.7, "test_biased/loss_cl": 0.5}, 6)
+    tracker.finish({"status": "completed", "final": {"val/acc": 0.6}, "best": {"metric": "val/acc", "value": 0.8}})
+
+    [run] = _read_back(tmp_path / "run")
+    for key in ("val/acc", "val/loc_iou", "test_biased/acc"):
+        assert run.metrics[key].step_metric == "epoch" and run.metrics[key].summary == {"max"}, key
+    for key in ("val/loss_cl", "train/mean_loss", "test_biased/loss_cl"):
+        assert run.metrics[key].step_metric == "epoch" and run.metrics[key].summary == {"min"}, key
+    assert run.metrics["val/am_drop"].summary == set() and "train/loss" not in run.metrics  # last value, global step
+    assert run.summary["val/acc"] == {"max": 0.8} and run.summary["val/loss_cl"] == {"min": 0.4}
+    assert run.summary["train/mean_loss"] == {"min": pytest.approx(0.5)} and run.summary["train/loss"] == 6
+    assert run.summary["val/am_drop"] == 0.1 and run.summary["status"] == "completed"
+    assert not any(k.startswith("best/") for k in run.summary)
+    [test_row] = [row for row in run.history if "test_biased/acc" in row]
+    assert test_row["epoch"] == 2 and test_row["_step"] == 6
+
+
+def test_nan_and_inf_metrics_are_logged_and_a_diverged_run_keeps_no_stale_finite_summary(tmp_path):
+    tracker = WandbTracker(tmp_path / "run", {}, mode="offline")
+    tracker.log_metrics({"epoch": 0, "train/loss": 0.5}, 1)
+    tracker.log_metrics(_epoch_record(0, 0.7, 0.4), 1)
+    tracker.log_metrics({"epoch": 1, "train/loss": math.inf}, 2)
+    tracker.log_metrics(_epoch_record(1, math.nan, math.nan), 2)
+    tracker.finish({"status": "completed", "final": {}})
+
+    [run] = _read_back(tmp_path / "run")
+    last = run.history[-1]
+    assert last["train/loss"] == math.inf and math.isnan(last["val/acc"]) and math.isnan(last["val/loss_cl"])
+    assert run.summary["train/loss"] == math.inf
+    assert math.isnan(run.summary["val/acc"]["max"]) and math.isnan(run.summary["val/loss_cl"]["min"])
+
+
+def test_a_resumed_job_continues_the_same_wandb_run_without_repeating_steps(tmp_path):
+    first = WandbTracker(tmp_path / "run", {"seed": 0}, mode="offline")
+    for step in (1, 2):
+        first.log_metrics({"epoch": 0, "train/loss": float(step)}, step)
+    first.log_metrics(_epoch_record(0, 0.5, 0.9), 2)
+    first.log_metrics({"epoch": 1, "train/loss": 3.0}, 3)  # interrupted right after this step
+    first.finish({"status": "interrupted", "final": {}})
+    state = first.state()
+    assert state["step"] == 3 and state["epoch"] == 1 and state["run_id"]
+
+    second = WandbTracker(tmp_path / "run", {"seed": 0}, resume=state, mode="offline")
+    second.log_metrics({"epoch": 1, "train/loss": 3.5}, 3)  # step 3 again: W&B already has it
+    second.log_metrics(_epoch_record(1, 0.8, 0.4), 3)  # the epoch ended at the interruption point: not yet sent
+    for step in (4, 5):
+        second.log_metrics({"epoch": 2, "train/loss": float(step)}, step)
+    second.log_metrics(_epoch_record(2, 0.6, 0.7), 5)
+    second.finish({"status": "completed", "final": {}})
+    assert second.state()["run_id"] == state["run_id"]
+
+    before, after = _read_back(tmp_path / "run")
+    assert before.run_id == after.run_id == state["run_id"]
+    steps = [row["_step"] for run in (before, after) for row in run.history]
+    assert steps == sorted(set(steps)) and min(row["_step"] for row in after.history) == 4
+    history = before.history + after.history
+    assert [row["train/loss"] for row in history if "train/loss" in row] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [(row["epoch"], row["val/acc"]) for row in history if "val/acc" in row] == [(0, 0.5), (1, 0.8), (2, 0.6)]
+    assert after.metrics["val/acc"].summary == {"max"}  # the resumed process defines its metrics again
+
+
+def _agent_env(monkeypatch, tmp_path: Path, params: dict[str, object], run_id: str) -> None:
+    """The environment `wandb agent` gives a job: sweep id, run id and its parameters in a config file."""
+    path = tmp_path / "wandb" / "sweep-abc123" / f"config-{run_id}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in params.items()}},
+                                   sort_keys=False))
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_RUN_ID", run_id)
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(path))
+
+
+def test_a_wandb_sweep_parameter_naming_a_config_section_does_not_clobber_it(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    from gain_exp.provenance import resolved
+
+    run_config = {**resolved(compose(["loss=gain", "loss.am_weight=2.5"])), "choices": {"loss": "gain"}}
+    _agent_env(monkeypatch, tmp_path, {"loss": "gain", "loss.am_weight": 2.5}, "agentrun1")
+    with caplog.at_level(logging.WARNING, logger="gain_exp.tracking"):
+        tracker = WandbTracker(tmp_path / "bad", run_config, mode="offline")
+        tracker.log_metrics({"epoch": 0, "val/acc": 0.5}, 1)
+        tracker.finish({"status": "completed"})
+    [run] = _read_back(tmp_path / "bad")
+    assert run.run_id == "agentrun1" and run.config["loss.am_weight"] == 2.5  # the agent's values arrived
+    assert run.config["loss"]["am_weight"] == 2.5 and run.config["loss"] == run_config["loss"]
+    assert run.config["choices"]["loss"] == "gain"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "gain_exp.tracking"]
+    assert "loss" in warning and "+setting" in warning
+
+    # The shipped sweep spec: its parameters are never sections, so nothing needs restoring.
+    wandb.teardown()
+    caplog.clear()
+    spec = yaml.safe_load((ROOT / "sweeps" / "wandb_sweep.yaml").read_text())
+    params = {k: p.get("value", (p.get("values") or [p.get("min")])[0]) for k, p in spec["parameters"].items()}
+    _agent_env(monkeypatch, tmp_path, params, "agentrun2")
+    with caplog.at_level(logging.WARNING, logger="gain_exp.tracking"):
+        tracker = WandbTracker(tmp_path / "good", run_config, mode="offline")
+        tracker.finish({"status": "completed"})
+    [run] = _read_back(tmp_path / "good")
+    assert run.config["loss"] == run_config["loss"] and run.config["+setting"] == params["+setting"]
+    assert [r for r in caplog.records if r.name == "gain_exp.tracking"] == []
 
 
 class Exploding(Tracker):

@@ -16,8 +16,17 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 @dataclass
+class MetricDefinition:
+    """A ``define_metric`` as recorded: its x-axis metric ("" = the global step) and summary aggregates."""
+
+    step_metric: str = ""
+    summary: set[str] = field(default_factory=set)
+    hidden: bool = False
+
+
+@dataclass
 class OfflineRun:
-    """What one offline run recorded: its identity, config, history rows and final summary."""
+    """What one offline run recorded: its identity, config, metric definitions, history rows and final summary."""
 
     path: Path
     run_id: str = ""
@@ -29,6 +38,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
+    metrics: dict[str, MetricDefinition] = field(default_factory=dict)
 
     @property
     def files(self) -> Path:
@@ -88,6 +98,11 @@ def read_run(path: Path) -> OfflineRun:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            m = record.metric
+            run.metrics[m.name or m.glob_name] = MetricDefinition(
+                step_metric=m.step_metric, summary={f.name for f, on in m.summary.ListFields() if on},
+                hidden=m.options.hidden)
         elif kind == "artifact":
             run.artifacts.append(record.artifact.name)
     return run

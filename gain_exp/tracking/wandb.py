@@ -12,7 +12,6 @@ from urllib.parse import urlparse
 
 import torch
 
-from gain_exp.files import jsonable
 from gain_exp.metrics import LOC_THRESHOLD
 from gain_exp.tracking.base import PanelSchedule, Tracker
 from gain_exp.viz import Panel, overlay, tile_scale, upscale
@@ -21,6 +20,10 @@ log = logging.getLogger("gain_exp.tracking")
 
 WANDB_MODES = ("online", "offline", "disabled")
 RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every job, so no part of a run name
+# Per-epoch metric names (after ``<split>/``, up to the next ``/``) whose best value is the largest; losses and
+# ``train/mean_*`` take the smallest; anything else (am_drop, loc_n, ...) keeps W&B's default, the last value.
+MAX_METRICS = {"acc", "acc_macro", "pos_acc", "neg_acc", "auroc", "mAP", "AP", "f1_macro", "loc_iou",
+               "pointing_game", "energy_pg"}
 
 
 def _best_effort(method: Callable[..., None]) -> Callable[..., None]:
@@ -39,7 +42,13 @@ def _best_effort(method: Callable[..., None]) -> Callable[..., None]:
 
 
 class WandbTracker(Tracker):
-    """One W&B run per job: scalars, attention images with mask layers, per-image tables, summary, checkpoint."""
+    """One W&B run per job: scalars, attention images with mask layers, per-image tables, summary, checkpoint.
+
+    Per-epoch metrics (``val/*``, ``train/mean_*``, test splits) are charted against ``epoch`` and summarised by
+    their best value (max for scores, min for losses); per-step ``train/*`` keep the global step and their last
+    value. ``state()`` names the run and its last step so a resumed job continues the same run without re-sending
+    steps W&B already has.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, run_config: dict[str, Any], resume: dict[str, Any] | None = None,
                  project: str | None = "gain-exp", entity: str | None = None, group: str | None = None,
@@ -50,12 +59,20 @@ class WandbTracker(Tracker):
         self.mode = wandb_mode(mode)
         self.upload_checkpoint = bool(log_checkpoint)
         self.schedule = PanelSchedule(int(panel_every), "logger.wandb.panel_every")
-        self._step = 0
+        resume = resume or {}
+        self._run_id: str | None = resume.get("run_id")
+        self._floor = int(resume.get("step", -1))  # last step the interrupted job sent; W&B drops steps <= it
+        self._step = max(self._floor, 0)
+        self._epoch: int | None = resume.get("epoch")
+        self._defined: set[str] = set()
+        self._epoch_row = -1  # W&B step of the last row holding per-epoch values
         self._best: Path | None = None
         if self.mode == "disabled":
             return
         hydra_group, hydra_name, choices = _hydra_job_context()
         in_wandb_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))  # the agent's project/entity must win
+        config = {**run_config, "choices": {**choices, **(run_config.get("choices") or {})},
+                  "run_dir": str(self.out_dir.resolve())}
         try:
             import wandb
 
@@ -68,30 +85,58 @@ class WandbTracker(Tracker):
                 job_type=job_type,
                 tags=list(tags or []),
                 name=name or hydra_name or self.out_dir.name,
-                config={**run_config, "choices": choices, "run_dir": str(self.out_dir.resolve())},
+                config=config,
                 dir=str(self.out_dir),
                 mode=self.mode,
+                id=self._run_id,
+                resume="allow" if self._run_id else None,
                 reinit="finish_previous",  # a multirun in one process gets one W&B run per job
             )
+            self._run_id = self.run.id
+            # Online, W&B knows where the resumed run stopped even if the saved state is older (a hard kill).
+            self._floor = max(self._floor, int(getattr(self.run, "starting_step", 0) or 0) - 1)
+            self._step = max(self._step, self._floor)
+            _restore_clobbered_sections(self.run, config)
         except Exception as err:  # noqa: BLE001 - an unreachable or misconfigured W&B must not stop training
             self._disable(f"could not start a run ({type(err).__name__}: {err})")
 
     @_best_effort
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._step = max(self._step, step)
-        values = {k: jsonable(v) for k, v in metrics.items()}
-        self.run.log({k: v for k, v in values.items() if v is not None}, step=self._step)
+        values = {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+        per_epoch = [k for k in values if k != "epoch" and not _per_step(k)]
+        if per_epoch and "epoch" not in values and self._epoch is not None:
+            values["epoch"] = self._epoch  # test metrics after training: on the epoch axis at the last epoch
+        if "epoch" in values:
+            self._epoch = int(values["epoch"])
+        if step <= self._floor:
+            # Re-done work after a resume: its per-step losses were sent before the interruption; anything else
+            # (an epoch finished right at the interruption point) goes to the first step W&B still accepts.
+            values = {k: v for k, v in values.items() if not _per_step(k)}
+            if set(values) <= {"epoch"}:
+                return
+        for key in per_epoch:
+            if key not in self._defined:
+                summary = _summary_of(key)
+                self.run.define_metric(key, step_metric="epoch", **({"summary": summary} if summary else {}))
+                self._defined.add(key)
+        step = self._next(step)
+        if per_epoch:
+            self._epoch_row = step
+        elif step == self._epoch_row:
+            values.pop("epoch", None)  # the row's epoch is its epoch record's (one moved here after a resume)
+        self.run.log(values, step=step)
 
     @_best_effort
     def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
         if not panels or not self.schedule.due(split, epoch):
             return
-        wandb = self._wandb
+        wandb, step = self._wandb, self._next(self._step)
+        self._epoch_row = step
         self.run.log({
             f"{split}/attention": [self._image(p.image, p) for p in panels],
             f"{split}/panels": [wandb.Image(p.strip, caption=p.caption) for p in panels],
             "epoch": epoch,
-        }, step=self._step)
+        }, step=step)
 
     @_best_effort
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
@@ -101,19 +146,25 @@ class WandbTracker(Tracker):
             row = p.row(i)
             table.add_data(row["index"], self._image(overlay(p.image, p.attention), p), ", ".join(row["true"]),
                            ", ".join(row["pred"]), row["explained"], row["score"], row["am_drop"], row["iou"])
-        self.run.log({f"{split}/results": table}, step=self._step)
+        self.run.log({f"{split}/results": table}, step=self._next(self._step))
 
     def log_checkpoint(self, path: Path, name: str) -> None:
         self._best = Path(path)  # uploaded once at the end: the best file is rewritten whenever it improves
 
+    def state(self) -> dict[str, Any]:
+        """The run id plus the last step and epoch sent, so a resumed job continues this run where it stopped."""
+        if self._run_id is None:
+            return {}
+        return {"run_id": self._run_id, "step": self._step, "epoch": self._epoch}
+
     @_best_effort
     def finish(self, summary: dict[str, Any]) -> None:
+        # Metric summaries come from the logged history (best epoch, NaN once diverged); writing the final
+        # values here would overwrite them with the last epoch's.
         run, status = self.run, summary.get("status")
-        final = {k: v for k, v in (summary.get("final") or {}).items() if jsonable(v) is not None}
-        best = summary.get("best") or {}
-        run.summary.update({**final, **{f"best/{k}": v for k, v in best.items()}, "status": status})
+        run.summary["status"] = status
         if self.upload_checkpoint and self._best is not None and self._best.is_file():
-            artifact = self._wandb.Artifact(f"model-{run.id}", type="model", metadata=best)
+            artifact = self._wandb.Artifact(f"model-{run.id}", type="model", metadata=summary.get("best") or {})
             artifact.add_file(str(self._best), name=self._best.name)
             run.log_artifact(artifact, aliases=["best"])
         sync_dir = Path(run.dir).parent
@@ -121,6 +172,11 @@ class WandbTracker(Tracker):
         run.finish(exit_code=0 if status == "completed" else 1)
         if self.mode == "offline":
             print(f"W&B run saved offline; upload it with: wandb sync {sync_dir}")
+
+    def _next(self, step: int) -> int:
+        """The W&B step for a record at ``step``: never behind the last one sent, never at or before the floor."""
+        self._step = max(self._step, step, self._floor + 1)
+        return self._step
 
     def _image(self, base: torch.Tensor, p: Panel) -> Any:
         """A wandb.Image of ``base`` with the ground truth and the thresholded attention as toggleable masks."""
@@ -210,6 +266,45 @@ def _run_name(overrides: list[str], swept: set[str] | None, limit: int = 128) ->
         picked.append(item.lstrip("+"))
     name = ",".join(picked)
     return name[:limit] or None
+
+
+def _number(value: Any) -> float | int | None:
+    """A metric as a plain number, NaN and inf included (W&B records them); None for a value that is no number."""
+    if hasattr(value, "item") and callable(value.item):  # torch/NumPy scalars, without importing either here
+        value = value.item()
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _per_step(key: str) -> bool:
+    """Per-step training scalars (``train/loss``, ``train/lr``): charted against the global step."""
+    return key.startswith("train/") and not key.startswith("train/mean_")
+
+
+def _summary_of(key: str) -> str | None:
+    """The run-summary aggregate of a per-epoch metric: its best value (max or min), or None for W&B's last."""
+    name = key.split("/", 1)[-1].split("/", 1)[0]
+    if key.startswith("train/mean_") or "loss" in name:
+        return "min"
+    if name in MAX_METRICS or name.endswith("_acc") or name.startswith("sens@"):
+        return "max"
+    return None
+
+
+def _restore_clobbered_sections(run: Any, config: dict[str, Any]) -> None:
+    """Undo a W&B sweep parameter that replaced a whole config section with its value (``loss: gain``).
+
+    The agent merges its parameters over ``config`` after init and locks those keys, so the section goes back
+    under the same lock; the swept value stays visible as ``choices.<key>``.
+    """
+    clobbered = {k: run.config[k] for k, v in config.items()
+                 if isinstance(v, dict) and k in run.config and not isinstance(run.config[k], dict)}
+    if not clobbered:
+        return
+    log.warning("W&B sweep parameter(s) %s replaced whole config sections; the sections are restored in the W&B "
+                "config with the swept values under choices (sweep over +setting or leaf keys such as "
+                "loss.am_weight instead, see sweeps/wandb_sweep.yaml).", ", ".join(sorted(clobbered)))
+    run.config.update_locked({k: config[k] for k in clobbered}, user="sweep", _allow_val_change=True)
+    run.config.update({"choices": {**config["choices"], **clobbered}}, allow_val_change=True)
 
 
 def _mask_layer(values: torch.Tensor, scale: int, label: str) -> dict[str, Any]:
