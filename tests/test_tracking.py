@@ -367,3 +367,20 @@ class Recording(Tracker):
 
     def state(self):
         return {"count": (self.resumed or {}).get("count", 0) + len(self.seen)}
+
+
+def test_an_interrupted_then_resumed_app_run_is_one_wandb_run_with_a_continuous_history(tmp_path):
+    from gain_exp.engine import Interrupted
+
+    out = tmp_path / "run"
+    args = tiny_overrides(tmp_path) + ["logger=wandb", "logger.wandb.mode=offline"]
+    with pytest.raises(Interrupted):
+        app.train(compose(args + ["trainer.interrupt_after_steps=8"]), out_dir=out)  # mid-epoch 1
+    summary = app.train(compose(args + ["trainer.resume=auto"]), out_dir=out)
+    runs = _read_back(out / "wandb")
+    assert len(runs) == 2 and len({r.run_id for r in runs}) == 1
+    assert summary["tracking"]["wandb"]["run_id"] == runs[0].run_id
+    steps = [row["_step"] for run in runs for row in run.history]
+    assert steps == sorted(set(steps))
+    epochs = [row["epoch"] for run in runs for row in run.history if "val/acc" in row]
+    assert epochs == [0, 1]
