@@ -46,6 +46,27 @@ def check_config(cfg: DictConfig) -> None:
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
 
 
+def check_data(cfg: DictConfig, data: Any) -> None:
+    """What the built dataset must offer the chosen loss: pixel masks for L_e."""
+    masked = data.extras.get("num_masked_train")
+    if cfg.loss.ex_weight > 0 and masked == 0:
+        raise ValueError(f"loss.ex_weight={cfg.loss.ex_weight} needs pixel masks but dataset.masks_to_use="
+                         f"{cfg.dataset.get('masks_to_use')} puts none in the L_e budget; set dataset.masks_to_use "
+                         f"(a count >= 1 or a fraction) or use loss=gain / loss=baseline.")
+
+
+def check_metric_names(cfg: DictConfig, monitor: str, data: Any) -> None:
+    """The monitor reads validation metrics; the swept metric must come from a split this run evaluates."""
+    if not monitor.startswith("val/"):
+        raise ValueError(f"trainer.monitor={monitor} must be a validation metric (val/<name>, e.g. val/acc): the best "
+                         f"checkpoint is chosen on val, never on a test split.")
+    metric = cfg.optimize_metric
+    splits = {"train", "val", *data.tests}
+    if metric != "auto" and metric.split("/")[0] not in splits:
+        raise ValueError(f"optimize_metric={metric} names no split of this run; use auto or <split>/<metric> with "
+                         f"split one of {', '.join(sorted(splits))} (e.g. val/acc).")
+
+
 def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
     """(dotted key, value) of every float in the config tree (lists included)."""
     if isinstance(node, DictConfig):

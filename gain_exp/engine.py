@@ -1,6 +1,7 @@
 """The training loop: GAIN steps, per-epoch evaluation, attention panels, atomic checkpoints, resume."""
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -92,12 +93,14 @@ class Trainer:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         record: dict[str, Any] | None = None,
+        val_metric_names: dict[str, str] | None = None,
     ) -> None:
         self.gain, self.loss, self.optimizer, self.scheduler = gain, loss, optimizer, scheduler
         self.data, self.cfg, self.tracker, self.device = data, cfg, tracker, device
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.mean, self.std = mean, std
+        self.val_metric_names = val_metric_names or {"trainer.monitor": cfg.monitor}  # config key -> metric name
         self.record = record or {}  # provenance + resolved config, saved in every checkpoint
         self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -121,6 +124,7 @@ class Trainer:
             while self.epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(self.epoch)
                 val = self.evaluate(self.data.val, "val", self.epoch)
+                self._check_names(val)
                 if not math.isfinite(val.get("val/loss_cl", 0.0)):
                     raise Diverged(f"the weights are no longer finite after epoch {self.epoch} (val/loss_cl is "
                                    f"{val['val/loss_cl']}); {_DIVERGED_FIX}")
@@ -141,6 +145,14 @@ class Trainer:
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
+
+    def _check_names(self, val: dict[str, float]) -> None:
+        """Metric names the run depends on (the monitor, a val optimize_metric) exist, checked after the first val."""
+        for key, name in self.val_metric_names.items():
+            if name not in val:
+                close = difflib.get_close_matches(name, val, n=3)
+                hint = f"did you mean {', '.join(close)}" if close else f"its val metrics are {', '.join(sorted(val))}"
+                raise ValueError(f"{key}={name} is not a metric of this run; {hint}?")
 
     def _check_finite(self, epoch: int) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):

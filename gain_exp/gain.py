@@ -83,6 +83,7 @@ class GAIN(nn.Module):
     ) -> None:
         super().__init__()
         check_options(sigma, omega, formulation, grad_mode, normalisation, fill, am_grad_scale)
+        self._targets_checked = False
         self.model = model
         self.extractor = FeatureExtractor(model, grad_layer)
         self.formulation = formulation
@@ -226,6 +227,15 @@ class GAIN(nn.Module):
                 f"targets must be a float {want} multi-hot (or one-hot) tensor; got {targets.dtype} "
                 f"{tuple(targets.shape)}; convert class indices with F.one_hot(y, num_classes).float()."
             )
+        # Values are checked on the CPU always, on a device once (a per-step check would synchronise every step):
+        # soft or signed targets would silently turn Grad-CAM's class weights into something else.
+        if targets.device.type == "cpu" or not self._targets_checked:
+            self._targets_checked = True
+            bad = ~((targets == 0) | (targets == 1))
+            if bool(bad.any()):
+                value = targets[bad][0].item()
+                raise ValueError(f"targets must be 0/1 (multi-hot or one-hot); got {value}; GAIN explains the "
+                                 f"classes marked 1, so pass hard labels (e.g. (soft > 0.5).float()).")
 
 
 def check_options(sigma: float, omega: float, formulation: str, grad_mode: str, normalisation: str,

@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
-from gain_exp.config import backbone_normalisation, check_config, resolve_device, resolve_monitor
+from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, resolve_device,
+                             resolve_monitor)
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer, saved_tracking
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
@@ -67,7 +68,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
                      if cfg.trainer.scheduler == "cosine" else None)
 
+        check_data(cfg, data)
         monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
+        check_metric_names(cfg, monitor, data)
         fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
                             **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
         record = run_record(cfg)
@@ -75,7 +78,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
         tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
         trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std,
-                          record={**record, "config": resolved(cfg)})
+                          record={**record, "config": resolved(cfg)}, val_metric_names=val_metric_names(cfg, monitor))
         final = trainer.fit()
         summary = _summary(cfg, record, final, trainer, monitor, started, "completed")
         return summary
@@ -99,6 +102,14 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
             write_json(path, summary)
         if tracker is not None:
             tracker.finish(summary or {"status": "failed"})
+
+
+def val_metric_names(cfg: DictConfig, monitor: str) -> dict[str, str]:
+    """Config keys that name a validation metric, checked against the real names after the first epoch."""
+    names = {"trainer.monitor": monitor}
+    if str(cfg.optimize_metric).startswith("val/"):
+        names["optimize_metric"] = cfg.optimize_metric
+    return names
 
 
 def seed_everything(seed: int) -> None:
@@ -148,6 +159,7 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
         "git_commit": None if git["commit"] is None else git["commit"] + ("+dirty" if git["dirty"] else ""),
         **record,
         "tracking": trainer.tracker.state(),
+        "data": trainer.data.extras,  # e.g. masks in the L_e budget, files skipped as unreadable
         "config": resolved(cfg),
     }
 

@@ -272,3 +272,12 @@ def test_a_grad_layer_whose_output_is_later_modified_in_place_gives_its_own_map(
     assert torch.equal(features.detach(), seen[0])  # the layer's output, not the sum after it
     out = gain(images, targets)  # at evaluation this raised "a leaf Variable ... in-place operation"
     assert out.attention.shape == (2, 32, 32) and torch.isfinite(out.attention).all()
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, float("nan")])
+def test_targets_that_are_not_zero_or_one_are_refused(value):
+    gain = GAIN(timm.create_model("test_resnet", num_classes=3, pretrained=False))
+    targets = torch.eye(3)[:2]
+    targets[0, 1] = value
+    with pytest.raises(ValueError, match=r"targets must be 0/1 .* pass hard labels"):
+        gain(torch.randn(2, 3, 32, 32), targets)

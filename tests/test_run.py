@@ -313,3 +313,16 @@ def test_the_app_exits_non_zero_on_divergence(tmp_path):
     proc = _app(args, cwd=tmp_path)
     assert proc.returncode == 3 and "error: training diverged: the training loss became non-finite" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("trainer.monitor=val/nonexistent", r"trainer\.monitor=val/nonexistent is not a metric of this run"),
+    ("optimize_metric=val/acc_typo", r"optimize_metric=val/acc_typo is not a metric of this run; did you mean val/acc"),
+    ("trainer.monitor=test_unbiased/acc", r"must be a validation metric"),
+    ("optimize_metric=tset/acc", r"optimize_metric=tset/acc names no split of this run"),
+    ("dataset.masks_to_use=0", r"loss\.ex_weight=1\.0 needs pixel masks but dataset\.masks_to_use=0"),
+])
+def test_names_and_budgets_that_cannot_work_are_one_sentence(tmp_path, tiny, override, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        train(compose(tiny + [override, "trainer.epochs=1"]), out_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints" / "best.ckpt").exists()
