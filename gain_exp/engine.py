@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from gain_exp.attention import normalise
 from gain_exp.data.base import DataSplits
-from gain_exp.files import CorruptFile, atomic_write, load_state
+from gain_exp.checkpoints import apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint
+from gain_exp.files import atomic_write, load_state
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
@@ -102,7 +103,8 @@ class Trainer:
         self.mean, self.std = mean, std
         self.val_metric_names = val_metric_names or {"trainer.monitor": cfg.monitor}  # config key -> metric name
         self.record = record or {}  # provenance + resolved config, saved in every checkpoint
-        self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
+        self.tested_on: dict[str, Any] = {}
+        self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume  # which weights the test splits saw: {"checkpoint", "epoch"}
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
@@ -323,11 +325,24 @@ class Trainer:
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
             return
-        state = _checkpoint(path, self.device)
+        state = read_checkpoint(path, self.device)
+        new_cfg = self.record.get("config")
+        saved_cfg = (state.get("run") or {}).get("config")
+        if new_cfg and saved_cfg:
+            self.resumed = {"from": str(path), "changed": config_changes(saved_cfg, new_cfg, path)}
+            old_bs = saved_cfg["trainer"]["batch_size"]
+            if state["batch_in_epoch"] and old_bs != self.cfg.batch_size:
+                raise ValueError(f"trainer.resume: {path} stopped mid-epoch (batch {state['batch_in_epoch']} of "
+                                 f"epoch {state['epoch']}) with trainer.batch_size={old_bs}; resume with that batch "
+                                 f"size, or from a checkpoint at an epoch boundary, to change it.")
         self.gain.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        if new_cfg:
+            apply_hyperparameters(self.optimizer, self.scheduler, new_cfg["trainer"]["optimizer"], self.cfg.epochs)
+        for key, (old, new) in (self.resumed or {}).get("changed", {}).items():
+            log.warning("resume: %s changed from %s to %s (applied)", key, old, new)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
         self._epoch_sums = (state["epoch_sums"]["sums"], state["epoch_sums"]["n"])
@@ -390,44 +405,6 @@ class Trainer:
 
 
 _DIVERGED_FIX = "lower trainer.optimizer.lr or set trainer.grad_clip (e.g. 1.0); no non-finite weights were saved"
-
-
-def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:
-    """``auto`` -> this run's last checkpoint if any; a run directory -> its last checkpoint; else the file."""
-    if str(where) == "auto":
-        path = out_dir / "checkpoints" / "last.ckpt"
-        return path if path.is_file() else None
-    path = Path(where).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"trainer.resume={where}: no checkpoint at {path}; give a .ckpt file, a run directory holding "
-            f"checkpoints/last.ckpt, or 'auto'."
-        )
-    return path
-
-
-def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, Any] | None:
-    """The tracker state (e.g. W&B run id) in the checkpoint ``trainer.resume`` points at; None when starting fresh."""
-    path = resolve_checkpoint(where, out_dir) if where else None
-    if path is None:
-        return None
-    return _checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
-
-
-def _checkpoint(path: Path, device: Any, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint's state, or one sentence naming the file and what to do instead."""
-    try:
-        state = load_state(path, map_location=device, mmap=mmap)
-    except CorruptFile as err:
-        raise ValueError(f"trainer.resume: checkpoint {err} Resume from another one (checkpoints/best.ckpt or a "
-                         f"checkpoint_every copy) or start fresh without trainer.resume.") from None
-    missing = {"model", "optimizer", "epoch", "step"} - set(state)
-    if missing:
-        raise ValueError(f"trainer.resume: {path} is not a gain-exp training checkpoint (no {', '.join(sorted(missing))});"
-                         f" point trainer.resume at a run directory or its checkpoints/last.ckpt.")
-    return state
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from gain_exp.backbones import create_backbone
 from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, resolve_device,
                              resolve_monitor)
-from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer, saved_tracking
+from gain_exp.checkpoints import saved_tracking
+from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
@@ -151,7 +152,8 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
         "status": status,
         "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
-        "tested_on": trainer.tested_on,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
+        "tested_on": trainer.tested_on,
+        "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
         "optimize_metric": metric,
         "epochs_completed": trainer.epoch,
         "wall_time_s": round(time.time() - started, 2),

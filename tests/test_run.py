@@ -228,19 +228,13 @@ def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step
                                                        (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path, tiny):
-    old = os.umask(0o022)
-    try:
-        import importlib
-
-        import gain_exp.files
-
-        importlib.reload(gain_exp.files)  # the mode is read from the umask at import
-        with gain_exp.files.atomic_write(tmp_path / "x.bin") as f:
-            f.write(b"1")
-        assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
-    finally:
-        os.umask(old)
+def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path):
+    # a fresh process: the file mode is taken from the umask when gain_exp.files is imported
+    code = ("import os, sys; os.umask(0o022); from gain_exp.files import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as f: f.write(b'1')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.bin")], check=True, env={**os.environ,
+                   "PYTHONPATH": str(ROOT)})
+    assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("damage", ["truncate", "foreign", "not_a_checkpoint"])
@@ -326,3 +320,33 @@ def test_names_and_budgets_that_cannot_work_are_one_sentence(tmp_path, tiny, ove
     with pytest.raises(ValueError, match=phrase):
         train(compose(tiny + [override, "trainer.epochs=1"]), out_dir=tmp_path / "r")
     assert not (tmp_path / "r" / "checkpoints" / "best.ckpt").exists()
+
+
+def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
+    with pytest.raises(Interrupted):
+        train(compose(tiny + ["trainer.interrupt_after_steps=6"]), out_dir=tmp_path / "cut")  # end of epoch 0
+    resumed = train(compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", "trainer.optimizer.lr=0.0005",
+                                    "trainer.epochs=4"]), out_dir=tmp_path / "r")
+    assert resumed["resumed"]["changed"]["trainer.optimizer.lr"] == [0.001, 0.0005]
+    assert resumed["resumed"]["changed"]["trainer.epochs"] == [2, 4] and resumed["epochs_completed"] == 4
+    lrs = {}
+    for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/lr" in row:
+            lrs.setdefault(row["epoch"], row["train/lr"])
+    # cosine over 4 epochs from the new lr, continued at epoch 1: 0.0005 * (1 + cos(pi * e / 4)) / 2
+    import math
+    for epoch in (1, 2, 3):
+        assert lrs[epoch] == pytest.approx(0.0005 * (1 + math.cos(math.pi * epoch / 4)) / 2), epoch
+
+
+@pytest.mark.parametrize("override,key", [("backbone.name=gain_cnn4", "backbone.name"),
+                                          ("dataset.n_train=40", "dataset.n_train"),
+                                          ("formulation=per_label", "gain.formulation"),
+                                          ("trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer._target_"),
+                                          ("trainer.batch_size=4", "trainer.batch_size")])
+def test_resume_refuses_what_defines_the_experiment_in_one_sentence(tmp_path, tiny, override, key):
+    with pytest.raises(Interrupted):
+        train(compose(tiny + ["trainer.interrupt_after_steps=3"]), out_dir=tmp_path / "cut")  # mid-epoch 0
+    with pytest.raises(ValueError, match=rf"^trainer\.resume: .*{key.replace('.', chr(92) + '.')}="):
+        train(compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", override]), out_dir=tmp_path / "r")

@@ -1,0 +1,112 @@
+"""Checkpoints as a resumed run sees them: where they are, reading them safely, and what may differ on resume.
+
+A checkpoint stores the config it was made with (``run.config``). On resume, settings that define the experiment
+(backbone, classes, dataset, formulation, optimizer and schedule type) must match; the others (epochs, learning rate
+and other optimizer hyperparameters, loss weights, logger, ...) may change and are applied for real.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gain_exp.files import CorruptFile, load_state
+
+# Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
+MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "dataset", "gain.formulation",
+              "trainer.optimizer._target_", "trainer.scheduler")
+# Within those, keys that only locate or read the same data.
+MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
+# What the resumed run would not notice, so there is nothing to note.
+IGNORED = ("trainer.resume", "trainer.interrupt_after_steps", "trainer.progress", "trainer.device", "trainer.workers",
+           "logger")
+
+
+def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:
+    """``auto`` -> this run's last checkpoint if any; a run directory -> its last checkpoint; else the file."""
+    if str(where) == "auto":
+        path = out_dir / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    path = Path(where).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"trainer.resume={where}: no checkpoint at {path}; give a .ckpt file, a run directory holding "
+            f"checkpoints/last.ckpt, or 'auto'."
+        )
+    return path
+
+
+def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, Any] | None:
+    """The tracker state (e.g. W&B run id) in the checkpoint ``trainer.resume`` points at; None when starting fresh."""
+    path = resolve_checkpoint(where, out_dir) if where else None
+    if path is None:
+        return None
+    return read_checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
+
+
+def read_checkpoint(path: Path, device: Any, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's state, or one sentence naming the file and what to do instead."""
+    try:
+        state = load_state(path, map_location=device, mmap=mmap)
+    except CorruptFile as err:
+        raise ValueError(f"trainer.resume: checkpoint {err} Resume from another one (checkpoints/best.ckpt or a "
+                         f"checkpoint_every copy) or start fresh without trainer.resume.") from None
+    missing = {"model", "optimizer", "epoch", "step"} - set(state)
+    if missing:
+        raise ValueError(f"trainer.resume: {path} is not a gain-exp training checkpoint (no {', '.join(sorted(missing))});"
+                         f" point trainer.resume at a run directory or its checkpoints/last.ckpt.")
+    return state
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[Any]]:
+    """{dotted key: [checkpoint value, new value]} of settings that changed; ValueError if one may not."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    changed = {k: [old_flat.get(k), new_flat.get(k)] for k in sorted(old_flat.keys() | new_flat.keys())
+               if old_flat.get(k) != new_flat.get(k) and not _under(k, IGNORED)}
+    fixed = [k for k in changed if _under(k, MUST_MATCH) and not _under(k, MAY_DIFFER)]
+    if fixed:
+        key = fixed[0]
+        old, value = changed[key]
+        raise ValueError(f"trainer.resume: {path} was made with {key}={old}, this run has {key}={value}; a resumed "
+                         f"run keeps what defines the experiment, so resume with {key}={old} or start a new run.")
+    return changed
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, optimizer_cfg: dict[str, Any],
+                          epochs: int) -> None:
+    """After loading their states: the configured optimizer hyperparameters and schedule length take effect.
+
+    ``load_state_dict`` restores the checkpoint's param_groups (its lr, weight decay, ...) and the scheduler's T_max,
+    so without this a new ``trainer.optimizer.lr`` or ``trainer.epochs`` would be logged but not used.
+    """
+    hyper = {k: v for k, v in optimizer_cfg.items() if not k.startswith("_")}
+    for group in optimizer.param_groups:
+        for key, value in hyper.items():
+            if key in group:
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+        group["initial_lr"] = group["lr"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+        scheduler.T_max = epochs
+        scheduler.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        done = scheduler.last_epoch
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the closed form at the current epoch
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
