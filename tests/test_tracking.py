@@ -1,9 +1,13 @@
 """Tracking backends: W&B offline runs read back from disk, multirun groups, TensorBoard events, failure isolation."""
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import math
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ import yaml
 from conftest import ROOT, compose, tiny_overrides
 from gain_exp import run as app
 from gain_exp.tracking import JsonTracker, Tracker, Trackers, build_tracker
-from gain_exp.tracking.wandb import WandbTracker, _run_name, wandb_mode
+from gain_exp.tracking import wandb as wandb_backend
+from gain_exp.tracking.wandb import WandbTracker, _probe, _run_name, wandb_mode
 from wandb_offline import offline_runs
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like an API key; must never reach the disk
@@ -25,7 +30,9 @@ def wandb_sandbox(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_INIT_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(wandb_backend, "_PROBES", {})  # each test probes the server afresh
     yield
     import wandb
 
@@ -310,7 +317,15 @@ def test_wandb_that_cannot_start_warns_once_and_turns_itself_off(tmp_path, monke
     assert len(caplog.records) == 1 and "api.wandb.ai unreachable" in caplog.records[0].getMessage()
 
 
+def _counting_probe(monkeypatch, answer: str | None = None) -> list[str]:
+    """Replace the server probe by one that gives ``answer``; returns the URLs it was asked about."""
+    asked: list[str] = []
+    monkeypatch.setattr(wandb_backend, "_probe", lambda url, timeout: asked.append(url) or answer)
+    return asked
+
+
 def test_wandb_mode_resolution(tmp_path, monkeypatch):
+    _counting_probe(monkeypatch)  # the server answers
     assert wandb_mode("disabled") == "disabled" and wandb_mode("online") == "online"
     with pytest.raises(ValueError, match=r"logger\.wandb\.mode=cloud is unknown; use auto, online, offline or disabled"):
         wandb_mode("cloud")
@@ -384,3 +399,97 @@ def test_an_interrupted_then_resumed_app_run_is_one_wandb_run_with_a_continuous_
     assert steps == sorted(set(steps))
     epochs = [row["epoch"] for run in runs for row in run.history if "val/acc" in row]
     assert epochs == [0, 1]
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_wandb_server_gives_offline_runs_at_once_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    probes = []
+    monkeypatch.setattr(wandb_backend, "_probe", lambda *a: probes.append(a) or _probe(*a))
+    with caplog.at_level(logging.WARNING, logger="gain_exp.tracking"):
+        start = time.monotonic()
+        assert wandb_mode("auto") == "offline"
+        assert time.monotonic() - start < 2
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "gain_exp.tracking"]
+        assert url in warning and "Connection refused" in warning and "`wandb sync <run dir>/wandb`" in warning
+
+        caplog.clear()
+        out = tmp_path / "run"
+        tracker = WandbTracker(out, {"seed": 0}, mode="auto")
+        assert tracker.mode == "offline" and tracker.run is not None
+        tracker.log_metrics(_epoch_record(0, 0.5, 0.9), 1)
+        tracker.finish({"status": "completed"})
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "gain_exp.tracking"]
+        assert f"logs offline under {out / 'wandb'}" in warning and f"`wandb sync {out / 'wandb'}`" in warning
+
+        caplog.clear()
+        assert wandb_mode("online") == "offline"  # asked for online: falls back too, and says so
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "gain_exp.tracking"]
+        assert warning.startswith(f"logger.wandb.mode=online but the W&B server {url} is unreachable")
+    assert len(probes) == 1 and probes[0][0] == url  # one probe per process, however many runs
+    [run] = _read_back(out / "wandb")
+    assert run.summary["val/acc"] == {"max": 0.5} and run.summary["status"] == "completed"
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_the_server_probe_is_bounded_and_any_http_answer_counts_as_reachable():
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()  # accepts connections (the backlog) but never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        assert _probe(f"http://127.0.0.1:{server.server_port}", 5.0) is None
+        start = time.monotonic()
+        problem = _probe(f"http://127.0.0.1:{silent.getsockname()[1]}", 0.5)
+        assert problem is not None and ("timed out" in problem or "no answer" in problem)
+        assert time.monotonic() - start < 1.5
+        assert _probe("http://no-such-host.invalid", 2.0) is not None
+    finally:
+        server.shutdown()
+        silent.close()
+
+
+def test_an_online_start_that_fails_after_the_probe_logs_offline_within_the_init_timeout(tmp_path, monkeypatch,
+                                                                                         caplog):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    _counting_probe(monkeypatch)  # the probe passes, but run creation cannot reach the server
+    monkeypatch.setattr(wandb_backend, "INIT_TIMEOUT_S", 2.0)
+    monkeypatch.setenv("WANDB__DISABLE_VIEWER", "true")  # skips W&B's two 5 s account look-ups: a faster test
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="gain_exp.tracking"):
+        start = time.monotonic()
+        tracker = WandbTracker(out, {"seed": 0}, mode="online")
+        elapsed = time.monotonic() - start
+        tracker.log_metrics(_epoch_record(0, 0.5, 0.9), 1)
+        tracker.finish({"status": "completed"})
+    assert elapsed < 45  # W&B's own init_timeout is 90 s
+    assert tracker.mode == "offline"
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "gain_exp.tracking"]
+    assert warning.startswith(f"W&B could not start an online run at {url}") and "\n" not in warning
+    assert f"`wandb sync {out / 'wandb'}`" in warning
+    [run] = _read_back(out / "wandb")
+    assert run.summary["val/acc"] == {"max": 0.5}
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path

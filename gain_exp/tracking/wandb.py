@@ -1,11 +1,16 @@
 """Weights & Biases backend: one W&B run per job with scalars, attention images with mask layers, per-image tables,
-summary metrics and the best checkpoint as an artifact. W&B trouble never stops training."""
+summary metrics and the best checkpoint as an artifact. W&B trouble never stops training, and an unreachable
+server means an offline run after a short probe rather than a 90 s stall."""
 from __future__ import annotations
 
 import functools
 import logging
 import netrc
 import os
+import ssl
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
@@ -24,6 +29,13 @@ RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every j
 # ``train/mean_*`` take the smallest; anything else (am_drop, loc_n, ...) keeps W&B's default, the last value.
 MAX_METRICS = {"acc", "acc_macro", "pos_acc", "neg_acc", "auroc", "mAP", "AP", "f1_macro", "loc_iou",
                "pointing_game", "energy_pg"}
+# Seconds the reachability probe of the W&B server may take before online mode is given up for offline: W&B's
+# own wait is init_timeout (90 s) per run, which a sweep pays once per job and then loses the run.
+PROBE_TIMEOUT_S = 3.0
+# wandb.init's init_timeout for online runs (W&B default 90 s; $WANDB_INIT_TIMEOUT wins): run creation takes a
+# few seconds on a working link, so a server that answers the probe but not init costs this, then offline.
+INIT_TIMEOUT_S = 20.0
+_PROBES: dict[str, str | None] = {}  # base URL -> why it is unreachable (None: it answered); one probe a process
 
 
 def _best_effort(method: Callable[..., None]) -> Callable[..., None]:
@@ -56,7 +68,7 @@ class WandbTracker(Tracker):
                  mode: str | None = "auto", log_checkpoint: bool = False, panel_every: int = 1) -> None:
         self.run: Any = None
         self.out_dir = Path(out_dir)
-        self.mode = wandb_mode(mode)
+        self.mode = wandb_mode(mode, self.out_dir / "wandb")
         self.upload_checkpoint = bool(log_checkpoint)
         self.schedule = PanelSchedule(int(panel_every), "logger.wandb.panel_every")
         resume = resume or {}
@@ -78,7 +90,8 @@ class WandbTracker(Tracker):
 
             self._wandb = wandb
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
+            init = functools.partial(
+                wandb.init,
                 project=None if in_wandb_sweep else project,
                 entity=None if in_wandb_sweep else entity,
                 group=group or hydra_group,
@@ -87,11 +100,11 @@ class WandbTracker(Tracker):
                 name=name or hydra_name or self.out_dir.name,
                 config=config,
                 dir=str(self.out_dir),
-                mode=self.mode,
                 id=self._run_id,
                 resume="allow" if self._run_id else None,
                 reinit="finish_previous",  # a multirun in one process gets one W&B run per job
             )
+            self.run = self._start(init)
             self._run_id = self.run.id
             # Online, W&B knows where the resumed run stopped even if the saved state is older (a hard kill).
             self._floor = max(self._floor, int(getattr(self.run, "starting_step", 0) or 0) - 1)
@@ -99,6 +112,20 @@ class WandbTracker(Tracker):
             _restore_clobbered_sections(self.run, config)
         except Exception as err:  # noqa: BLE001 - an unreachable or misconfigured W&B must not stop training
             self._disable(f"could not start a run ({type(err).__name__}: {err})")
+
+    def _start(self, init: Callable[..., Any]) -> Any:
+        """wandb.init in this tracker's mode; an online start that fails goes offline so the run's data is kept."""
+        if self.mode != "online":
+            return init(mode=self.mode)
+        settings = {} if os.environ.get("WANDB_INIT_TIMEOUT") else {"init_timeout": INIT_TIMEOUT_S}
+        try:
+            return init(mode="online", settings=self._wandb.Settings(**settings))
+        except Exception as err:  # noqa: BLE001 - the server answered the probe but not run creation
+            self.mode = "offline"
+            log.warning("W&B could not start an online run at %s (%s: %s), so this run logs offline under %s; "
+                        "upload it later with `wandb sync %s`.", _base_url(), type(err).__name__,
+                        (str(err).splitlines() or [""])[0], self.out_dir / "wandb", self.out_dir / "wandb")
+            return init(mode="offline")
 
     @_best_effort
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -198,23 +225,42 @@ class WandbTracker(Tracker):
                 pass
 
 
-def wandb_mode(mode: str | None) -> str:
-    """``auto``/null -> $WANDB_MODE if set, else online when W&B credentials exist, else offline."""
+def wandb_mode(mode: str | None, sync_dir: str | os.PathLike | None = None) -> str:
+    """``auto``/null -> $WANDB_MODE if set, else online when W&B credentials exist, else offline.
+
+    Online is only chosen (or kept, when asked for) if the W&B server answers a short probe; otherwise offline,
+    with one warning naming ``sync_dir`` (where the offline run will be) for ``wandb sync``.
+    """
+    asked = mode
     if mode in (None, "auto"):
         env = os.environ.get("WANDB_MODE")
         if env:
-            return "offline" if env == "dryrun" else env
-        return "online" if _has_wandb_credentials() else "offline"
-    if mode not in WANDB_MODES:
+            mode, asked = ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
+        else:
+            mode = "online" if _has_wandb_credentials() else "offline"
+    elif mode not in WANDB_MODES:
         raise ValueError(f"logger.wandb.mode={mode} is unknown; use auto, online, offline or disabled.")
-    return mode
+    else:
+        asked = f"logger.wandb.mode={mode}"
+    if mode != "online":
+        return mode
+    url = _base_url()
+    problem = _server_problem(url)
+    if problem is None:
+        return mode
+    # An explicit online request also falls back (W&B trouble never stops training, and offline keeps the data).
+    where = sync_dir or "<run dir>/wandb"
+    log.warning("%sW&B server %s is unreachable (%s), so this run logs offline under %s; upload it later with "
+                "`wandb sync %s`.",
+                f"{asked} but the " if asked not in (None, "auto") else "The ", url, problem, where, where)
+    return "offline"
 
 
 def _has_wandb_credentials() -> bool:
     """An API key (or identity token) in the environment or ~/.netrc, found without prompting or network."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or _default_wandb_host()).hostname
+    host = urlparse(_base_url()).hostname
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
@@ -225,6 +271,43 @@ def _default_wandb_host() -> str:
     import wandb
 
     return wandb.Settings().base_url
+
+
+def _base_url() -> str:
+    """The W&B server: $WANDB_BASE_URL, else W&B's default (https://api.wandb.ai)."""
+    return os.environ.get("WANDB_BASE_URL") or _default_wandb_host()
+
+
+def _server_problem(base_url: str) -> str | None:
+    """Why the W&B server at ``base_url`` cannot be reached, or None; probed once per process (a multirun's jobs)."""
+    if base_url not in _PROBES:
+        _PROBES[base_url] = _probe(base_url, PROBE_TIMEOUT_S)
+    return _PROBES[base_url]
+
+
+def _probe(base_url: str, timeout: float) -> str | None:
+    """One HTTP(S) request to ``base_url`` (proxies from the environment apply) bounded by ``timeout`` in all."""
+    outcome: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(base_url, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # any HTTP answer (401, 404, ...) means the server is there
+        except urllib.error.URLError as err:
+            # A TLS complaint means the host answered; certificates are W&B's own business (custom CA bundles).
+            outcome.append(None if isinstance(err.reason, ssl.SSLError) else f"{err.reason}")
+        except ssl.SSLError:
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - timeouts, resets, bad URLs: all mean no usable server
+            outcome.append(f"{type(err).__name__}: {err}")
+
+    # A thread bounds the whole probe: urlopen's timeout does not cover DNS resolution.
+    thread = threading.Thread(target=attempt, name="wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
 def _hydra_job_context() -> tuple[str | None, str | None, dict[str, str]]:
