@@ -173,11 +173,14 @@ def load_source(text: str) -> Source:
     return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))
 
 
-def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1) -> list[Run | None]:
+def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False) -> list[Run | None]:
     """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order."""
     def one(numbered: tuple[int, Job]) -> Run | None:
         i, job = numbered
         dest = out / job.name
+        if resume and (dest / "summary.json").is_file():
+            print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
+            return load_run(dest) if _summary_status(dest) == "completed" else None
         argv, env = job.command(dest)
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
@@ -289,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the re-runs go (default: outputs/reproduce/<source>_<time>)")
     parser.add_argument("--jobs", type=int, default=1, help="jobs run at once (default 1: one after another)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--resume", action="store_true", help="keep the jobs already finished in --out (an "
+                                                              "interrupted reproduction) and run the rest")
     args = parser.parse_args(argv)
     try:
         source = load_source(args.source)
@@ -300,20 +305,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     if k in env and env[k] != os.environ.get(k)), *command]))
             return 0
         taken = [out / job.name for job in source.jobs if (out / job.name / "summary.json").exists()]
-        if taken:
-            raise ValueError(f"{taken[0]} already holds a run; pass a new --out directory.")
+        if taken and not args.resume:
+            raise ValueError(f"{taken[0]} already holds a run; pass a new --out directory, or --resume to keep it.")
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs} must be at least 1; pass --jobs 1 to run one job at a time.")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reproducing {len(source.jobs)} job(s) of {args.source} in {out}", file=sys.stderr)
-    reproduced = run_jobs(source.jobs, out, args.jobs)
+    reproduced = run_jobs(source.jobs, out, args.jobs, args.resume)
     text, record, status = report(source, args.source, out, compare(source, reproduced), reproduced)
     print(text, end="")
     (out / "comparison.md").write_text(text)
     write_json(out / "comparison.json", jsonable(record))
     return status
+
+
+def _summary_status(run_dir: Path) -> str | None:
+    return json.loads((run_dir / "summary.json").read_text()).get("status")
 
 
 def _committed_stats(record: dict[str, Any] | None, metric: str) -> Stats | None:
