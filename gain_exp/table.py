@@ -372,9 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table.markdown()
     print(text, end="")
     if args.md:
-        args.md.write_text(text)
+        _write(args.md, text)
     if args.csv:
-        args.csv.write_text(table.csv())
+        _write(args.csv, table.csv())
     spec_path = args.save_spec or (_spec_beside(args.md or args.csv) if (args.md or args.csv) else None)
     if spec_path:
         command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
@@ -400,10 +400,15 @@ def _print_spec(args: argparse.Namespace) -> int:
     text = table.markdown()
     print(text, end="")
     if args.md:
-        args.md.write_text(text)
+        _write(args.md, text)
     if args.csv:
-        args.csv.write_text(table.csv())
+        _write(args.csv, table.csv())
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def _spec_beside(output: Path) -> Path:
