@@ -195,3 +195,14 @@ def test_bad_specs_are_one_sentence_errors(tmp_path, monkeypatch, capsys, conten
     assert main(args) == 2
     err = capsys.readouterr().err
     assert phrase in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec_file", sorted((ROOT / "sweeps" / "tables").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_reprints_its_committed_cells(spec_file):
+    from gain_exp.table import read_spec, table_from_spec
+
+    spec = read_spec(spec_file)
+    table, _ = table_from_spec(spec)
+    assert table.row_keys == spec["rows"] and table.metrics == spec["metrics"]
+    for record, again in zip(spec["records"], table.records(), strict=True):
+        assert again == pytest.approx(record)
