@@ -20,14 +20,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
 import gain_exp
 from gain_exp.files import jsonable, write_json
-from gain_exp.table import (Row, Run, Table, build_table, find_runs, load_run, local, read_spec, spec_runs)
+from gain_exp.table import Row, Run, Table, build_table, find_runs, load_run, local, read_spec, spec_runs
 
 TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
 PATH_KEYS = ("root", "dir", "path", "file", "resume", "checkpoint", "weights_file")
@@ -45,7 +45,7 @@ def sweeps_dir() -> Path:
 
 
 def config_dir(saved: str) -> Path:
-    """A job's saved ``--config-dir`` on this machine, or the package's sweeps/ when that is gone (moved, other clone)."""
+    """A job's saved ``--config-dir`` here, or the package's sweeps/ when that is gone (moved, another clone)."""
     path = local(saved)
     return path if path.is_dir() else sweeps_dir()
 
@@ -185,7 +185,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = F
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(dest / "reproduce.log", "w") as log:
-            code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         done = code == 0 and (dest / "summary.json").is_file()
         outcome = "done" if done else f"failed (exit {code}), see {dest / 'reproduce.log'}"
         print(f"[{i + 1}/{len(jobs)}] {job.name}: {outcome} in {time.time() - started:.1f} s", file=sys.stderr)
@@ -254,10 +254,15 @@ def report(source: Source, where: str, out: Path, cells: Sequence[Cell], reprodu
              f"- original: commit {', '.join(before)}",
              f"- reproduced in {out}: commit {', '.join(after)}", ""]
     if before != after:
-        lines += [f"warning: the code differs (original {', '.join(before)}, reproduced {', '.join(after)}), "
-                  f"so differences may come from the code, not from chance.", ""]
+        lines += [(f"warning: the code differs (original {', '.join(before)}, reproduced {', '.join(after)}), "
+                   f"so differences may come from the code, not from chance."), ""]
     if failed:
         lines += [f"failed jobs (see their reproduce.log): {', '.join(failed)}", ""]
+    threads = [f"{job.name} ({again.summary.get('threads')} vs {job.threads})"
+               for job, again in zip(source.jobs, reproduced)
+               if again is not None and job.threads and again.summary.get("threads") != job.threads]
+    if threads:
+        lines += [f"warning: torch thread counts differ (reproduced vs original): {', '.join(threads)}.", ""]
     lines += ["| " + " | ".join([*keys, "metric", "original", "reproduced", "diff", "verdict"]) + " |",
               "|" + "---|" * (len(keys) + 5)]
     for cell in cells:
@@ -267,8 +272,8 @@ def report(source: Source, where: str, out: Path, cells: Sequence[Cell], reprodu
     counts = {v: sum(c.verdict == v for c in cells) for v in ("identical", "within spread")}
     differ = len(cells) - sum(counts.values())
     status = 1 if differ or failed else 0
-    lines += ["", f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
-                  f"original's seed spread, {differ} differ."]
+    lines += ["", (f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
+                   f"original's seed spread, {differ} differ.")]
     record = {
         "source": where, "out": str(out), "exit_status": status, "row_keys": source.table.row_keys,
         "original_commits": before, "reproduced_commits": after, "code_differs": before != after,

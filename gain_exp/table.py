@@ -195,7 +195,8 @@ def load_run(path: Path) -> Run:
     if (hydra_dir / "overrides.yaml").is_file():
         listed = _load_yaml(hydra_dir / "overrides.yaml") or []
     config = _load_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else {}
-    hydra = (_load_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {}) if (hydra_dir / "hydra.yaml").is_file() else {}
+    hydra_file = hydra_dir / "hydra.yaml"  # older runs keep their choices and search path only here
+    hydra = (_load_yaml(hydra_file) or {}).get("hydra", {}) if hydra_file.is_file() else {}
     return Run(path, summary, _parse_overrides(listed), config, list(listed), hydra)
 
 

@@ -184,7 +184,8 @@ def test_a_spec_is_written_beside_the_markdown_and_reprints_the_same_table(tmp_p
 @pytest.mark.parametrize("content,args,phrase", [
     (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
     ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
-    ("kind: gain_exp.table/1\njobs: [{name: a}]\n", ["--spec", "s.yaml"], "job 0 of s.yaml lacks overrides, row, final"),
+    ("kind: gain_exp.table/1\njobs: [{name: a}]\n", ["--spec", "s.yaml"],
+     "job 0 of s.yaml lacks overrides, row, final"),
     ("kind: x\n", ["--spec", "s.yaml", "m"], "--spec s.yaml and run directories were both given"),
     (None, [], "no runs given; pass multirun or run directories, or --spec"),
 ])
