@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -131,3 +132,78 @@ def test_wandb_flag_logs_the_table_offline(tmp_path, monkeypatch, capsys):
     assert "wandb sync" in capsys.readouterr().out
     [run] = offline_runs(tmp_path / "sweep" / "wandb")
     assert run.group == "sweep" and run.job_type == "table" and "results/nrows" in run.history_keys()
+
+
+def _spec_runs(root: Path) -> None:
+    """Two losses x two seeds; the gain runs are older (no choices in summary.json, only .hydra/hydra.yaml)."""
+    for i, (loss, seed, acc) in enumerate([("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8),
+                                           ("gain", 1, 0.9)]):
+        path = make_run(root / "m" / str(i), [f"seed={seed}"], {"val/acc": acc, "test_unbiased/acc": acc / 2},
+                        choices={"loss": loss}, config={"loss": {"_target_": "x", "am_weight": float(loss == "gain")}})
+        if loss == "gain":
+            summary = json.loads((path / "summary.json").read_text())
+            del summary["choices"]
+            (path / "summary.json").write_text(json.dumps(summary))
+            (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {
+                "mode": "MULTIRUN", "sweep": {"dir": str(root / "m")},
+                "runtime": {"choices": {"loss": "gain", "hydra/launcher": "basic"}, "cwd": str(root),
+                            "config_sources": [{"path": str(ROOT / "sweeps"), "schema": "file",
+                                                "provider": "command-line"}]},
+                "overrides": {"task": [f"seed={seed}"], "hydra": ["hydra.mode=MULTIRUN", "hydra.job.chdir=false"]}}}))
+
+
+def test_a_spec_is_written_beside_the_markdown_and_reprints_the_same_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _spec_runs(tmp_path)
+    assert main(["m", "--rows", "loss,loss.am_weight", "--md", "out/table.md"]) == 0
+    printed = capsys.readouterr().out
+    assert "| gain | 1.0 | 2 | 0.425 ± 0.035 |" in printed  # label from hydra.yaml, not JSON
+    spec = yaml.safe_load((tmp_path / "out" / "table.spec.yaml").read_text())
+    assert spec["rows"] == ["loss", "loss.am_weight"] and spec["metrics"] == ["test_unbiased/acc"]
+    assert spec["sources"] == [str(tmp_path / "m")] and spec["format"] == {"digits": 3}
+    assert spec["command"].endswith("m --rows loss,loss.am_weight --md out/table.md")
+    gain = spec["jobs"][2]
+    assert gain["name"] == "m/2" and gain["row"] == {"loss": "gain", "loss.am_weight": "1.0"}
+    assert gain["config_dirs"] == ["sweeps"] and gain["cwd"] == str(tmp_path)  # inside the repo: repo-relative
+    assert gain["hydra_overrides"] == ["hydra.job.chdir=false"]  # sweep-only hydra.mode dropped
+    assert gain["final"] == {"test_unbiased/acc": 0.4} and gain["choices"] == {"loss": "gain"}
+    assert spec["records"][1]["test_unbiased/acc mean"] == pytest.approx(0.425) and spec["records"][1]["n"] == 2
+
+    assert main(["--spec", "out/table.spec.yaml"]) == 0
+    again = capsys.readouterr()
+    assert again.out == printed and "from its run directories" in again.err
+    for run_dir in (tmp_path / "m").iterdir():  # a fresh clone: no outputs, only the committed numbers
+        shutil.rmtree(run_dir)
+    assert main(["--spec", "out/table.spec.yaml", "--csv", "out/again.csv"]) == 0
+    fresh = capsys.readouterr()
+    assert fresh.out == printed and "from the numbers it holds" in fresh.err
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "again.csv").read_text())))
+    assert [r["loss"] for r in rows] == ["baseline", "gain"] and rows[0]["test_unbiased/acc n"] == "2"
+
+
+@pytest.mark.parametrize("content,args,phrase", [
+    (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
+    ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
+    ("kind: gain_exp.table/1\njobs: [{name: a}]\n", ["--spec", "s.yaml"],
+     "job 0 of s.yaml lacks overrides, row, final"),
+    ("kind: x\n", ["--spec", "s.yaml", "m"], "--spec s.yaml and run directories were both given"),
+    (None, [], "no runs given; pass multirun or run directories, or --spec"),
+])
+def test_bad_specs_are_one_sentence_errors(tmp_path, monkeypatch, capsys, content, args, phrase):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "s.yaml").write_text(content)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec_file", sorted((ROOT / "sweeps" / "tables").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_reprints_its_committed_cells(spec_file):
+    from gain_exp.table import read_spec, table_from_spec
+
+    spec = read_spec(spec_file)
+    table, _ = table_from_spec(spec)
+    assert table.row_keys == spec["rows"] and table.metrics == spec["metrics"]
+    for record, again in zip(spec["records"], table.records(), strict=True):
+        assert again == pytest.approx(record)

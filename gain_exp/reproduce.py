@@ -1,0 +1,354 @@
+"""Re-run saved jobs exactly as they ran and compare their numbers with the originals.
+
+    python -m gain_exp.reproduce SOURCE [--out DIR] [--jobs N] [--dry-run]
+
+SOURCE is a run directory, a multirun directory or a table spec (sweeps/tables/<name>.yaml, written by
+``python -m gain_exp.table ... --save-spec``). Every job runs again as a subprocess with its saved task overrides,
+config dirs, config name and torch thread count, into DIR/<run dir name> or DIR/<sweep dir name>/<job subdir>.
+The original and reproduced tables are printed side by side with a verdict per cell and written to
+DIR/comparison.md and DIR/comparison.json. Exit status: 0 when every cell is identical or within the original's
+seed spread, 1 when any cell differs or a job fails, 2 for a user error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import gain_exp
+from gain_exp.files import jsonable, write_json
+from gain_exp.table import Row, Run, Table, build_table, find_runs, load_run, local, read_spec, spec_runs
+
+TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
+PATH_KEYS = ("root", "dir", "path", "file", "resume", "checkpoint", "weights_file")
+SAFE_VALUE = re.compile(r"[\w./@:+-]+")  # what Hydra's override grammar takes unquoted
+
+
+def package_root() -> Path:
+    """The checkout (or install) this module runs from: its conf/ and sweeps/ are what jobs compose."""
+    return Path(gain_exp.__file__).resolve().parent.parent
+
+
+def sweeps_dir() -> Path:
+    """The package's own sweep recipes, used when a job's saved --config-dir no longer exists."""
+    return package_root() / "sweeps"
+
+
+def config_dir(saved: str) -> Path:
+    """A job's saved ``--config-dir`` here, or the package's sweeps/ when that is gone (moved, another clone)."""
+    path = local(saved)
+    return path if path.is_dir() else sweeps_dir()
+
+
+@dataclass
+class Job:
+    """One saved job: everything needed to run it again."""
+
+    name: str  # destination below the output root: <run dir name> or <sweep dir name>/<job subdir>
+    overrides: list[str]  # Hydra task overrides, as saved
+    hydra_overrides: list[str] = field(default_factory=list)  # hydra.* overrides that shape composition
+    config_dirs: list[str] = field(default_factory=list)
+    config_name: str = "config"
+    cwd: str | None = None  # where the job was launched: relative paths in overrides are relative to it
+    threads: int | None = None  # torch threads: results are bit-identical only at a fixed count
+    git: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any]) -> Job:
+        """A job from ``Run.recipe()`` or a spec's job entry (extra keys ignored)."""
+        keys = cls.__dataclass_fields__
+        job = cls(**{k: v for k, v in recipe.items() if k in keys and v is not None})
+        job.threads = int(job.threads) if job.threads else None
+        return job
+
+    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run this job again with its results in ``dest``."""
+        argv = [sys.executable, "-m", "gain_exp.run"]
+        if len(self.config_dirs) > 1:
+            raise ValueError(f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
+                             f"--config-dir; pass the extra ones as hydra.searchpath overrides.")
+        argv += [arg for d in self.config_dirs for arg in ("--config-dir", str(config_dir(d)))]
+        if self.config_name != "config":
+            argv += ["--config-name", self.config_name]
+        cwd = local(self.cwd) if self.cwd else None
+        argv += [resolve_override(item, cwd) for item in self.overrides]
+        # hydra.mode=RUN: a job of a +launcher=... or +sweep=... recipe would otherwise start a sweep of one job
+        argv += [*self.hydra_overrides, *extra_overrides, "hydra.mode=RUN",
+                 f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
+        env = dict(os.environ)
+        # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
+        paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+        if self.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        return argv, env
+
+
+def saved_job(run_dir: str | os.PathLike) -> Job:
+    """The job a run directory (summary.json and/or .hydra/) saved."""
+    path = Path(run_dir)
+    if (path / "summary.json").is_file():
+        return Job.from_recipe(load_run(path).recipe())
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        raise FileNotFoundError(f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
+                                f"written by python -m gain_exp.run.")
+    from omegaconf import OmegaConf  # a run that died before summary.json: Hydra's own record is all there is
+
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
+    return Job.from_recipe(Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra).recipe())
+
+
+def job_command(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that re-run the job saved in ``run_dir`` with its results in ``out_dir``."""
+    return saved_job(run_dir).command(out_dir, extra_overrides)
+
+
+def resolve_override(item: str, cwd: Path | None) -> str:
+    """``key=relative/path`` -> ``key=<cwd>/relative/path``, so the job reads the same files from any directory."""
+    if cwd is None or "=" not in item or item.startswith("~"):
+        return item
+    key, value = item.split("=", 1)
+    name = key.lstrip("+")
+    if "." not in name or name.startswith("hydra"):  # group choices (loss=gain) and Hydra's own keys
+        return item
+    if not SAFE_VALUE.fullmatch(value) or value.startswith(("/", "~")) or ":" in value:
+        return item
+    last = name.rsplit(".", 1)[-1]
+    pathlike = "/" in value or ((last in PATH_KEYS or last.endswith(PATH_KEYS)) and (cwd / value).exists())
+    return f"{key}={_quote(str(cwd / value))}" if pathlike else item
+
+
+@dataclass
+class Source:
+    """What to reproduce: the jobs, the original runs (one per job, same order) and the original table."""
+
+    name: str
+    jobs: list[Job]
+    runs: list[Run]
+    table: Table
+    committed: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)  # a spec's cells, by row
+
+
+def load_source(text: str) -> Source:
+    """The jobs and original numbers of a run directory, a multirun directory or a table spec."""
+    path = Path(text)
+    shipped = sweeps_dir() / "tables" / f"{text}.yaml"
+    if not path.exists() and "/" not in text and shipped.is_file():  # `reproduce readme_shapes`
+        path = shipped
+    if not path.exists():
+        raise FileNotFoundError(f"SOURCE {text} does not exist (relative to {Path.cwd()}); pass a run directory, "
+                                f"a multirun directory or a table spec such as sweeps/tables/<name>.yaml.")
+    if path.is_file():
+        if path.suffix not in (".yaml", ".yml"):
+            raise ValueError(f"SOURCE {text} is a file but not a table spec (.yaml); pass a run directory, "
+                             f"a multirun directory or a spec written by python -m gain_exp.table --save-spec.")
+        spec = read_spec(path)
+        runs = spec_runs(spec)
+        table = build_table(runs, spec.get("metrics"), spec.get("rows") or [],
+                            int((spec.get("format") or {}).get("digits", 3)))
+        committed = {tuple(str(r.get(k)) for k in table.row_keys): r for r in spec.get("records") or []}
+        return Source(path.stem, [Job.from_recipe(j) for j in spec["jobs"]], runs, table, committed)
+    runs = []
+    for run_dir in find_runs([path]):
+        run = load_run(run_dir)
+        if run.summary.get("status") != "completed":
+            print(f"note: skipped {run_dir}: status={run.summary.get('status')}", file=sys.stderr)
+            continue
+        runs.append(run)
+    if not runs:
+        raise ValueError(f"SOURCE {text} holds no completed runs; finish them first or pass another directory.")
+    return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))
+
+
+def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False) -> list[Run | None]:
+    """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order."""
+    def one(numbered: tuple[int, Job]) -> Run | None:
+        i, job = numbered
+        dest = out / job.name
+        if resume and (dest / "summary.json").is_file():
+            print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
+            return load_run(dest) if _summary_status(dest) == "completed" else None
+        argv, env = job.command(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(dest / "reproduce.log", "w") as log:
+            code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        done = code == 0 and (dest / "summary.json").is_file()
+        outcome = "done" if done else f"failed (exit {code}), see {dest / 'reproduce.log'}"
+        print(f"[{i + 1}/{len(jobs)}] {job.name}: {outcome} in {time.time() - started:.1f} s", file=sys.stderr)
+        return load_run(dest) if done else None
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        return list(pool.map(one, enumerate(jobs)))
+
+
+Stats = tuple[float | None, float | None, int]
+
+
+@dataclass
+class Cell:
+    """One (row, metric) of both tables and how they compare."""
+
+    row: tuple[str, ...]
+    metric: str
+    original: Stats
+    reproduced: Stats
+    diff: float | None
+    verdict: str  # identical | within spread | differs | differs (n=1: no seed spread)
+
+
+def verdict(original: Stats, reproduced: Stats) -> tuple[float | None, str]:
+    """(reproduced mean - original mean, verdict) for one cell."""
+    (m0, s0, n0), (m1, _, n1) = original, reproduced
+    if m0 is None or m1 is None or n0 != n1:
+        return None, ("identical" if m0 is None and m1 is None else "differs")
+    diff = m1 - m0
+    if m1 == m0 or abs(diff) <= TOLERANCE:
+        return diff, "identical"
+    if s0 is None:
+        return diff, "differs (n=1: no seed spread)"
+    return diff, ("within spread" if abs(diff) <= s0 else "differs")
+
+
+def compare(source: Source, reproduced: Sequence[Run | None]) -> list[Cell]:
+    """Cells of the original table beside the same jobs' reproduced numbers, grouped by the original's rows."""
+    index = {id(run): i for i, run in enumerate(source.runs)}
+    cells = []
+    for row in source.table.rows:
+        again = Row(row.values, [r for r in (reproduced[index[id(run)]] for run in row.runs) if r is not None])
+        for metric in source.table.metrics:
+            original = _committed_stats(source.committed.get(row.values), metric) or row.stats(metric)
+            new = again.stats(metric)
+            cells.append(Cell(row.values, metric, original, new, *verdict(original, new)))
+    return cells
+
+
+def commits(gits: Sequence[dict[str, Any] | None]) -> list[str]:
+    """Distinct ``sha`` / ``sha+dirty`` labels of the given git states."""
+    labels = {f"{g.get('commit')}{'+dirty' if g.get('dirty') else ''}" for g in gits if g and g.get("commit")}
+    return sorted(labels) or ["unknown"]
+
+
+def report(source: Source, where: str, out: Path, cells: Sequence[Cell], reproduced: Sequence[Run | None]
+           ) -> tuple[str, dict[str, Any], int]:
+    """(Markdown, JSON record, exit status) of a comparison."""
+    before = commits([job.git for job in source.jobs])
+    after = commits([(r.summary.get("git") or {}) for r in reproduced if r is not None])
+    failed = [job.name for job, r in zip(source.jobs, reproduced) if r is None]
+    keys = source.table.row_keys or ["runs"]
+    digits = source.table.digits
+    lines = [f"# Reproduction of {where}", "",
+             f"- original: commit {', '.join(before)}",
+             f"- reproduced in {out}: commit {', '.join(after)}", ""]
+    if before != after:
+        lines += [(f"warning: the code differs (original {', '.join(before)}, reproduced {', '.join(after)}), "
+                   f"so differences may come from the code, not from chance."), ""]
+    if failed:
+        lines += [f"failed jobs (see their reproduce.log): {', '.join(failed)}", ""]
+    threads = [f"{job.name} ({again.summary.get('threads')} vs {job.threads})"
+               for job, again in zip(source.jobs, reproduced)
+               if again is not None and job.threads and again.summary.get("threads") != job.threads]
+    if threads:
+        lines += [f"warning: torch thread counts differ (reproduced vs original): {', '.join(threads)}.", ""]
+    lines += ["| " + " | ".join([*keys, "metric", "original", "reproduced", "diff", "verdict"]) + " |",
+              "|" + "---|" * (len(keys) + 5)]
+    for cell in cells:
+        diff = "-" if cell.diff is None else ("0" if cell.diff == 0 else f"{cell.diff:+.2g}")
+        lines.append("| " + " | ".join([*(cell.row or ("all",)), cell.metric, _stats_text(cell.original, digits),
+                                        _stats_text(cell.reproduced, digits), diff, cell.verdict]) + " |")
+    counts = {v: sum(c.verdict == v for c in cells) for v in ("identical", "within spread")}
+    differ = len(cells) - sum(counts.values())
+    status = 1 if differ or failed else 0
+    lines += ["", (f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
+                   f"original's seed spread, {differ} differ.")]
+    record = {
+        "source": where, "out": str(out), "exit_status": status, "row_keys": source.table.row_keys,
+        "original_commits": before, "reproduced_commits": after, "code_differs": before != after,
+        "failed_jobs": failed,
+        "cells": [{"row": dict(zip(source.table.row_keys, c.row)), "metric": c.metric,
+                   "original": dict(zip(("mean", "std", "n"), c.original)),
+                   "reproduced": dict(zip(("mean", "std", "n"), c.reproduced)), "diff": c.diff,
+                   "verdict": c.verdict} for c in cells],
+        "jobs": [{"name": job.name, "original": {m: run.metrics.get(m) for m in source.table.metrics},
+                  "reproduced": None if again is None else {m: again.metrics.get(m) for m in source.table.metrics},
+                  "threads": job.threads, "reproduced_threads": None if again is None else again.summary.get("threads")}
+                 for job, run, again in zip(source.jobs, source.runs, reproduced)],
+    }
+    return "\n".join(lines) + "\n", record, status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m gain_exp.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="run directory, multirun directory or table spec (.yaml)")
+    parser.add_argument("--out", type=Path, help="where the re-runs go (default: outputs/reproduce/<source>_<time>)")
+    parser.add_argument("--jobs", type=int, default=1, help="jobs run at once (default 1: one after another)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--resume", action="store_true", help="keep the jobs already finished in --out (an "
+                                                              "interrupted reproduction) and run the rest")
+    args = parser.parse_args(argv)
+    try:
+        source = load_source(args.source)
+        out = args.out or Path("outputs/reproduce") / f"{source.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        commands = [job.command(out / job.name) for job in source.jobs]
+        if args.dry_run:
+            for (command, env), job in zip(commands, source.jobs):
+                print(shlex.join([*(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+                                    if k in env and env[k] != os.environ.get(k)), *command]))
+            return 0
+        taken = [out / job.name for job in source.jobs if (out / job.name / "summary.json").exists()]
+        if taken and not args.resume:
+            raise ValueError(f"{taken[0]} already holds a run; pass a new --out directory, or --resume to keep it.")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs} must be at least 1; pass --jobs 1 to run one job at a time.")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"reproducing {len(source.jobs)} job(s) of {args.source} in {out}", file=sys.stderr)
+    reproduced = run_jobs(source.jobs, out, args.jobs, args.resume)
+    text, record, status = report(source, args.source, out, compare(source, reproduced), reproduced)
+    print(text, end="")
+    (out / "comparison.md").write_text(text)
+    write_json(out / "comparison.json", jsonable(record))
+    return status
+
+
+def _summary_status(run_dir: Path) -> str | None:
+    return json.loads((run_dir / "summary.json").read_text()).get("status")
+
+
+def _committed_stats(record: dict[str, Any] | None, metric: str) -> Stats | None:
+    """(mean, std, n) of ``metric`` in a spec's committed row record, if it has one."""
+    if not record or f"{metric} mean" not in record:
+        return None
+    return record[f"{metric} mean"], record.get(f"{metric} std"), int(record.get(f"{metric} n") or 0)
+
+
+def _stats_text(stats: Stats, digits: int) -> str:
+    mean, std, n = stats
+    if mean is None:
+        return "-"
+    text = f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{text} (n={n})"
+
+
+def _quote(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged."""
+    return value if SAFE_VALUE.fullmatch(value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
