@@ -121,6 +121,8 @@ def test_multirun_then_rerun_from_saved_config(tmp_path):
         ("trainer.epochs=0", r"trainer\.epochs=0 must be >= 1"),
         ("trainer.batch_size=0", r"trainer\.batch_size=0 must be >= 1"),
         ("trainer.optimizer.lr=0", r"trainer\.optimizer\.lr=0.* must be > 0"),
+        ("trainer.optimizer.momentum=0.9", r"trainer\.optimizer\.momentum is not an argument of torch\.optim\.AdamW"),
+        ("trainer.optimizer.weight_decy=0", r"weight_decy .*\(did you mean weight_decay\?\)"),
         ("backbone.name=resnet81", r"backbone 'resnet81' is not a timm model; did you mean"),
         ("backbone.grad_layer=layer9", r"grad_layer 'layer9' does not exist"),
         ("dataset.bias=1.5", r"bias"),
