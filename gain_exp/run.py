@@ -137,8 +137,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path="../conf", config_name=
 
 
 def main() -> float | None:
-    """Command-line entry: the Hydra app, with composition errors (wrong type, unknown key or option, malformed
-    override) printed as one ``error:`` sentence and exit status 2."""
+    """Command-line entry: the Hydra app, with composition errors printed as one ``error:`` sentence (exit 2)."""
     full_trace = os.environ.get("HYDRA_FULL_ERROR")
     if full_trace == "1":  # the user asked Hydra for complete stack traces: leave its reporting alone
         return _hydra_main()

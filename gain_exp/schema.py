@@ -64,6 +64,7 @@ class TrainerSchema:
     scheduler: Optional[str] = MISSING
     monitor: str = MISSING
     monitor_mode: str = MISSING
+    test_on: str = MISSING  # read by the Trainer on main (merge: add test_on: str to FitConfig)
     num_panels: int = MISSING
     table_images: int = MISSING
     log_every_n_steps: int = MISSING
