@@ -2,6 +2,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from gain_exp import models as _models  # noqa: F401  registers the small CNNs with timm
+from gain_exp import schema as _schema  # noqa: F401  registers the config schemas that conf/ refers to
 
 try:
     __version__ = version("gain-exp")

@@ -1,6 +1,9 @@
 """Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, normalisation)."""
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import math
 from typing import Any
 
@@ -42,6 +45,7 @@ def check_config(cfg: DictConfig) -> None:
     for ok, sentence in checks:
         if not ok:
             raise ValueError(sentence + ".")
+    check_optimizer_keys(t.optimizer)
     if not timm.is_model(cfg.backbone.name):
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
 
@@ -82,6 +86,27 @@ def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, float):
             found.append((key, value))
     return found
+def check_optimizer_keys(node: DictConfig) -> None:
+    """Every trainer.optimizer key is an argument of its class: the node is open (keys vary by class), so the
+    schema cannot catch a misspelt one."""
+    target = node._target_
+    module, _, name = str(target).rpartition(".")
+    try:  # importlib, not hydra.utils.get_class: that one also logs its own multi-line error
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"trainer.optimizer._target_={target} is not an importable class; name a torch.optim class "
+                         f"such as torch.optim.AdamW or torch.optim.SGD.") from None
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [name for name in params if name != "params"]  # the app passes the model's parameters
+    for key in node:
+        if str(key).startswith("_") or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), accepted, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"trainer.optimizer.{key} is not an argument of {target}{hint}; fix or remove it "
+                         f"(it takes {', '.join(accepted)}).")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -44,24 +44,28 @@ class Interrupted(Exception):
 
 @dataclass
 class FitConfig:
-    """The trainer/ config group's loop settings (see conf/trainer/default.yaml for each key)."""
+    """The trainer/ config group's loop settings plus the run's seed and resolved monitor.
 
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    workers: int = 0
-    amp: bool = False
-    grad_clip: float | None = None
-    seed: int = 0
-    monitor: str = "val/acc"
-    monitor_mode: str = "max"
-    num_panels: int = 8
-    table_images: int = 64
-    log_every_n_steps: int = 10
-    resume: str | None = None
-    interrupt_after_steps: int | None = None
-    progress: bool | None = None
-    test_on: str = "best"
+    No defaults on purpose: conf/trainer/default.yaml holds them (with comments), so they cannot drift; each field
+    has the type of its key in gain_exp.schema.TrainerSchema (tests/test_schema.py checks both).
+    """
+
+    epochs: int
+    batch_size: int
+    eval_batch_size: int | None
+    workers: int
+    amp: bool
+    grad_clip: float | None
+    seed: int
+    monitor: str  # resolved: never "auto"
+    monitor_mode: str
+    num_panels: int
+    table_images: int
+    log_every_n_steps: int
+    resume: str | None
+    interrupt_after_steps: int | None
+    progress: bool | None
+    test_on: str
 
 
 class _ListSampler(Sampler[int]):

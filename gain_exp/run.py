@@ -5,7 +5,6 @@ optimiser from config, train and evaluate, write summary.json, return the swept 
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from gain_exp.config import (backbone_normalisation, check_config, check_data, c
                              resolve_monitor)
 from gain_exp.checkpoints import saved_tracking
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
+from gain_exp.errors import explain
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
@@ -59,7 +59,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         device = resolve_device(cfg.trainer.device)
 
         mean, std = backbone_normalisation(cfg.backbone.name)
-        data = _call_with_accepted(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
+        # every builder takes its YAML keys plus these runtime arguments (DatasetBuilder in gain_exp/data/base.py)
+        data = _instantiate(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
         model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
                                 weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs).to(device)
         gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
@@ -125,14 +126,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _call_with_accepted(node: DictConfig, **extra: Any) -> Any:
-    """instantiate(node, **extra), passing only the extras the target's signature accepts."""
-    target = hydra.utils.get_method(node._target_)
-    params = inspect.signature(target).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return _instantiate(node, **{k: v for k, v in extra.items() if takes_any or k in params})
-
-
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     """hydra's instantiate, re-raising our one-sentence user errors instead of Hydra's wrapper."""
     try:
@@ -166,9 +159,8 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
     }
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry: runs one job and returns its optimisation metric (for sweepers)."""
+def task(cfg: DictConfig) -> float | None:
+    """The Hydra task: runs one job and returns its optimisation metric (for sweepers)."""
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         summary = train(cfg)
@@ -188,6 +180,30 @@ def main(cfg: DictConfig) -> float | None:
     value = summary["final"].get(summary["optimize_metric"])
     print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
     return value
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)
+
+
+def main() -> float | None:
+    """Command-line entry: the Hydra app, with composition errors printed as one ``error:`` sentence (exit 2)."""
+    full_trace = os.environ.get("HYDRA_FULL_ERROR")
+    if full_trace == "1":  # the user asked Hydra for complete stack traces: leave its reporting alone
+        return _hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then re-raises composition errors here instead of printing them
+    try:
+        return _hydra_main()
+    except Exception as err:
+        sentence = explain(err)
+        if sentence is None:
+            raise
+        print(f"error: {sentence}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full_trace is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_trace
 
 
 if __name__ == "__main__":

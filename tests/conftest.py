@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import gain_exp  # noqa: F401  registers the config schemas (gain_exp/schema.py) that conf/ refers to
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 _WANDB_HOME = tempfile.mkdtemp(prefix="gain_exp_wandb_")  # W&B never writes under ~ during tests

@@ -9,14 +9,13 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import compose
 from fixtures_data import image_ext, make_mask_folder, mask_kind, object_box
 from gain_exp.data.mask_folder import build
 
 SIZE = 48
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "mask_folder.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,9 +157,9 @@ def test_mask_naming_conventions_and_extensions(tmp_path):
 
 
 def test_hydra_config_instantiates(binary_root):
-    cfg = OmegaConf.load(CONF)
+    cfg = compose(["dataset=mask_folder", f"dataset.root={binary_root}", "dataset.negative_class=negative",
+                   "dataset.batch_pos_dist=0.5", "dataset.steps_per_epoch=3"]).dataset
     assert cfg._target_ == "gain_exp.data.mask_folder.build"
-    cfg.root, cfg.negative_class, cfg.batch_pos_dist, cfg.steps_per_epoch = str(binary_root), "negative", 0.5, 3
     splits = hydra.utils.instantiate(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], seed=1, batch_size=2)
     assert len(splits.train_sampler) == 6 and splits.train[0]["image"].shape == (3, 224, 224)
 

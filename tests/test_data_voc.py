@@ -8,16 +8,15 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import compose
 from fixtures_data import (
     VOC_CLASSES, make_voc, save_voc_mask, voc_has_mask, voc_id, voc_label_map, voc_labels, voc_objects, voc_split,
 )
 from gain_exp.data.voc import build
 
 N, SIZE = 24, 48
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "voc2012.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,9 +154,9 @@ def test_sbd_train_list_replaces_train_and_never_holds_val(voc_root, tmp_path, c
 
 
 def test_hydra_config_instantiates(voc_root):
-    cfg = OmegaConf.load(CONF)
+    cfg = compose(["dataset=voc2012", f"dataset.root={voc_root}", "dataset.masks_to_use=2",
+                   "dataset.image_size=32"]).dataset
     assert cfg._target_ == "gain_exp.data.voc.build"
-    cfg.root, cfg.masks_to_use, cfg.image_size = str(voc_root), 2, 32
     splits = hydra.utils.instantiate(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], seed=3, batch_size=4)
     assert splits.train[0]["image"].shape == (3, 32, 32) and splits.extras["num_masked_train"] == 2
 

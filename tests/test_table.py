@@ -34,7 +34,7 @@ def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_ru
     overrides = [f"hydra.searchpath=[file://{ROOT / 'sweeps'}]", "+setting=baseline,gain_ext_5pct", "seed=0,1",
                  *tiny_overrides(tmp_path), "trainer.epochs=1", "dataset.n_train=16", "logger=json"]
     runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
-                                task_function=app.main.__wrapped__, config_path="../conf", config_name="config",
+                                task_function=app.task, config_path="../conf", config_name="config",
                                 overrides=overrides, temp_dir=sweep_dir)
     with runner:  # the runner deletes its sweep dir on exit
         md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"

@@ -96,7 +96,7 @@ def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(tmp_pa
     sweep_dir = tmp_path / "my_sweep"
     overrides = _one_epoch(tmp_path, "logger=wandb", "seed=0,1")
     runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
-                                task_function=app.main.__wrapped__, config_path="../conf", config_name="config",
+                                task_function=app.task, config_path="../conf", config_name="config",
                                 overrides=overrides, temp_dir=sweep_dir)
     with runner:  # the runner deletes its sweep dir on exit
         wandb.teardown()

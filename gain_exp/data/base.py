@@ -1,9 +1,15 @@
-"""The contract every dataset follows: what one sample holds and what a built dataset exposes."""
+"""The contract every dataset follows: how it is built, what one sample holds and what a built dataset exposes.
+
+A dataset is one module with a ``build`` function, named by ``_target_`` in its conf/dataset/<name>.yaml (typed by
+its schema in gain_exp/schema.py). ``build`` takes that YAML's keys as keyword arguments plus the runtime arguments
+the app passes to every builder (RUNTIME_ARGS, keyword-only; a builder that does not use one still accepts it) and
+returns a DataSplits. run.py calls ``instantiate(cfg.dataset, **runtime)`` with exactly these, no signature inspection.
+"""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, Protocol, Sequence, TypedDict
 
 import torch
 from torch.utils.data import Dataset
@@ -38,6 +44,18 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+RUNTIME_ARGS = ("mean", "std", "seed", "batch_size")  # what the app passes to every builder besides the YAML keys
+
+
+class DatasetBuilder(Protocol):
+    """``build(**yaml_keys, *, mean, std, seed, batch_size) -> DataSplits``: every dataset module's entry point."""
+
+    def __call__(self, *, mean: Sequence[float], std: Sequence[float], seed: int, batch_size: int,
+                 **config: Any) -> DataSplits:
+        """mean/std: the backbone's input normalisation; seed: the run's seed; batch_size: trainer.batch_size."""
+        ...
 
 
 def derive_seed(seed: int, purpose: str) -> int:

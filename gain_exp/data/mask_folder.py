@@ -361,13 +361,13 @@ def build(
     hflip: bool = True,
     strict: bool = False,
     extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+    *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     seed: int = 0,
     batch_size: int = 1,
-    **_,
 ) -> DataSplits:
-    """Build train/val(/test) splits from class folders of images with optional binary masks."""
+    """Build train/val(/test) splits from class folders of images with optional binary masks (a DatasetBuilder)."""
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise FileNotFoundError(

@@ -147,15 +147,17 @@ def build(
     n_train: int = 2000,
     n_val: int = 500,
     n_test: int = 1000,
-    bias: float = 0.95,
+    bias: float = 0.98,
     masks_to_use: float | int = 0.1,
     max_objects: int = 1,
-    seed: int = 0,
-    mean: tuple = IMAGENET_DEFAULT_MEAN,
-    std: tuple = IMAGENET_DEFAULT_STD,
     augment: bool = False,
+    *,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    seed: int = 0,
+    batch_size: int = 1,  # part of the builder contract (data/base.py); shapes batches with the default sampler
 ) -> DataSplits:
-    """Build (or load from the disk cache) the biased-shapes splits."""
+    """Build (or load from the disk cache) the biased-shapes splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(num_classes, image_size, n_train, n_val, n_test, bias, max_objects, mean, std)
     n_masked = _mask_count(masks_to_use, n_train)

@@ -115,12 +115,13 @@ def build(
     autoaugment: bool = True,
     hflip: bool = True,
     strict: bool = False,
+    *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     seed: int = 0,
-    **_,
+    batch_size: int = 1,  # part of the builder contract (data/base.py); VOC batches with the default sampler
 ) -> DataSplits:
-    """Build the VOC2012 train and val splits (multi-label, 20 classes) from the extracted devkit."""
+    """Build the VOC2012 train and val splits (multi-label, 20 classes) from the extracted devkit (a DatasetBuilder)."""
     voc = find_voc_dir(Path(root).expanduser())
     main = voc / "ImageSets" / "Main"
     seg_dir = voc / "SegmentationClass"

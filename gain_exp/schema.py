@@ -1,0 +1,204 @@
+"""Typed schemas of the conf/ tree, registered in Hydra's ConfigStore so a wrongly typed value fails at composition.
+
+The YAML files hold every default (with its comment); these dataclasses hold only names and types, so they cannot
+drift from it: every field is MISSING. A YAML file opts in with a defaults entry before ``_self_``, e.g.
+``defaults: [/gain_exp_schema_trainer@_here_, _self_]``. The schemas are stored at the ConfigStore's root, not in a
+config group, so they never appear as group options in ``--help``, tab completion or ``runtime.choices``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PREFIX = "gain_exp_schema_"  # ConfigStore names: <PREFIX><name>, referenced as /<PREFIX><name> in conf/ defaults
+
+
+@dataclass
+class GainSchema:
+    """conf/config.yaml ``gain`` (gain_exp.gain.GAIN); grad_mode/ and formulation/ fill two keys."""
+
+    _target_: str = MISSING
+    sigma: float = MISSING
+    omega: float = MISSING
+    normalisation: str = MISSING
+    fill: Any = MISSING  # "zero" | "mean" | [r, g, b]
+    am_grad_scale: float = MISSING
+    freeze_am_bn: bool = MISSING
+    formulation: str = MISSING
+    grad_mode: str = MISSING
+
+
+@dataclass
+class AppSchema:
+    """conf/config.yaml's own keys; the groups' nodes are typed by their own options' schemas."""
+
+    seed: int = MISSING
+    optimize_metric: str = MISSING
+    gain: GainSchema = field(default_factory=GainSchema)
+
+
+@dataclass
+class OptimizerSchema:
+    """conf/trainer ``optimizer``: a partial ``torch.optim`` class; stored open, since extra keys vary by class."""
+
+    _target_: str = MISSING
+    _partial_: bool = MISSING
+    lr: float = MISSING
+
+
+@dataclass
+class TrainerSchema:
+    """conf/trainer/*.yaml: the loop, optimiser and checkpoint settings."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: Optional[int] = MISSING
+    device: str = MISSING
+    amp: bool = MISSING
+    workers: int = MISSING
+    grad_clip: Optional[float] = MISSING
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    scheduler: Optional[str] = MISSING
+    monitor: str = MISSING
+    monitor_mode: str = MISSING
+    test_on: str = MISSING  # read by the Trainer on main (merge: add test_on: str to FitConfig)
+    num_panels: int = MISSING
+    table_images: int = MISSING
+    log_every_n_steps: int = MISSING
+    resume: Optional[str] = MISSING
+    interrupt_after_steps: Optional[int] = MISSING
+    progress: Optional[bool] = MISSING
+
+
+@dataclass
+class LossSchema:
+    """conf/loss/*.yaml (gain_exp.losses.GAINLoss)."""
+
+    _target_: str = MISSING
+    am_weight: float = MISSING
+    ex_weight: float = MISSING
+    am_score: str = MISSING
+    am_start_epoch: int = MISSING
+    ex_start_epoch: int = MISSING
+    am_on_all: bool = MISSING
+    ex_on: str = MISSING
+
+
+@dataclass
+class BackboneSchema:
+    """conf/backbone/*.yaml: a timm model by name."""
+
+    name: str = MISSING
+    pretrained: bool = MISSING
+    weights_file: Optional[str] = MISSING
+    grad_layer: Optional[str] = MISSING
+    kwargs: Dict[str, Any] = MISSING
+
+
+@dataclass
+class ShapesSchema:
+    """conf/dataset/shapes.yaml (gain_exp.data.shapes.build)."""
+
+    _target_: str = MISSING
+    root: str = MISSING
+    num_classes: int = MISSING
+    image_size: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
+    bias: float = MISSING
+    masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
+    max_objects: int = MISSING
+    augment: bool = MISSING
+
+
+@dataclass
+class Voc2012Schema:
+    """conf/dataset/voc2012.yaml (gain_exp.data.voc.build)."""
+
+    _target_: str = MISSING
+    root: str = MISSING
+    image_size: int = MISSING
+    exclude_difficult: bool = MISSING
+    sbd_train_list: Optional[str] = MISSING
+    masks_to_use: Union[int, float] = MISSING
+    autoaugment: bool = MISSING
+    hflip: bool = MISSING
+    strict: bool = MISSING
+
+
+@dataclass
+class MaskFolderSchema:
+    """conf/dataset/mask_folder.yaml (gain_exp.data.mask_folder.build)."""
+
+    _target_: str = MISSING
+    root: str = MISSING
+    image_size: int = MISSING
+    negative_class: Optional[str] = MISSING
+    masks_to_use: Union[int, float] = MISSING
+    batch_pos_dist: Optional[float] = MISSING
+    steps_per_epoch: Optional[int] = MISSING
+    autoaugment: bool = MISSING
+    hflip: bool = MISSING
+    strict: bool = MISSING
+    extensions: List[str] = MISSING
+
+
+@dataclass
+class WandbSchema:
+    """conf/logger/wandb.yaml ``logger.wandb`` (gain_exp.tracking.wandb.WandbTracker)."""
+
+    _target_: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    job_type: str = MISSING
+    tags: List[str] = MISSING
+    name: Optional[str] = MISSING
+    mode: str = MISSING
+    log_checkpoint: bool = MISSING
+    panel_every: int = MISSING
+
+
+@dataclass
+class TensorboardSchema:
+    """conf/logger/tensorboard.yaml ``logger.tensorboard`` (gain_exp.tracking.tensorboard.TensorboardTracker)."""
+
+    _target_: str = MISSING
+    panel_every: int = MISSING
+
+
+SCHEMAS: dict[str, type] = {
+    "app": AppSchema,
+    "trainer": TrainerSchema,
+    "loss": LossSchema,
+    "backbone": BackboneSchema,
+    "dataset_shapes": ShapesSchema,
+    "dataset_voc2012": Voc2012Schema,
+    "dataset_mask_folder": MaskFolderSchema,
+    "logger_wandb": WandbSchema,
+    "logger_tensorboard": TensorboardSchema,
+}
+
+
+def _node(schema: type) -> DictConfig:
+    """The schema as a config node; nodes whose keys are open by design get struct off (keys typed, extras allowed)."""
+    node = OmegaConf.structured(schema)
+    if schema is AppSchema:
+        OmegaConf.set_struct(node, False)  # the groups add their nodes at the root; Hydra closes the root afterwards
+    if schema is TrainerSchema:
+        OmegaConf.set_struct(node.optimizer, False)  # momentum, betas, ... depend on the optimizer class
+    return node
+
+
+def register() -> None:
+    """Store every schema at the ConfigStore's root as ``<PREFIX><name>`` (idempotent)."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(name=PREFIX + name, node=_node(schema), provider="gain_exp")
+
+
+register()
