@@ -31,7 +31,7 @@ def app_argv(argv: Sequence[str]) -> list[str]:
     - The sweep recipes (``+sweep=``, ``+launcher=``, ``+setting=``) are found from any directory: without a
       ``--config-dir`` the package's ``sweeps/`` is added (``--config-dir sweeps`` as in the README still works).
     """
-    args = list(argv)
+    args = _saved_run(list(argv))
     for flag in ("--config-path", "-cp"):
         for i, arg in enumerate(args):
             value = None
@@ -46,6 +46,34 @@ def app_argv(argv: Sequence[str]) -> list[str]:
     if not has_dir and SWEEPS_DIR.is_dir():
         args = ["--config-dir", str(SWEEPS_DIR), *args]
     return args
+
+
+def _saved_run(args: list[str]) -> list[str]:
+    """``--config-path <run>/.hydra --config-name config [overrides]`` -> that run's saved job plus the overrides.
+
+    Hydra would compose the saved config.yaml on its own, losing the group choices (run names, summary, W&B) and the
+    hydra: block; the saved overrides recompose the job exactly (what ``gain-exp reproduce`` runs too).
+    """
+    value, drop = None, set()
+    for i, arg in enumerate(args):
+        for flag in ("--config-path", "-cp", "--config-name", "-cn"):
+            if arg == flag and i + 1 < len(args):
+                drop |= {i, i + 1}
+                if flag in ("--config-path", "-cp"):
+                    value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                drop.add(i)
+                if flag in ("--config-path", "-cp"):
+                    value = arg.split("=", 1)[1]
+    saved = Path(value) if value else None
+    if saved is None or not (saved / "hydra.yaml").is_file() or not (saved / "overrides.yaml").is_file():
+        return args
+    from gain_exp.reproduce import saved_job
+
+    job = saved_job(saved.resolve().parent)
+    print(f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "
+          f"{saved.parent}` also compares the numbers)", file=sys.stderr)
+    return job.app_args([a for i, a in enumerate(args) if i not in drop])
 
 
 def _tool(module: str) -> Callable[[Sequence[str]], None]:

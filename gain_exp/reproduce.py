@@ -72,9 +72,9 @@ class Job:
         job.threads = int(job.threads) if job.threads else None
         return job
 
-    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-        """(argv, environment) that run this job again with its results in ``dest``."""
-        argv = [sys.executable, "-m", "gain_exp.run"]
+    def app_args(self, extra_overrides: Sequence[str] = ()) -> list[str]:
+        """The app's command line for this job: config dir and name, saved overrides, then ``extra_overrides``."""
+        argv: list[str] = []
         if len(self.config_dirs) > 1:
             raise ValueError(f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
                              f"--config-dir; pass the extra ones as hydra.searchpath overrides.")
@@ -84,8 +84,12 @@ class Job:
         cwd = local(self.cwd) if self.cwd else None
         argv += [resolve_override(item, cwd) for item in self.overrides]
         # hydra.mode=RUN: a job of a +launcher=... or +sweep=... recipe would otherwise start a sweep of one job
-        argv += [*self.hydra_overrides, *extra_overrides, "hydra.mode=RUN",
-                 f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
+        return [*argv, *self.hydra_overrides, *extra_overrides, "hydra.mode=RUN"]
+
+    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run this job again with its results in ``dest``."""
+        argv = [sys.executable, "-m", "gain_exp.run",
+                *self.app_args([*extra_overrides, f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"])]
         env = dict(os.environ)
         # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
         paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]

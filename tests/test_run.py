@@ -105,11 +105,12 @@ def test_multirun_then_rerun_from_saved_config(tmp_path):
     assert (jobs[0] / ".hydra" / "config.yaml").is_file() and (jobs[0] / ".hydra" / "overrides.yaml").is_file()
 
     rerun = tmp_path / "rerun"
-    proc = _app(["--config-path", str(jobs[0] / ".hydra"), "--config-name", "config", f"hydra.run.dir={rerun}"],
-                cwd=tmp_path)
+    saved = os.path.relpath(jobs[0] / ".hydra", tmp_path)  # relative, as the README writes it
+    proc = _app(["--config-path", saved, "--config-name", "config", f"hydra.run.dir={rerun}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((rerun / "summary.json").read_text())
     assert again["final"] == summaries[0]["final"]
+    assert again["choices"] == summaries[0]["choices"] and again["overrides"] == summaries[0]["overrides"]
 
 
 @pytest.mark.parametrize(
