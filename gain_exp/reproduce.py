@@ -88,8 +88,8 @@ class Job:
 
     def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
         """(argv, environment) that run this job again with its results in ``dest``."""
-        argv = [sys.executable, "-m", "gain_exp.run",
-                *self.app_args([*extra_overrides, f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"])]
+        argv = [sys.executable, "-m", "gain_exp.run", *self.app_args(extra_overrides),
+                f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
         env = dict(os.environ)
         # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
         paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]
