@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import gain_exp
 from gain_exp.files import jsonable, write_json
-from gain_exp.table import Row, Run, Table, build_table, find_runs, load_run, local, read_spec, spec_runs
+from gain_exp.table import (Row, Run, Table, build_table, completed_runs, load_run, local, read_spec,
+                            spec_runs)
 
 TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
 PATH_KEYS = ("root", "dir", "path", "file", "resume", "checkpoint", "weights_file")
@@ -165,13 +166,7 @@ def load_source(text: str) -> Source:
                             int((spec.get("format") or {}).get("digits", 3)))
         committed = {tuple(str(r.get(k)) for k in table.row_keys): r for r in spec.get("records") or []}
         return Source(path.stem, [Job.from_recipe(j) for j in spec["jobs"]], runs, table, committed)
-    runs = []
-    for run_dir in find_runs([path]):
-        run = load_run(run_dir)
-        if run.summary.get("status") != "completed":
-            print(f"note: skipped {run_dir}: status={run.summary.get('status')}", file=sys.stderr)
-            continue
-        runs.append(run)
+    runs = completed_runs([path])
     if not runs:
         raise ValueError(f"SOURCE {text} holds no completed runs; finish them first or pass another directory.")
     return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))

@@ -355,13 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.paths:
             raise ValueError("no runs given; pass multirun or run directories, or --spec <table spec>.")
-        runs = []
-        for path in find_runs(args.paths):
-            run = load_run(path)
-            if run.summary.get("status") != "completed":
-                print(f"note: skipped {path}: status={run.summary.get('status')}", file=sys.stderr)
-                continue
-            runs.append(run)
+        runs = completed_runs(args.paths)
         if not runs:
             raise ValueError(f"no completed runs under {', '.join(args.paths)}; finish or re-run them first.")
         table = build_table(runs, args.metrics, args.rows.split(",") if args.rows else None, args.digits)
@@ -386,6 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         wandb_cfg = (runs[0].config.get("logger") or {}).get("wandb") or {}
         log_to_wandb(table, Path(args.paths[0]), wandb_cfg.get("project"), wandb_cfg.get("entity"))
     return 0
+
+
+def completed_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """The completed runs at or below ``paths``; the others (interrupted, diverged, failed) are named and left out."""
+    runs = []
+    for path in find_runs(paths):
+        run = load_run(path)
+        if run.summary.get("status") != "completed":
+            print(f"note: skipped {path}: status={run.summary.get('status')}", file=sys.stderr)
+            continue
+        runs.append(run)
+    return runs
 
 
 def _print_spec(args: argparse.Namespace) -> int:
