@@ -143,11 +143,13 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint("last")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
-        tests: dict[str, float] = {}
-        if self.data.tests:
-            self._load_test_weights()
-        for name, split in self.data.tests.items():
-            tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
+            tests: dict[str, float] = {}
+            if self.data.tests:
+                self._load_test_weights()
+            for name, split in self.data.tests.items():
+                if self._stop_signal is not None:  # last.ckpt already holds the finished training: resume only tests
+                    raise Interrupted(self.ckpt_dir / "last.ckpt")
+                tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
@@ -238,7 +240,7 @@ class Trainer:
         drops, loss_sum, count, panels = [], 0.0, 0, []
         wanted = max(self.cfg.num_panels, self.cfg.table_images if table else 0)
         loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
-                            num_workers=self.cfg.workers, shuffle=False)
+                            num_workers=self.cfg.workers, shuffle=False, worker_init_fn=_leave_signals_to_main)
         for batch in tqdm(loader, desc=f"eval {split}", disable=not self._progress, leave=False):
             images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
             seg, has_mask = batch["seg"].to(self.device), batch["has_mask"].to(self.device)
@@ -374,6 +376,7 @@ class Trainer:
                 random.setstate(_as_tuple(rng["python"]))
                 self._resume_rng = None
         return DataLoader(data, batch_size=bs, sampler=_ListSampler(indices), num_workers=self.cfg.workers,
+                          worker_init_fn=_leave_signals_to_main,
                           drop_last=drop_last, generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
@@ -409,6 +412,14 @@ class Trainer:
 
 
 _DIVERGED_FIX = "lower trainer.optimizer.lr or set trainer.grad_clip (e.g. 1.0); no non-finite weights were saved"
+
+
+def _leave_signals_to_main(_worker: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: scancel, preemption and Ctrl-C signal the whole process group, and
+    a worker killed mid-batch crashes the main process before it can save; the main process stops after the step and
+    shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

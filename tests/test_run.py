@@ -355,3 +355,26 @@ def test_resume_refuses_what_defines_the_experiment_in_one_sentence(tmp_path, ti
         train(compose(tiny + ["trainer.interrupt_after_steps=3"]), out_dir=tmp_path / "cut")  # mid-epoch 0
     with pytest.raises(ValueError, match=rf"^trainer\.resume: .*{key.replace('.', chr(92) + '.')}="):
         train(compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", override]), out_dir=tmp_path / "r")
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path, tiny):
+    # what scancel and preemption do: SIGTERM to every process of the job, DataLoader workers included
+    out = tmp_path / "r"
+    run = tiny + ["trainer.epochs=20", "trainer.workers=2", "loss=baseline"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "stderr.log", "w")  # a file, not a pipe: forked workers must not hold the reader open
+    proc = subprocess.Popen([sys.executable, "-m", "gain_exp.run", *run, f"hydra.run.dir={out}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    deadline = time.time() + 180
+    while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=180)
+    log.close()
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["step"] >= 6
+    resumed = train(compose(run + ["trainer.resume=auto"]), out_dir=out)
+    full = train(compose(run[:-2] + ["loss=baseline"]), out_dir=tmp_path / "full")  # workers=0, uninterrupted
+    assert resumed["final"] == full["final"]
