@@ -204,42 +204,98 @@ def test_unreadable_image_is_reported_at_build(fresh, caplog):
     assert splits.extras["skipped_files"] == 1
 
 
-def test_truncated_image_is_skipped_when_loaded(fresh, caplog):
+def _truncate(path: Path, keep: float = 0.75) -> None:
+    """Cut the end off a file: the header survives, the last pixels do not."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_image_is_skipped_at_build(fresh, caplog):
     bad = fresh / "val" / "lesion" / "img_000.jpg"
-    data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) * 3 // 4])  # the header survives, the last pixels do not
-    strict = _build(fresh, strict=True).val
-    k = strict.images.index(bad)
+    _truncate(bad)
     with pytest.raises(ValueError, match=f"cannot decode image {bad}.*truncated"):
-        strict[k]
-    val = _build(fresh).val
+        _build(fresh, strict=True)
     with caplog.at_level(logging.WARNING):
-        assert val[k]["index"] == k + 1 and val[k]["index"] == k + 1
+        splits = _build(fresh)
+    val = splits.val
+    assert len(val) == 11 and bad not in val.images and splits.extras["skipped_files"] == 1
+    assert [val[k]["index"] for k in range(len(val))] == list(range(11))  # no stand-ins: each image once
     assert caplog.text.count(str(bad)) == 1
 
 
-def test_mask_of_wrong_size(fresh, caplog):
-    mask = fresh / "train" / "lesion" / "img_001_mask.png"
-    Image.fromarray(np.zeros((SIZE, SIZE + 2), np.uint8)).save(mask)
-    with pytest.raises(ValueError, match=f"mask {mask} is {SIZE + 2}x{SIZE} but its image .*img_001.png is {SIZE}x{SIZE}"):
+def test_unreadable_mask_costs_only_the_mask(fresh, caplog):
+    mask = fresh / "val" / "lesion" / "img_001_mask.png"
+    _truncate(mask, 0.5)
+    with pytest.raises(ValueError, match=f"cannot decode mask {mask}"):
         _build(fresh, strict=True)
     with caplog.at_level(logging.WARNING):
-        assert len(_build(fresh).train) == 11
-    assert str(mask) in caplog.text
+        splits = _build(fresh)
+    val, k = splits.val, splits.val.images.index(mask.with_name("img_001.png"))
+    assert len(val) == 12 and val.masks[k] is None and splits.extras["skipped_files"] == 1
+    assert not val[k]["has_mask"] and str(mask) in caplog.text
 
 
-def test_mask_with_undocumented_values(fresh, caplog):
+def test_mask_of_wrong_size_stops_the_run(fresh):
+    mask = fresh / "train" / "lesion" / "img_001_mask.png"
+    Image.fromarray(np.zeros((SIZE, SIZE + 2), np.uint8)).save(mask)
+    for strict in (True, False):  # a readable but wrong mask is a data error, not a file to skip
+        with pytest.raises(ValueError, match=f"mask {mask} is {SIZE + 2}x{SIZE} but its image .*img_001.png is"
+                                             f" {SIZE}x{SIZE}; save the mask at the image's size"):
+            _build(fresh, strict=strict)
+
+
+def test_mask_with_undocumented_values_stops_the_run(fresh):
     mask = fresh / "train" / "lesion" / "img_001_mask.png"
     arr = np.zeros((SIZE, SIZE), np.uint8)
     arr[:10, :10], arr[10:20, :10] = 128, 255
     Image.fromarray(arr).save(mask)
-    strict = _build(fresh, strict=True).train
-    k = strict.images.index(mask.with_name("img_001.png"))
-    with pytest.raises(ValueError, match=f"mask {mask} holds values \\[0, 128, 255\\]; a binary mask may hold only 0"):
-        strict[k]
-    with caplog.at_level(logging.WARNING):
-        assert _build(fresh).train[k]["index"] == k + 1
-    assert str(mask) in caplog.text
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=f"mask {mask} holds values \\[0, 128, 255\\]; a binary mask may hold only 0"):
+            _build(fresh, strict=strict)
     Image.fromarray(np.stack([arr] * 3, -1)).save(mask)
-    with pytest.raises(ValueError, match=f"mask {mask} has 3 channels \\(RGB\\)"):
+    with pytest.raises(ValueError, match=f"mask {mask} is a RGB image with 3 channel\\(s\\); save it as a single-channel"):
+        _build(fresh)
+
+
+def test_mask_broken_after_the_build_leaves_its_sample_without_a_mask(fresh, caplog):
+    splits = _build(fresh, masks_to_use=1.0)
+    val, train = splits.val, splits.train
+    mask = fresh / "val" / "lesion" / "img_001_mask.png"
+    k = val.images.index(mask.with_name("img_001.png"))
+    train_mask = fresh / "train" / "lesion" / "img_001_mask.png"
+    t = train.images.index(train_mask.with_name("img_001.png"))
+    assert val[k]["has_mask"] and train[t]["use_mask"] and splits.extras["skipped_files"] == 0
+    Image.fromarray(np.full((SIZE, SIZE), 7, np.uint8)).save(mask)  # the file changes under a running job
+    _truncate(train_mask, 0.5)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # a second epoch neither re-warns nor re-counts
+            samples = [val[j] for j in range(len(val))]
+            assert [s["index"] for s in samples] == list(range(12))  # every image once, none standing in for k
+            assert not samples[k]["has_mask"] and not samples[k]["use_mask"] and not samples[k]["seg"].any()
+            assert samples[k]["target"].tolist() == [1.0, 0.0]
+            assert not train[t]["has_mask"] and not train[t]["use_mask"]  # out of the L_e budget too
+    assert splits.extras["skipped_files"] == 2  # the dict the run writes into summary.json["data"]
+    assert caplog.text.count(str(mask)) == 1 and caplog.text.count(str(train_mask)) == 1
+    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(train_mask)  # mended: strict builds again
+    Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(mask)
+    strict = _build(fresh, strict=True).val
+    Image.fromarray(np.full((SIZE, SIZE), 7, np.uint8)).save(mask)
+    with pytest.raises(ValueError, match=f"mask {mask} holds values \\[7\\]"):
         strict[k]
+
+
+def test_16_bit_images_and_masks_read_like_their_8_bit_versions(fresh):
+    lesion = fresh / "val" / "lesion"
+    grey = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE)).astype(np.uint8)
+    grey[:, 0] = 255  # full scale: a clipping reader would saturate nearly every other pixel too
+    box = _box_map(1, 1).numpy().astype(bool)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(lesion / "img_001.png")  # 16-bit grey PNG
+    Image.fromarray(box.astype(np.uint16) * 65535).save(lesion / "img_001_mask.png")  # 16-bit 0/65535 mask
+    Image.fromarray(_box_map(5, 1).numpy().astype(np.uint16)).save(lesion / "img_005m.png")  # 16-bit 0/1 mask
+    assert Image.open(lesion / "img_001.png").mode.startswith("I")
+    val = _build(fresh).val
+    k = val.images.index(lesion / "img_001.png")
+    expected, _ = val.transform(Image.fromarray(grey).convert("RGB"), None)
+    assert torch.equal(val[k]["image"], expected)
+    assert torch.equal(val[k]["seg"], _box_map(1, 1))
+    assert torch.equal(val[val.images.index(lesion / "img_005.png")]["seg"], _box_map(5, 1))

@@ -178,10 +178,23 @@ def test_missing_split_list(fresh_voc):
         _build(fresh_voc)
 
 
-def test_unknown_class_in_annotation(fresh_voc, caplog):
+def _k(ds, i: int) -> int:
+    """Position of fixture image i in a split."""
+    return [_number(ds, j) for j in range(len(ds))].index(i)
+
+
+def test_unknown_class_in_annotation_stops_the_run(fresh_voc):
     xml = _voc_dir(fresh_voc) / "Annotations" / f"{voc_id(2)}.xml"
     xml.write_text(xml.read_text().replace(f"<name>{voc_objects(2, N, SIZE)[0][0]}</name>", "<name>unicorn</name>"))
-    with pytest.raises(ValueError, match=f"annotation {xml} names an unknown class 'unicorn'"):
+    for strict in (True, False):  # a typo in a label is a data error to fix, not a file to skip
+        with pytest.raises(ValueError, match=f"annotation {xml} names an unknown class 'unicorn'; VOC classes are"):
+            _build(fresh_voc, strict=strict)
+
+
+def test_unparsable_annotation_is_skipped(fresh_voc, caplog):
+    xml = _voc_dir(fresh_voc) / "Annotations" / f"{voc_id(2)}.xml"
+    xml.write_text("<annotation><object>")
+    with pytest.raises(ValueError, match=f"cannot parse annotation {xml}"):
         _build(fresh_voc, strict=True)
     with caplog.at_level(logging.WARNING):
         splits = _build(fresh_voc)
@@ -202,43 +215,57 @@ def test_unreadable_image_is_reported_at_build(fresh_voc, caplog):
         _build(fresh_voc, strict=True)
 
 
-def test_truncated_image_is_skipped_when_loaded(fresh_voc, caplog):
-    jpg = _voc_dir(fresh_voc) / "JPEGImages" / f"{voc_id(4)}.jpg"
+def test_truncated_image_is_skipped_at_build(fresh_voc, caplog):
+    jpg = _voc_dir(fresh_voc) / "JPEGImages" / f"{voc_id(5)}.jpg"
     data = jpg.read_bytes()
     jpg.write_bytes(data[: len(data) * 2 // 3])  # the header survives, the last pixels do not
-    strict = _build(fresh_voc, strict=True).train
-    k = [_number(strict, j) for j in range(len(strict))].index(4)
     with pytest.raises(ValueError, match=f"cannot decode image {jpg}.*truncated"):
-        strict[k]
-    train = _build(fresh_voc).train
-    with caplog.at_level(logging.WARNING):
-        first, again = train[k], train[k]
-    assert first["index"] == again["index"] == k + 1  # the next sample stands in, the same every time
-    assert caplog.text.count(str(jpg)) == 1 and train.bad_files.count == 1
-
-
-def test_mask_of_wrong_size(fresh_voc, caplog):
-    png = _voc_dir(fresh_voc) / "SegmentationClass" / f"{voc_id(4)}.png"
-    Image.open(png).resize((SIZE + 4, SIZE)).save(png)
-    with pytest.raises(ValueError, match=f"mask {png} is {SIZE + 4}x{SIZE} but its image .* is {SIZE}x{SIZE}"):
         _build(fresh_voc, strict=True)
     with caplog.at_level(logging.WARNING):
-        assert len(_build(fresh_voc).train) == N // 2 - 2
-    assert str(png) in caplog.text
+        splits = _build(fresh_voc)
+    val = splits.val
+    assert len(val) == N // 2 - 2 and jpg not in val.images and splits.extras["skipped_files"] == 1
+    assert [val[k]["index"] for k in range(len(val))] == list(range(len(val)))  # no stand-ins: each image once
+    assert caplog.text.count(str(jpg)) == 1
 
 
-def test_mask_with_values_outside_voc_ids(fresh_voc, caplog):
+def test_mask_of_wrong_size_stops_the_run(fresh_voc):
+    png = _voc_dir(fresh_voc) / "SegmentationClass" / f"{voc_id(4)}.png"
+    Image.open(png).resize((SIZE + 4, SIZE)).save(png)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=f"mask {png} is {SIZE + 4}x{SIZE} but its image .* is {SIZE}x{SIZE}"):
+            _build(fresh_voc, strict=strict)
+
+
+def test_mask_with_values_outside_voc_ids_stops_the_run(fresh_voc):
     png = _voc_dir(fresh_voc) / "SegmentationClass" / f"{voc_id(4)}.png"
     arr = voc_label_map(4, N, SIZE)
     arr[0, 0] = 42
     save_voc_mask(arr, png)
-    strict = _build(fresh_voc, strict=True).train
-    k = [_number(strict, j) for j in range(len(strict))].index(4)
-    with pytest.raises(ValueError, match=f"mask {png} holds values \\[42\\] outside 0-20 and 255"):
-        strict[k]
-    with caplog.at_level(logging.WARNING):
-        assert _build(fresh_voc).train[k]["index"] == k + 1
-    assert str(png) in caplog.text
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=f"mask {png} holds values \\[42\\] outside 0-20 and 255"):
+            _build(fresh_voc, strict=strict)
     Image.fromarray(np.stack([arr] * 3, -1)).save(png)  # an RGB colour mask instead of class ids
-    with pytest.raises(ValueError, match=f"mask {png} is a RGB image"):
-        _build(fresh_voc, strict=True).train[k]
+    with pytest.raises(ValueError, match=f"mask {png} is a RGB image with 3 channel\\(s\\); SegmentationClass"):
+        _build(fresh_voc)
+
+
+def test_16_bit_mask_holds_the_same_class_ids(fresh_voc):
+    png = _voc_dir(fresh_voc) / "SegmentationClass" / f"{voc_id(5)}.png"
+    Image.fromarray(voc_label_map(5, N, SIZE).astype(np.uint16)).save(png)
+    val = _build(fresh_voc).val
+    assert torch.equal(val[_k(val, 5)]["seg"], torch.from_numpy(voc_label_map(5, N, SIZE)).long())
+
+
+def test_mask_broken_after_the_build_leaves_its_sample_without_a_mask(fresh_voc, caplog):
+    png = _voc_dir(fresh_voc) / "SegmentationClass" / f"{voc_id(5)}.png"
+    splits = _build(fresh_voc)
+    val = splits.val
+    k = _k(val, 5)
+    png.write_bytes(png.read_bytes()[:40])  # the file is damaged under a running job
+    with caplog.at_level(logging.WARNING):
+        samples = [val[j] for j in range(len(val))]
+    assert [s["index"] for s in samples] == list(range(N // 2 - 1))  # every image once, none standing in for k
+    assert not samples[k]["has_mask"] and not samples[k]["seg"].any()
+    assert {VOC_CLASSES[c] for c in torch.nonzero(samples[k]["target"]).flatten()} == voc_labels(5, N, SIZE)
+    assert splits.extras["skipped_files"] == 1 and str(png) in caplog.text

@@ -130,3 +130,10 @@ def test_bad_settings_are_rejected():
         build_transforms(True, 4, **PLAIN)
     with pytest.raises(ValueError, match="std"):
         build_transforms(True, 32, mean=(0, 0, 0), std=(1, 0, 1))
+
+
+def test_16_bit_grey_image_is_transformed_like_its_8_bit_version():
+    grey = np.arange(60 * 80, dtype=np.int64).reshape(60, 80) % 256
+    eight, sixteen = Image.fromarray(grey.astype(np.uint8)), Image.fromarray((grey * 257).astype(np.uint16))
+    transform = build_transforms(False, 32, **PLAIN)
+    assert torch.equal(transform(sixteen)[0], transform(eight)[0])  # convert("RGB") would saturate most pixels

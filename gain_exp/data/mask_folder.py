@@ -8,11 +8,22 @@ Layout (train/ and val/ required, test/ optional; one folder per class, the same
     <root>/test/<class_name>/...
 
 The seed's convention `<image>m.<ext>` (same extension as the image) is accepted too. A mask is a
-single-channel image of the image's size holding only 0 (background) and 255 (object), or only 0
-and 1; JPEG masks are thresholded at 128 because compression blurs those values. Object pixels get
+single-channel image of the image's size holding only 0 (background) and 255 (object), only 0
+and 1, or (16-bit) only 0 and 65535; JPEG masks are thresholded at 128 because compression blurs
+those values. Images of any PIL mode (16-bit, float, palette, alpha, CMYK) are read as 8-bit RGB by
+the rules in `images.py`. Object pixels get
 the image's class (label map value c + 1). Classes are the sorted train folder names. With
 `negative_class` (e.g. "negative") that folder holds images without objects (their masks are not
 read) and its index is DataSplits.negative_class, so the AM loss can run on positives only.
+
+File errors, checked when the splits are built (every image and mask is decoded once): an unreadable file
+(missing, not an image, truncated) is skipped with a warning and counted in extras["skipped_files"] unless
+strict=true, which raises instead; an unreadable mask costs only the mask (its image stays, without one).
+A readable file with wrong content (a mask of the wrong size, with other values or several channels) raises,
+strict or not: it is a data error to fix, not noise to skip. A mask that fails later, while loading (its file
+changed under the run), is counted too and its sample returned without a mask (has_mask and use_mask False),
+never replaced by another sample; an image that fails while loading raises, because any stand-in would be
+another image scored twice.
 
 This module also holds the file-backed dataset, the per-file error policy, the mask budget and the
 balanced sampler that `voc.py` reuses.
@@ -31,6 +42,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
 from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, choose_masks, derive_seed
+from gain_exp.data.images import UnreadableFile, check_image, load_rgb, mask_array
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
 log = logging.getLogger(__name__)
@@ -44,73 +56,79 @@ MaskReader = Callable[[Path, torch.Tensor], torch.Tensor]  # (mask file, sample 
 
 
 class BadFiles:
-    """Per-file problems: raised when strict, otherwise a counted warning (the caller then skips the file)."""
+    """Unreadable files: raised when strict, otherwise warned once each and counted in ``extras["skipped_files"]``.
 
-    def __init__(self, dataset: str, strict: bool) -> None:
+    ``extras`` is the very dict that becomes DataSplits.extras, so files skipped while loading (after the build)
+    are counted there too, live; with DataLoader workers (trainer.workers > 0) those load-time skips happen in
+    the worker processes, so they are warned but not counted in the main process's extras.
+    """
+
+    def __init__(self, dataset: str, strict: bool, extras: dict | None = None) -> None:
         self.dataset = dataset
         self.strict = strict
-        self.count = 0
+        self.extras = {} if extras is None else extras
+        self.extras["skipped_files"] = 0
+        self._files: set[Path] = set()
 
-    def report(self, error: Exception) -> None:
-        """Raise `error` (strict) or log it with the running count of skipped files."""
+    @property
+    def count(self) -> int:
+        """Distinct files skipped so far."""
+        return len(self._files)
+
+    def report(self, error: Exception, path: Path) -> None:
+        """Raise `error` (strict) or count `path` as skipped and warn the first time it is seen."""
         if self.strict:
             raise error
-        self.count += 1
+        if path in self._files:
+            return
+        self._files.add(path)
+        self.extras["skipped_files"] = self.count
         log.warning(
             "%s: skipped: %s (%d file(s) skipped so far; set strict=true to stop at the first bad file)",
             self.dataset, error, self.count,
         )
 
 
-def image_size_of(path: Path, what: str = "image") -> tuple[int, int]:
-    """(width, height) read from the file header only; one-sentence error naming the file otherwise."""
-    try:
-        with PIL.Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {path} does not exist; restore it or remove it from the split.") from None
-    except PIL.UnidentifiedImageError:
-        raise ValueError(
-            f"cannot read {what} file {path}: it is not an image; replace it with a valid image or delete it."
-        ) from None
-    except OSError as e:
-        raise ValueError(f"cannot read {what} file {path} ({e}); replace it with a valid image or delete it.") from None
-
-
-def load_rgb(path: Path) -> PIL.Image.Image:
-    """Decode the whole image (so truncation shows up here, not inside a transform) as RGB."""
-    try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist; restore it or remove it from the split.") from None
-    except PIL.UnidentifiedImageError:
-        raise ValueError(f"cannot decode image {path}: it is not an image; replace it or delete it.") from None
-    except OSError as e:
-        raise ValueError(f"cannot decode image {path} ({e}); it is corrupt or truncated, replace it or delete it.") from None
+SKIPPABLE = (UnreadableFile, FileNotFoundError)  # unreadable files; a readable file with wrong content stops the run
 
 
 def check_files(
-    images: Sequence[Path], masks: Sequence[Path | None], bad_files: BadFiles,
-) -> list[int]:
-    """Indices whose image (and mask) headers are readable and of equal size; reports the others."""
-    keep = []
+    images: Sequence[Path], masks: Sequence[Path | None], targets: torch.Tensor, read_mask: MaskReader,
+    bad_files: BadFiles,
+) -> tuple[list[int], list[Path | None]]:
+    """(indices of the decodable images, their masks or None where the mask is unreadable); wrong masks raise.
+
+    Every image and mask is decoded once here, so unreadable files are skipped (and counted) before training,
+    never in the middle of an epoch, and a mask of the wrong size or values stops the run before it starts.
+    """
+    keep: list[int] = []
+    kept_masks: list[Path | None] = []
     for i, (image, mask) in enumerate(zip(images, masks)):
         try:
-            size = image_size_of(image)
-            if mask is not None:
-                mask_size = image_size_of(mask, "mask")
-                if mask_size != size:
-                    raise ValueError(
-                        f"mask {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is {size[0]}x{size[1]};"
-                        " save the mask at the image's size."
-                    )
-        except (ValueError, FileNotFoundError) as e:
-            bad_files.report(e)
+            width, height = check_image(image)
+        except SKIPPABLE as e:
+            bad_files.report(e, image)
             continue
+        if mask is not None:
+            try:
+                seg = read_mask(mask, targets[i])
+            except SKIPPABLE as e:
+                bad_files.report(e, mask)  # the image stays, without a mask, so the split keeps every image
+                mask = None
+            else:
+                check_mask_size(seg, mask, image, (width, height))
         keep.append(i)
-    return keep
+        kept_masks.append(mask)
+    return keep, kept_masks
+
+
+def check_mask_size(seg: torch.Tensor, mask: Path, image: Path, size: tuple[int, int]) -> None:
+    """ValueError naming both files unless the label map is the image's (width, height)."""
+    if tuple(seg.shape) != (size[1], size[0]):
+        raise ValueError(
+            f"mask {mask} is {seg.shape[1]}x{seg.shape[0]} but its image {image} is {size[0]}x{size[1]};"
+            " save the mask at the image's size."
+        )
 
 
 def file_split(
@@ -118,16 +136,16 @@ def file_split(
     transform: ImageMaskTransform, bad_files: BadFiles, masks_to_use: int | float | None, seed: int,
     dataset: str, empty_error: str,
 ) -> FileDataset:
-    """One split of files as a FileDataset: unreadable files dropped (``empty_error`` if none is left) and, when
-    ``masks_to_use`` is given (the training split), the L_e mask budget drawn from the samples that have masks."""
-    keep = check_files(images, masks, bad_files)
+    """One split of files as a FileDataset: unreadable images dropped (``empty_error`` if none is left), unreadable
+    masks dropped from their images and, when ``masks_to_use`` is given (the training split), the L_e mask budget
+    drawn from the samples that have masks."""
+    keep, kept_masks = check_files(images, masks, targets, read_mask, bad_files)
     if not keep:
         raise ValueError(empty_error)
-    masks = [masks[i] for i in keep]
-    has_mask = torch.tensor([m is not None for m in masks], dtype=torch.bool)
+    has_mask = torch.tensor([m is not None for m in kept_masks], dtype=torch.bool)
     use_mask = (choose_masks(has_mask, masks_to_use, seed, dataset) if masks_to_use is not None
                 else torch.zeros(len(keep), dtype=torch.bool))
-    return FileDataset([images[i] for i in keep], masks, targets[keep], use_mask, read_mask, transform, bad_files)
+    return FileDataset([images[i] for i in keep], kept_masks, targets[keep], use_mask, read_mask, transform, bad_files)
 
 
 class FileDataset(Dataset):
@@ -150,47 +168,39 @@ class FileDataset(Dataset):
         self.read_mask = read_mask
         self.transform = transform
         self.bad_files = bad_files
-        self._unreadable: set[int] = set()
+        self._mask_failed: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Sample:
-        # A file that fails to decode is reported once and replaced by the next readable sample, so an
-        # epoch never dies on one bad file and the replacement is the same in every run.
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            if i in self._unreadable:
-                continue
-            try:
-                return self._load(i)
-            except (ValueError, FileNotFoundError) as e:
-                self.bad_files.report(e)  # raises when strict, so only skipped files are remembered
-                self._unreadable.add(i)
-        raise ValueError(
-            f"{self.bad_files.dataset}: no sample of this split could be read; fix the files named in the warnings above."
-        )
-
-    def _load(self, i: int) -> Sample:
+    def __getitem__(self, i: int) -> Sample:
+        # The build decoded every file, so a failure here means a file changed under the run. An image has no
+        # honest stand-in (another image would be scored twice), so its error propagates; a mask that fails is
+        # reported (raised when strict) and the sample goes on without it, keeping the split's images exact.
         image = load_rgb(self.images[i])
-        mask_path = self.masks[i]
-        seg = None
-        if mask_path is not None:
-            seg = self.read_mask(mask_path, self.targets[i])
-            if tuple(seg.shape) != (image.height, image.width):
-                raise ValueError(
-                    f"mask {mask_path} is {seg.shape[1]}x{seg.shape[0]} but its image {self.images[i]} is"
-                    f" {image.width}x{image.height}; save the mask at the image's size."
-                )
+        seg = self._read_mask(i, image)
         x, seg_out = self.transform(image, seg)
         return Sample(
             image=x,
             target=self.targets[i].clone(),
             seg=seg_out,
-            has_mask=torch.tensor(mask_path is not None),
-            use_mask=self.use_mask[i].clone(),
+            has_mask=torch.tensor(seg is not None),
+            use_mask=self.use_mask[i] & (seg is not None),
             index=i,
         )
+
+    def _read_mask(self, i: int, image: PIL.Image.Image) -> torch.Tensor | None:
+        mask_path = self.masks[i]
+        if mask_path is None or i in self._mask_failed:
+            return None
+        try:
+            seg = self.read_mask(mask_path, self.targets[i])
+            check_mask_size(seg, mask_path, self.images[i], image.size)
+        except (ValueError, FileNotFoundError) as e:
+            self.bad_files.report(e, mask_path)  # raises when strict
+            self._mask_failed.add(i)
+            return None
+        return seg
 
 
 class BalancedSampler(Sampler[int]):
@@ -250,32 +260,26 @@ class BalancedSampler(Sampler[int]):
         return torch.gather(order, 1, shuffle).flatten()
 
 
+BINARY_OBJECT_VALUES = (1, 255, 65535)  # a binary mask holds 0 and one of these (65535: a 16-bit mask)
+
+
 def read_binary_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
     """H x W uint8 label map from a binary mask: object pixels -> the image's class + 1, the rest 0."""
-    try:
-        with PIL.Image.open(path) as im:
-            if im.format == "JPEG":
-                obj = np.asarray(im.convert("L")) >= JPEG_MASK_THRESHOLD
-            else:
-                if im.mode not in ("1", "L", "P", "I", "I;16"):
-                    raise ValueError(
-                        f"mask {path} has {len(im.getbands())} channels ({im.mode}); save it as a single-channel"
-                        " (greyscale) PNG holding 0 for background and 255 (or 1) for the object."
-                    )
-                arr = np.asarray(im)
-                values = set(np.unique(arr).tolist())
-                if values <= {0, 1}:
-                    obj = arr == 1
-                elif values <= {0, 255}:
-                    obj = arr == 255
-                else:
-                    shown = sorted(values)[:6]
-                    raise ValueError(
-                        f"mask {path} holds values {shown}{'...' if len(values) > 6 else ''}; a binary mask may hold"
-                        " only 0 and 255 (or only 0 and 1), re-save it with those values."
-                    )
-    except (PIL.UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot decode mask {path} ({e}); replace it with a valid PNG or delete it.") from None
+    arr, fmt = mask_array(
+        path, "save it as a single-channel (greyscale) PNG holding 0 for background and 255 (or 1) for the object."
+    )
+    if fmt == "JPEG":
+        obj = arr >= JPEG_MASK_THRESHOLD
+    else:
+        values = set(np.unique(arr).tolist())
+        on = next((v for v in BINARY_OBJECT_VALUES if values <= {0, v}), None)
+        if on is None:
+            shown = sorted(values)[:6]
+            raise ValueError(
+                f"mask {path} holds values {shown}{'...' if len(values) > 6 else ''}; a binary mask may hold"
+                " only 0 and 255 (or only 0 and 1, or 0 and 65535 in 16 bits), re-save it with those values."
+            )
+        obj = arr == on
     label = int(target.argmax()) + 1
     return torch.from_numpy(obj.astype(np.uint8) * label)
 
@@ -396,7 +400,8 @@ def build(
     if steps_per_epoch is not None and steps_per_epoch < 1:
         raise ValueError(f"mask_folder dataset: steps_per_epoch={steps_per_epoch} must be 1 or more (or null).")
 
-    bad_files = BadFiles("mask_folder dataset", strict)
+    extras: dict = {}
+    bad_files = BadFiles("mask_folder dataset", strict, extras)
     neg_idx = classes.index(negative_class) if negative_class is not None else None
     dirs = {"train": train_dir, "val": _split_dir(root_path, "val", required=True),
             "test": _split_dir(root_path, "test", required=False)}
@@ -413,6 +418,7 @@ def build(
         )
 
     train = datasets["train"]
+    extras["num_masked_train"] = int(train.use_mask.sum())
     sampler = None
     if batch_pos_dist is not None or steps_per_epoch is not None:
         num_samples = steps_per_epoch * batch_size if steps_per_epoch is not None else len(train)
@@ -427,5 +433,5 @@ def build(
         multi_label=False,
         negative_class=neg_idx,
         train_sampler=sampler,
-        extras={"num_masked_train": int(train.use_mask.sum()), "skipped_files": bad_files.count},
+        extras=extras,  # the dict bad_files counts into, so load-time skips show up in it
     )

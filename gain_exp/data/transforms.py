@@ -21,6 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from gain_exp.data.images import to_rgb
+
 TRAIN_CROP_SCALE = (0.7, 1.0)  # mild: the crop keeps >= 70% of the image area
 GEOMETRIC_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
 NUM_MAGNITUDE_BINS = 10  # AutoAugment's policies index magnitudes out of 10 bins
@@ -68,7 +70,7 @@ class ImageMaskTransform:
         self.std = [float(s) for s in std]
 
     def __call__(self, image: PIL.Image.Image, seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img = tv_tensors.Image(F.pil_to_tensor(image if image.mode == "RGB" else image.convert("RGB")))
+        img = tv_tensors.Image(F.pil_to_tensor(to_rgb(image)))  # convert("RGB") would saturate 16-bit images
         if seg is not None and seg.shape != img.shape[-2:]:
             raise ValueError(
                 f"label map of shape {tuple(seg.shape)} does not match the image's {tuple(img.shape[-2:])};"

@@ -11,6 +11,11 @@ score; extras["dropped_only_difficult"] counts them). Pixel masks are the Segmen
 0 background, 255 the border/difficult "void" label, kept as the ignore label. The L_e budget
 `masks_to_use` is a count or a fraction of the training images that have masks (the paper used
 200 of 1464). VOC's test labels are not public, so the final evaluation uses val: tests={"val": val}.
+
+File errors follow mask_folder.py: unreadable images, masks and annotations (missing, undecodable,
+unparsable XML) are skipped and counted in extras["skipped_files"] unless strict (an unreadable mask
+costs only the mask); a mask of the wrong size or with values outside 0-20 and 255, and an annotation
+naming an unknown class, stop the run whatever strict says.
 """
 from __future__ import annotations
 
@@ -20,13 +25,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import PIL.Image
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import VOCDetection
 
 from gain_exp.data.base import IGNORE_INDEX, DataSplits
-from gain_exp.data.mask_folder import BadFiles, FileDataset, file_split
+from gain_exp.data.images import UnreadableFile, mask_array
+from gain_exp.data.mask_folder import SKIPPABLE, BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
 log = logging.getLogger(__name__)
@@ -72,7 +77,9 @@ def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
     try:
         objects = VOCDetection.parse_voc_xml(ET.parse(path).getroot())["annotation"].get("object", [])
     except (ET.ParseError, KeyError) as e:
-        raise ValueError(f"voc2012 dataset: cannot parse annotation {path} ({e}); restore it from the VOC tar.") from None
+        raise UnreadableFile(
+            f"voc2012 dataset: cannot parse annotation {path} ({e}); restore it from the VOC tar."
+        ) from None
     names = set()
     for obj in objects:
         name = str(obj.get("name", "")).strip()
@@ -88,16 +95,10 @@ def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
 
 def read_voc_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
     """H x W uint8 label map from a SegmentationClass PNG (VOC class ids already equal our c + 1)."""
-    try:
-        with PIL.Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise ValueError(
-                    f"voc2012 dataset: mask {path} is a {im.mode} image; SegmentationClass masks are palette PNGs"
-                    " whose values are class ids, restore it from the VOC tar."
-                )
-            arr = np.asarray(im)
-    except (PIL.UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"voc2012 dataset: cannot decode mask {path} ({e}); restore it from the VOC tar.") from None
+    arr, _ = mask_array(
+        path, "SegmentationClass masks are single-channel (palette) PNGs whose values are class ids, restore it"
+        " from the VOC tar.", "voc2012 dataset: ",
+    )
     bad = sorted(set(np.unique(arr).tolist()) - VALID_MASK_VALUES)
     if bad:
         raise ValueError(
@@ -140,7 +141,8 @@ def build(
                         sbd_train_list)
 
     mask_names = {p.name for p in seg_dir.iterdir()}
-    bad_files = BadFiles("voc2012 dataset", strict)
+    extras: dict = {}
+    bad_files = BadFiles("voc2012 dataset", strict, extras)
     dropped = 0
     datasets: dict[str, FileDataset] = {}
     for split, ids in (("train", train_ids), ("val", val_ids)):
@@ -148,8 +150,8 @@ def build(
         for image_id in ids:
             try:
                 names = read_labels(voc / "Annotations" / f"{image_id}.xml", exclude_difficult)
-            except (ValueError, FileNotFoundError) as e:
-                bad_files.report(e)
+            except SKIPPABLE as e:  # an unknown class name is a data error and stops the run
+                bad_files.report(e, voc / "Annotations" / f"{image_id}.xml")
                 continue
             if not names:
                 dropped += 1
@@ -165,15 +167,12 @@ def build(
         )
     if dropped:
         log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
+    extras.update(num_masked_train=int(datasets["train"].use_mask.sum()), dropped_only_difficult=dropped)
     return DataSplits(
         train=datasets["train"],
         val=datasets["val"],
         tests={"val": datasets["val"]},
         classes=list(VOC_CLASSES),
         multi_label=True,
-        extras={
-            "num_masked_train": int(datasets["train"].use_mask.sum()),
-            "dropped_only_difficult": dropped,
-            "skipped_files": bad_files.count,
-        },
+        extras=extras,  # the dict bad_files counts into, so files skipped while loading show up in it
     )
