@@ -189,7 +189,14 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     """summary.json plus the .hydra overrides and config a job saved."""
-    summary = json.loads((path / "summary.json").read_text())
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'summary.json'} is not valid JSON ({err}); the job was cut off while writing it "
+                         f"or the file was edited: re-run the job (gain_exp.reproduce {path}) or remove the run.") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary; re-run the "
+                         f"job or remove the run.")
     hydra_dir = path / ".hydra"
     listed = summary.get("overrides") or []
     if (hydra_dir / "overrides.yaml").is_file():
@@ -386,7 +393,11 @@ def completed_runs(paths: Sequence[str | Path]) -> list[Run]:
     """The completed runs at or below ``paths``; the others (interrupted, diverged, failed) are named and left out."""
     runs = []
     for path in find_runs(paths):
-        run = load_run(path)
+        try:
+            run = load_run(path)
+        except ValueError as err:  # one broken run dir must not hide a sweep's table
+            print(f"note: skipped {path}: {err}", file=sys.stderr)
+            continue
         if run.summary.get("status") != "completed":
             print(f"note: skipped {path}: status={run.summary.get('status')}", file=sys.stderr)
             continue

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import ROOT, tiny_overrides
 from gain_exp import run as app
-from gain_exp.table import build_table, find_runs, load_run, main
+from gain_exp.table import build_table, completed_runs, find_runs, load_run, main
 
 
 def make_run(path: Path, overrides: list[str], final: dict, status: str = "completed",
@@ -207,3 +207,12 @@ def test_every_shipped_spec_reprints_its_committed_cells(spec_file):
     assert table.row_keys == spec["rows"] and table.metrics == spec["metrics"]
     for record, again in zip(spec["records"], table.records(), strict=True):
         assert again == pytest.approx(record)
+
+
+def test_a_corrupt_summary_is_skipped_with_one_sentence_naming_it(tmp_path, capsys):
+    good = make_run(tmp_path / "sweep" / "0", ["seed=0"], {"val/acc": 0.5})
+    bad = make_run(tmp_path / "sweep" / "1", ["seed=1"], {"val/acc": 0.7})
+    (bad / "summary.json").write_text('{"status": "completed", "fin')  # cut off mid-write
+    assert [r.path for r in completed_runs([tmp_path / "sweep"])] == [good]
+    err = capsys.readouterr().err
+    assert f"note: skipped {bad}: {bad / 'summary.json'} is not valid JSON" in err and "Traceback" not in err
