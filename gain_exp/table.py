@@ -371,12 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in optuna_notes(args.paths):
         print(f"note: {note}", file=sys.stderr)
-    text = table.markdown()
-    print(text, end="")
-    if args.md:
-        _write(args.md, text)
-    if args.csv:
-        _write(args.csv, table.csv())
+    _emit(table, args)
     spec_path = args.save_spec or (_spec_beside(args.md or args.csv) if (args.md or args.csv) else None)
     if spec_path:
         command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
@@ -415,13 +410,18 @@ def _print_spec(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"note: table of {args.spec} from {origin}", file=sys.stderr)
+    _emit(table, args)
+    return 0
+
+
+def _emit(table: Table, args: argparse.Namespace) -> None:
+    """Print the Markdown table and write the --md/--csv files asked for."""
     text = table.markdown()
     print(text, end="")
     if args.md:
         _write(args.md, text)
     if args.csv:
         _write(args.csv, table.csv())
-    return 0
 
 
 def _write(path: Path, text: str) -> None:
