@@ -1,4 +1,5 @@
-"""Checkpoints as a resumed run sees them: where they are, reading them safely, and what may differ on resume.
+"""Checkpoints: writing them atomically, the RNG state they carry, where they are, reading them safely, and what
+may differ on resume.
 
 A checkpoint stores the config it was made with (``run.config``). On resume, settings that define the experiment
 (backbone, classes, dataset, formulation, optimizer and schedule type) must match; the others (epochs, learning rate
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gain_exp.files import CorruptFile, load_state
+from gain_exp.files import CorruptFile, atomic_write, load_state
 
 # Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
 MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "dataset", "gain.formulation",
@@ -23,6 +25,28 @@ MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
 # What the resumed run would not notice, so there is nothing to note.
 IGNORED = ("trainer.resume", "trainer.interrupt_after_steps", "trainer.progress", "trainer.device", "trainer.workers",
            "logger")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (unique temp file, then rename): a kill leaves the old file or the new."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG streams a mid-epoch resume must continue (torch CPU, Python, every CUDA device)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Continue the streams saved by ``rng_state`` (CUDA ones only where the same devices exist)."""
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(_as_tuple(state["python"]))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def resolve_checkpoint(where: str | os.PathLike, out_dir: Path) -> Path | None:
@@ -110,3 +134,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.getstate() as it was: checkpoints may turn its tuples into lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

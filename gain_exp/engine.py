@@ -1,4 +1,8 @@
-"""The training loop: GAIN steps, per-epoch evaluation, attention panels, atomic checkpoints, resume."""
+"""The training loop: GAIN steps, an evaluation per epoch, best/last checkpoints, resume, signals.
+
+Evaluation (metrics, panels) lives in gain_exp/evaluation.py, checkpoint files and RNG state in
+gain_exp/checkpoints.py, and everything that depends on how many processes run in gain_exp/runtime.py.
+"""
 from __future__ import annotations
 
 import difflib
@@ -17,15 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from gain_exp.attention import normalise
+from gain_exp.checkpoints import (apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint,
+                                  restore_rng, rng_state, save_checkpoint)
 from gain_exp.data.base import DataSplits
-from gain_exp.checkpoints import apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint
-from gain_exp.files import atomic_write, load_state
+from gain_exp.evaluation import Evaluator
+from gain_exp.files import load_state
 from gain_exp.gain import GAIN
-from gain_exp.losses import LOSS_NAMES, GAINLoss, map_masks
-from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
+from gain_exp.losses import LOSS_NAMES, GAINLoss
+from gain_exp.runtime import Runtime
 from gain_exp.tracking import Tracker
-from gain_exp.viz import Panel, denormalise
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +98,23 @@ class Trainer:
         cfg: FitConfig,
         out_dir: str | os.PathLike,
         tracker: Tracker,
-        device: torch.device,
+        runtime: Runtime | torch.device,
         mean: tuple[float, ...],
         std: tuple[float, ...],
         record: dict[str, Any] | None = None,
         val_metric_names: dict[str, str] | None = None,
     ) -> None:
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(torch.device(runtime))
+        self.device = self.runtime.device
         self.gain, self.loss, self.optimizer, self.scheduler = gain, loss, optimizer, scheduler
-        self.data, self.cfg, self.tracker, self.device = data, cfg, tracker, device
+        self.data, self.cfg, self.tracker = data, cfg, tracker
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.mean, self.std = mean, std
         self.val_metric_names = val_metric_names or {"trainer.monitor": cfg.monitor}  # config key -> metric name
         self.record = record or {}  # provenance + resolved config, saved in every checkpoint
-        self.tested_on: dict[str, Any] = {}
-        self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume  # which weights the test splits saw: {"checkpoint", "epoch"}
+        self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
+        self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
@@ -118,7 +124,10 @@ class Trainer:
         self._epoch_sums: tuple[torch.Tensor | None, int] = (None, 0)
         self._resume_rng: dict[str, Any] | None = None  # RNG state to restore at a mid-epoch resume
         self._progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-        self._amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+        self._amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+        self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                   workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
+                                   worker_init_fn=_leave_signals_to_main)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -139,8 +148,8 @@ class Trainer:
                 record = {"epoch": self.epoch, **train_stats, **val}
                 self.history.append(record)
                 self.tracker.log_metrics(record, self.step)
-                self._update_best(val)
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                finished, self.epoch, self.batch_in_epoch = self.epoch, self.epoch + 1, 0
+                self._update_best(val, finished)  # best.ckpt, like last.ckpt, resumes at the next epoch
                 self.save_checkpoint("last")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
             tests: dict[str, float] = {}
@@ -174,9 +183,12 @@ class Trainer:
             self.gain.model.load_state_dict(load_state(best, map_location=self.device)["model"])
             self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
             return
-        if self.cfg.test_on == "best":
+        if self.cfg.test_on == "best" and self.best.get("epoch") is None:
             log.warning("trainer.test_on=best but no epoch had a finite %s; testing the last epoch's weights",
                         self.cfg.monitor)
+        elif self.cfg.test_on == "best":
+            log.warning("trainer.test_on=best but the best epoch (%d) was saved by the run this one resumed from, "
+                        "not in %s; testing the last epoch's weights", self.best["epoch"], self.ckpt_dir)
         self.tested_on = {"checkpoint": "last", "epoch": self.epoch - 1}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -227,86 +239,22 @@ class Trainer:
         return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
 
     # ------------------------------------------------------------------------------ evaluate
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset, split: str, epoch: int, table: bool = False) -> dict[str, float]:
-        """Classification, localisation and AM-score metrics on one split, keys prefixed with ``split/``.
-
-        ``table``: also hand the trackers a per-image table of the first ``table_images`` images.
-        """
-        self.gain.eval()
-        d = self.data
-        cls = ClassificationMetrics(d.classes, d.multi_label, d.negative_class)
-        loc = LocalisationMetrics()
-        drops, loss_sum, count, panels = [], 0.0, 0, []
+        """One split's metrics (``split/`` keys); its panels go to the trackers (``table``: the per-image table too)."""
         wanted = max(self.cfg.num_panels, self.cfg.table_images if table else 0)
-        loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
-                            num_workers=self.cfg.workers, shuffle=False, worker_init_fn=_leave_signals_to_main)
-        for batch in tqdm(loader, desc=f"eval {split}", disable=not self._progress, leave=False):
-            images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
-            seg, has_mask = batch["seg"].to(self.device), batch["has_mask"].to(self.device)
-            with self._amp:
-                out = self.gain(images, targets)  # explains the true classes
-            logits = out.logits.float()
-            cls.update(logits, targets)
-            loss_sum += float(self.loss.classification(logits, targets)) * len(images)
-            count += len(images)
-            truth, valid = map_masks(out, seg)
-            rows = has_mask[out.image_index]
-            # Scored on the min-max view of each map whatever gain.normalisation is (for max and none it is the
-            # same map up to scale), so runs that differ in normalisation compare on equal terms.
-            scored = normalise(out.attention.float(), "minmax")
-            if rows.any():
-                loc.update(scored[rows], truth[rows], valid[rows])
-            drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, d.multi_label)
-            drops.append(drop)
-            if len(panels) < wanted:
-                panels += self._panels(batch, out, scored, drop, truth, valid, has_mask, wanted - len(panels))
-        metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
-        all_drops = torch.cat(drops) if drops else torch.empty(0)
-        metrics["am_drop"] = float(torch.nanmean(all_drops)) if all_drops.numel() else math.nan
-        self.tracker.log_panels(split, panels[: self.cfg.num_panels], epoch)
+        result = self.evaluator.evaluate(dataset, split, panels=wanted)
+        self.tracker.log_panels(split, result.panels[: self.cfg.num_panels], epoch)
         if table:
-            self.tracker.log_table(split, panels)
-        return {f"{split}/{k}": v for k, v in metrics.items()}
-
-    def _panels(self, batch, out, scored, drop, truth, valid, has_mask, limit: int) -> list[Panel]:
-        """Panels for the first map of each of the first ``limit`` images of the batch.
-
-        ``scored`` (min-max maps) and ``drop`` (AM-score drop per map) are the batch's, already computed by evaluate.
-        """
-        names = self.data.classes
-        probs = out.logits.float().sigmoid() if self.data.multi_label else out.logits.float().softmax(1)
-        pred = self.gain.predicted_classes(out.logits.float())
-        seen: set[int] = set()
-        panels = []
-        for n, b in enumerate(out.image_index.tolist()):
-            if b in seen or len(panels) >= limit:
-                continue
-            seen.add(b)
-            masked = out.masked_images[n].float().cpu()
-            loc = LocalisationMetrics()
-            gt = truth[n].cpu() if bool(has_mask[b]) else None
-            if gt is not None:
-                loc.update(scored[n:n + 1].cpu(), gt.unsqueeze(0), valid[n:n + 1].cpu())  # as the split's loc_iou
-            panels.append(Panel(
-                index=int(batch["index"][b]),
-                image=denormalise(batch["image"][b], self.mean, self.std),
-                attention=scored[n].cpu(), mask=out.mask[n].float().cpu(),
-                masked_image=denormalise(masked, self.mean, self.std), gt_mask=gt,
-                true_classes=[names[c] for c in batch["target"][b].nonzero().flatten().tolist()],
-                pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
-                explained=", ".join(names[c] for c in out.map_targets[n].nonzero().flatten().tolist()),
-                score=float(probs[b].max()),
-                am_drop=float(drop[n]),
-                iou=loc.compute().get("loc_iou"),
-            ))
-        return panels
+            self.tracker.log_table(split, result.panels)
+        return result.metrics
 
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, name: str) -> Path:
-        """Write ``checkpoints/<name>.ckpt`` atomically (temp file, then rename); returns its path."""
+        """Write ``checkpoints/<name>.ckpt`` atomically (main process only); returns its path."""
         path = self.ckpt_dir / f"{name}.ckpt"
-        state = {
+        if not self.runtime.is_main:
+            return path
+        return save_checkpoint(path, {
             "model": self.gain.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -316,14 +264,10 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "epoch_sums": {"sums": self._epoch_sums[0], "n": self._epoch_sums[1]},
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_state(),
             "tracking": self.tracker.state(),  # e.g. the W&B run id, so a resumed run continues the same record
             "run": self.record,  # config, choices, overrides, git commit, versions: the checkpoint explains itself
-        }
-        with atomic_write(path) as f:
-            torch.save(state, f)
-        return path
+        })
 
     def load_checkpoint(self, where: str | os.PathLike) -> None:
         """Restore model, optimiser, scheduler, position and RNG from a checkpoint file or run directory."""
@@ -370,24 +314,22 @@ class Trainer:
         drop_last = len(indices) > bs  # a batch of one breaks batch-norm in training mode
         if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream
             indices = indices[self.batch_in_epoch * bs:]
-            rng = self._resume_rng
-            if rng is not None:
-                torch.set_rng_state(rng["torch"].cpu())
-                random.setstate(_as_tuple(rng["python"]))
+            if self._resume_rng is not None:
+                restore_rng(self._resume_rng)
                 self._resume_rng = None
         return DataLoader(data, batch_size=bs, sampler=_ListSampler(indices), num_workers=self.cfg.workers,
                           worker_init_fn=_leave_signals_to_main,
                           drop_last=drop_last, generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
-    def _update_best(self, metrics: dict[str, float]) -> None:
+    def _update_best(self, metrics: dict[str, float], epoch: int) -> None:
         value = metrics.get(self.cfg.monitor)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
         better = self.best["value"] is None or (
             value > self.best["value"] if self.cfg.monitor_mode == "max" else value < self.best["value"])
         if better:
-            self.best = {"metric": self.cfg.monitor, "value": value, "epoch": self.epoch}
+            self.best = {"metric": self.cfg.monitor, "value": value, "epoch": epoch}
             self.tracker.log_checkpoint(self.save_checkpoint("best"), "best")
 
     @contextmanager
@@ -430,10 +372,6 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     """Every epoch's randomness (augmentation, dropout) is a pure function of (seed, epoch)."""
     torch.manual_seed(_epoch_seed(seed, epoch))
     random.seed(_epoch_seed(seed, epoch))
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _brief(record: dict[str, float]) -> str:

@@ -206,6 +206,14 @@ class LocalisationMetrics:
         hit = (near & obj).flatten(1).any(dim=1) & (peak > low)
         return hit.sum().item()
 
+    def add(self, other: LocalisationMetrics) -> None:
+        """Fold in what ``other`` has seen (e.g. one batch, or another process's share) as if seen here."""
+        self._iou += other._iou
+        self._hits += other._hits
+        self._energy += other._energy
+        self._n += other._n
+        self._skipped += other._skipped
+
     def compute(self) -> dict[str, float]:
         """Metrics over everything seen since the last reset."""
         out = {"loc_n": float(self._n), "loc_skipped": float(self._skipped)}

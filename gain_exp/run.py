@@ -31,6 +31,7 @@ from gain_exp.errors import explain
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
+from gain_exp.runtime import init_runtime
 from gain_exp.tracking import build_tracker
 
 log = logging.getLogger("gain_exp")
@@ -56,7 +57,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         for stale in remove_stale_temps(out_dir / "checkpoints"):
             log.info("removed %s, a partial checkpoint from a killed run", stale)
         seed_everything(cfg.seed)
-        device = resolve_device(cfg.trainer.device)
+        runtime = init_runtime(resolve_device(cfg.trainer.device))
+        device = runtime.device
 
         mean, std = backbone_normalisation(cfg.backbone.name)
         # every builder takes its YAML keys plus these runtime arguments (DatasetBuilder in gain_exp/data/base.py)
@@ -79,7 +81,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
         tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
-        trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, device, mean, std,
+        trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, runtime, mean, std,
                           record={**record, "config": resolved(cfg)}, val_metric_names=val_metric_names(cfg, monitor))
         final = trainer.fit()
         summary = _summary(cfg, record, final, trainer, monitor, started, "completed")

@@ -345,6 +345,25 @@ def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
         assert lrs[epoch] == pytest.approx(0.0005 * (1 + math.cos(math.pi * epoch / 4)) / 2), epoch
 
 
+def test_resuming_from_best_ckpt_continues_at_the_next_epoch(tmp_path, tiny):
+    # val/loss_cl with mode max picks epoch 0 (the loss falls): best.ckpt is an epoch behind last.ckpt
+    pick_first = tiny + ["trainer.epochs=3", "loss=baseline", "trainer.monitor=val/loss_cl", "trainer.monitor_mode=max"]
+    whole = train(compose(pick_first), out_dir=tmp_path / "whole")
+    assert whole["best"]["epoch"] == 0
+    best = torch.load(tmp_path / "whole" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert (best["epoch"], best["batch_in_epoch"], best["best"]["epoch"]) == (1, 0, 0)
+    again = train(compose(pick_first + [f"trainer.resume={tmp_path / 'whole' / 'checkpoints' / 'best.ckpt'}"]),
+                  out_dir=tmp_path / "again")
+    assert [h["epoch"] for h in again_history(tmp_path / "again")] == [0, 1, 2]  # epoch 0 is not trained twice
+    val = {k: v for k, v in whole["final"].items() if not k.startswith("test_")}
+    assert {k: v for k, v in again["final"].items() if not k.startswith("test_")} == val
+    assert again["tested_on"] == {"checkpoint": "last", "epoch": 2}  # best.ckpt stayed in the first run's dir
+
+
+def again_history(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["history"]
+
+
 @pytest.mark.parametrize("override,key", [("backbone.name=gain_cnn4", "backbone.name"),
                                           ("dataset.n_train=40", "dataset.n_train"),
                                           ("formulation=per_label", "gain.formulation"),

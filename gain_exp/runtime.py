@@ -1,0 +1,135 @@
+"""Where a run executes: its device and, under torchrun or SLURM, its place among the processes of one experiment.
+
+Everything distributed goes through ``Runtime``: the loop asks it for its device, its rank, whether it is the main
+process (the one that writes files and trackers), and for the three collectives it needs (sum, gather, agree). A
+single process is a Runtime with world size 1 whose collectives return their input, so the loop has one code path.
+
+Launch: ``torchrun --nproc_per_node=N -m gain_exp.run ...`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; a
+SLURM job with several tasks (``+launcher=slurm hydra.launcher.tasks_per_node=N``) gets them from submitit.
+``gloo`` serves CPU tensors and ``nccl`` CUDA ones, chosen from the device.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """device, rank, world size; the collectives the loop needs (no-ops in a single process)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes checkpoints, summary.json, panels and trackers."""
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, in place (autograd-free); returns the tensor."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is True on one (a CPU collective: no device sync)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+        return bool(value.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order, on every process."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=_cpu_group())
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=_cpu_group())
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=_cpu_group())
+
+
+def launched_processes() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when this process is one of several of one experiment, else None.
+
+    torchrun's variables come first; a SLURM job step with several tasks run by submitit (hydra-submitit-launcher)
+    is read through submitit, which also sets MASTER_ADDR/MASTER_PORT for the rendezvous.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    tasks = os.environ.get("SUBMITIT_LOCAL_NTASKS") or os.environ.get("SLURM_NTASKS") or "1"
+    if _in_submitit() and int(tasks) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        return env.rank, env.world_size, env.local_rank
+    return None
+
+
+def init_runtime(device: torch.device) -> Runtime:
+    """The Runtime of this process on ``device``: joins the process group when launched as several processes.
+
+    With CUDA each process takes GPU LOCAL_RANK. Idempotent: a process group that exists already is reused.
+    """
+    placement = launched_processes()
+    if placement is None:
+        return Runtime(device)
+    rank, world, local = placement
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+    log.info("process %d of %d on %s", rank, world, device)
+    return Runtime(device, rank=rank, world_size=world, local_rank=local)
+
+
+def close_runtime() -> None:
+    """Leave the process group (end of a run under torchrun)."""
+    global _CPU_GROUP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None
+
+
+_CPU_GROUP: Any = None
+
+
+def _cpu_group() -> Any:
+    """A gloo group for host-side collectives (flags, objects) whatever the main backend is."""
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CPU_GROUP
+
+
+def _in_submitit() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ  # set by submitit's local and SLURM executors in every task
