@@ -215,6 +215,19 @@ def test_a_test_split_with_other_classes_stops_the_build_naming_each(fresh):
         _build(fresh)
 
 
+def test_a_val_class_whose_files_are_all_unreadable_is_warned_once_and_recorded(fresh, binary_root, caplog):
+    for image in (fresh / "val" / "lesion").glob("img_00?.*"):
+        if not image.stem.endswith(("_mask", "m")):
+            image.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        splits = _build(fresh)
+    assert len(splits.val) == 6 and splits.extras["skipped_files"] == 6
+    assert splits.extras["classes_without_images"] == {"val": ["lesion"]}  # the dict summary.json["data"] holds
+    [warning] = [r.getMessage() for r in caplog.records if "no image in another split" in r.getMessage()]
+    assert f"of {fresh} (val: lesion)" in warning and "NaN or left out" in warning and "\n" not in warning
+    assert "classes_without_images" not in _build(binary_root).extras  # only recorded when a class has no image
+
+
 def test_unreadable_image_is_reported_at_build(fresh, caplog):
     bad = fresh / "train" / "lesion" / "img_003.png"
     bad.write_bytes(b"garbage")

@@ -13,7 +13,9 @@ and 1, or (16-bit) only 0 and 65535; JPEG masks are thresholded at 128 because c
 those values. Images of any PIL mode (16-bit, float, palette, alpha, CMYK) are read as 8-bit RGB by
 the rules in `images.py`. Object pixels get
 the image's class (label map value c + 1). Classes are the sorted train folder names, and val/ and test/ must hold
-the same class folders (a missing or extra one stops the build with one sentence naming the split and classes). With
+the same class folders (a missing or extra one stops the build with one sentence naming the split and classes); a
+class whose files in val/ or test/ were all skipped as unreadable is warned once and listed in
+extras["classes_without_images"] = {split: [names]} (its per-class metrics there are NaN or left out). With
 `negative_class` (e.g. "negative") that folder holds images without objects (their masks are not
 read) and its index is DataSplits.negative_class, so the AM loss can run on positives only.
 
@@ -42,7 +44,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, choose_masks, derive_seed
+from gain_exp.data.base import (IGNORE_INDEX, DataSplits, Sample, choose_masks, classes_without_images, derive_seed,
+                                describe_classes_without_images)
 from gain_exp.data.images import UnreadableFile, check_image, load_rgb, mask_array
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
@@ -441,6 +444,12 @@ def build(
 
     train = datasets["train"]
     extras["num_masked_train"] = int(train.use_mask.sum())
+    empty = classes_without_images(classes, train.targets, {s: d.targets for s, d in datasets.items() if s != "train"})
+    if empty:  # every folder had images, but all of a class's were unreadable (skipped)
+        log.warning("mask_folder dataset: some classes of train have no image in another split of %s (%s), because"
+                    " all their files there were skipped as unreadable, so their per-class metrics on that split are"
+                    " NaN or left out; fix the files named above.", root_path, describe_classes_without_images(empty))
+        extras["classes_without_images"] = empty
     sampler = None
     if batch_pos_dist is not None or steps_per_epoch is not None:
         num_samples = steps_per_epoch * batch_size if steps_per_epoch is not None else len(train)
