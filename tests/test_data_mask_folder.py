@@ -181,7 +181,7 @@ def test_bad_class_folders(fresh):
     with pytest.raises(ValueError, match="negative_class='neg' is not a class folder"):
         _build(fresh, negative_class="neg")
     (fresh / "val" / "tumour").mkdir()
-    with pytest.raises(ValueError, match=f"class folder {fresh / 'val' / 'tumour'} is not among the training classes"):
+    with pytest.raises(ValueError, match=f"the val split of {fresh} has class 'tumour', which train/ lacks"):
         _build(fresh)
     (fresh / "train" / "tumour").mkdir()
     with pytest.raises(ValueError, match=f"no images \\(.jpg, .jpeg, .png, .bmp\\) in {fresh / 'train' / 'tumour'}"):
@@ -190,6 +190,42 @@ def test_bad_class_folders(fresh):
     shutil.rmtree(fresh / "train" / "tumour")
     with pytest.raises(ValueError, match="has 1 class folder\\(s\\); a classifier needs at least 2"):
         _build(fresh, negative_class=None)
+
+
+def test_a_split_without_a_train_class_stops_the_build(fresh):
+    shutil.rmtree(fresh / "val" / "lesion")  # before: val silently had no lesion images to score
+    with pytest.raises(ValueError) as err:
+        _build(fresh)
+    assert str(err.value) == (
+        f"mask_folder dataset: the val split of {fresh} has no folder for class 'lesion', which train/ has; every split"
+        " needs the same class folders, each with images, so add images of it to every split that lacks it (an empty"
+        " folder is not enough) or remove it from every split.")
+
+
+def test_a_test_split_with_other_classes_stops_the_build_naming_each(fresh):
+    shutil.copytree(fresh / "test" / "lesion", fresh / "test" / "tumour")  # with images: only train lacks it
+    with pytest.raises(ValueError, match=rf"^mask_folder dataset: the test split of {fresh} has class 'tumour', which "
+                                         r"train/ lacks; .* remove it from every split\.$"):
+        _build(fresh)
+    shutil.rmtree(fresh / "test" / "lesion")
+    (fresh / "test" / "polyp").mkdir()
+    with pytest.raises(ValueError, match=rf"the test split of {fresh} has no folder for class 'lesion', which train/ "
+                                         r"has, and has classes 'polyp', 'tumour', which train/ lacks; .* add images of "
+                                         r"them to every split that lacks them"):
+        _build(fresh)
+
+
+def test_a_val_class_whose_files_are_all_unreadable_is_warned_once_and_recorded(fresh, binary_root, caplog):
+    for image in (fresh / "val" / "lesion").glob("img_00?.*"):
+        if not image.stem.endswith(("_mask", "m")):
+            image.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        splits = _build(fresh)
+    assert len(splits.val) == 6 and splits.extras["skipped_files"] == 6
+    assert splits.extras["classes_without_images"] == {"val": ["lesion"]}  # the dict summary.json["data"] holds
+    [warning] = [r.getMessage() for r in caplog.records if "no image in another split" in r.getMessage()]
+    assert f"of {fresh} (val: lesion)" in warning and "NaN or left out" in warning and "\n" not in warning
+    assert "classes_without_images" not in _build(binary_root).extras  # only recorded when a class has no image
 
 
 def test_unreadable_image_is_reported_at_build(fresh, caplog):

@@ -70,6 +70,19 @@ def test_splits_labels_and_sample_contract(voc_root):
                 assert not s["seg"].any()
 
 
+def test_train_classes_without_a_val_image_are_warned_once_and_recorded(voc_root, caplog):
+    # the fixture's val images (odd numbers) never show some classes its train images do
+    labels = {split: set().union(*(voc_labels(i, N, SIZE) for i in range(N) if voc_split(i) == split))
+              for split in ("train", "val")}
+    lacking = [c for c in VOC_CLASSES if c in labels["train"] and c not in labels["val"]]
+    assert lacking  # the fixture has such classes
+    with caplog.at_level(logging.WARNING):
+        splits = _build(voc_root)
+    assert splits.extras["classes_without_images"] == {"val": lacking}  # the dict summary.json["data"] holds
+    [warning] = [r.getMessage() for r in caplog.records if "no image in another split" in r.getMessage()]
+    assert f"(val: {', '.join(lacking)})" in warning and "NaN or left out" in warning
+
+
 def test_difficult_objects_count_when_not_excluded(voc_root):
     splits = _build(voc_root, exclude_difficult=False)
     assert len(splits.train) == N // 2 and splits.extras["dropped_only_difficult"] == 0

@@ -22,6 +22,7 @@ def test_gain_ext_on_voc_fixture(tmp_path):
     for key in ("val/mAP", "val/loc_iou", "val/pointing_game", "val/energy_pg", "val/am_drop"):
         assert isinstance(final[key], float), key
     assert final["val/loc_n"] > 0
+    assert summary["data"]["classes_without_images"]["val"]  # the fixture's val lacks some train classes
     assert (tmp_path / "run" / "attention" / "val_epoch000.png").is_file()
 
 

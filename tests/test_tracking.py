@@ -493,3 +493,29 @@ def test_an_online_start_that_fails_after_the_probe_logs_offline_within_the_init
     assert run.summary["val/acc"] == {"max": 0.5}
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_metrics_jsonl_starts_afresh_on_a_fresh_start_and_only_at_the_first_record(tmp_path, caplog):
+    # what a run killed before its first checkpoint leaves, then `trainer.resume=auto` starting fresh in the same dir
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/loss": 9.0}\n')
+    fresh = JsonTracker(tmp_path, resume=None)
+    assert path.read_text().count("\n") == 2 and fresh.state()["bytes"] == 0  # nothing dropped before a record
+    fresh.log_metrics({"train/loss": 1.0}, 1)
+    fresh.finish({})
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 1, "train/loss": 1.0}]
+    assert "dropping the 2 line(s) of an earlier start" in caplog.text
+
+
+def test_a_start_that_logs_nothing_leaves_metrics_jsonl_as_it_was(tmp_path):
+    # e.g. a resume refused after the tracker is built (a changed backbone): the finished run's record stays whole
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 2, "test/acc": 1.0}\n')
+    for resume in (None, {"path": str(path.resolve()), "bytes": len('{"step": 1}\n{"step": 2}\n')}):
+        tracker = JsonTracker(tmp_path, resume=resume)
+        tracker.finish({"status": "failed"})
+        assert path.read_text().count("\n") == 3, resume
+    resumed = JsonTracker(tmp_path, resume={"path": str(path.resolve()), "bytes": len('{"step": 1}\n')})
+    resumed.log_metrics({"x": 1.0}, 2)
+    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2, "x": 1.0}']
+    assert resumed.state()["bytes"] == path.stat().st_size

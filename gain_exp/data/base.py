@@ -92,3 +92,20 @@ def mask_count(masks_to_use: int | float, available: int, dataset: str) -> int:
             f"{dataset}: masks_to_use={masks_to_use} is a fraction above 1; give a fraction in [0, 1] or an int count."
         )
     return int(round(masks_to_use * available))
+
+
+def classes_without_images(classes: Sequence[str], train_targets: torch.Tensor,
+                           others: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{split: names} of the classes train has an image of but that split has none of (from N x K targets)."""
+    in_train = train_targets.sum(0) > 0
+    found = {}
+    for split, targets in others.items():
+        names = [classes[c] for c in range(len(classes)) if in_train[c] and not targets[:, c].sum() > 0]
+        if names:
+            found[split] = names
+    return found
+
+
+def describe_classes_without_images(found: dict[str, list[str]]) -> str:
+    """'val: cat, dog; test: cat': the splits and classes of classes_without_images, for a warning."""
+    return "; ".join(f"{split}: {', '.join(names)}" for split, names in found.items())

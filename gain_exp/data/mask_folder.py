@@ -12,7 +12,10 @@ single-channel image of the image's size holding only 0 (background) and 255 (ob
 and 1, or (16-bit) only 0 and 65535; JPEG masks are thresholded at 128 because compression blurs
 those values. Images of any PIL mode (16-bit, float, palette, alpha, CMYK) are read as 8-bit RGB by
 the rules in `images.py`. Object pixels get
-the image's class (label map value c + 1). Classes are the sorted train folder names. With
+the image's class (label map value c + 1). Classes are the sorted train folder names, and val/ and test/ must hold
+the same class folders (a missing or extra one stops the build with one sentence naming the split and classes); a
+class whose files in val/ or test/ were all skipped as unreadable is warned once and listed in
+extras["classes_without_images"] = {split: [names]} (its per-class metrics there are NaN or left out). With
 `negative_class` (e.g. "negative") that folder holds images without objects (their masks are not
 read) and its index is DataSplits.negative_class, so the AM loss can run on positives only.
 
@@ -41,7 +44,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, Sample, choose_masks, derive_seed
+from gain_exp.data.base import (IGNORE_INDEX, DataSplits, Sample, choose_masks, classes_without_images, derive_seed,
+                                describe_classes_without_images)
 from gain_exp.data.images import UnreadableFile, check_image, load_rgb, mask_array
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
@@ -316,7 +320,8 @@ def _scan_class(folder: Path, extensions: tuple[str, ...]) -> tuple[list[Path], 
         pairs.append((p, mask))
     if not pairs:
         raise ValueError(
-            f"mask_folder dataset: no images ({', '.join(extensions)}) in {folder}; add images or remove the folder."
+            f"mask_folder dataset: no images ({', '.join(extensions)}) in {folder}; add images, or remove the class"
+            " from every split."
         )
     return [p for p, _ in pairs], [m for _, m in pairs]
 
@@ -327,6 +332,27 @@ def _mask_names(image: Path, extensions: tuple[str, ...]) -> list[str]:
     return [f"{image.stem}{MASK_SUFFIX}{e}" for e in exts] + [f"{image.stem}{SEED_MASK_SUFFIX}{image.suffix}"]
 
 
+def _check_same_classes(root: Path, split: str, split_dir: Path, classes: list[str]) -> None:
+    """ValueError naming the root, the split and the classes unless its class folders are train's."""
+    names = {p.name for p in _class_dirs(split_dir)}
+    missing = [c for c in classes if c not in names]
+    extra = sorted(names - set(classes))
+    if not (missing or extra):
+        return
+    parts = ([f"has no folder for {_quoted(missing)}, which train/ has"] if missing else []) + (
+        [f"has {_quoted(extra)}, which train/ lacks"] if extra else [])
+    them = "it" if len(missing + extra) == 1 else "them"
+    raise ValueError(
+        f"mask_folder dataset: the {split} split of {root} {', and '.join(parts)}; every split needs the same class"
+        f" folders, each with images, so add images of {them} to every split that lacks {them} (an empty folder is"
+        f" not enough) or remove {them} from every split."
+    )
+
+
+def _quoted(names: list[str]) -> str:
+    return ("class " if len(names) == 1 else "classes ") + ", ".join(repr(n) for n in names)
+
+
 def _scan_split(
     split_dir: Path, classes: list[str], negative_class: str | None, extensions: tuple[str, ...],
 ) -> tuple[list[Path], list[Path | None], list[int]]:
@@ -334,11 +360,6 @@ def _scan_split(
     masks: list[Path | None] = []
     labels: list[int] = []
     for folder in _class_dirs(split_dir):
-        if folder.name not in classes:
-            raise ValueError(
-                f"mask_folder dataset: class folder {folder} is not among the training classes {classes};"
-                " rename it or add a train/ folder of that name."
-            )
         imgs, msks = _scan_class(folder, extensions)
         if folder.name == negative_class and any(m is not None for m in msks):
             log.warning(
@@ -405,11 +426,15 @@ def build(
     neg_idx = classes.index(negative_class) if negative_class is not None else None
     dirs = {"train": train_dir, "val": _split_dir(root_path, "val", required=True),
             "test": _split_dir(root_path, "test", required=False)}
-    datasets: dict[str, FileDataset] = {}
+    scanned = {}  # every split listed (class sets compared) before any file is decoded
     for split, split_dir in dirs.items():
-        if split_dir is None:
-            continue
-        images, masks, labels = _scan_split(split_dir, classes, negative_class, exts)
+        if split_dir is not None:
+            if split != "train":
+                _check_same_classes(root_path, split, split_dir, classes)
+            scanned[split] = _scan_split(split_dir, classes, negative_class, exts)
+    datasets: dict[str, FileDataset] = {}
+    for split, (images, masks, labels) in scanned.items():
+        split_dir = dirs[split]
         datasets[split] = file_split(
             images, masks, torch.nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), len(classes)).float(),
             read_binary_mask, build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
@@ -419,6 +444,12 @@ def build(
 
     train = datasets["train"]
     extras["num_masked_train"] = int(train.use_mask.sum())
+    empty = classes_without_images(classes, train.targets, {s: d.targets for s, d in datasets.items() if s != "train"})
+    if empty:  # every folder had images, but all of a class's were unreadable (skipped)
+        log.warning("mask_folder dataset: some classes of train have no image in another split of %s (%s), because"
+                    " all their files there were skipped as unreadable, so their per-class metrics on that split are"
+                    " NaN or left out; fix the files named above.", root_path, describe_classes_without_images(empty))
+        extras["classes_without_images"] = empty
     sampler = None
     if batch_pos_dist is not None or steps_per_epoch is not None:
         num_samples = steps_per_epoch * batch_size if steps_per_epoch is not None else len(train)

@@ -16,6 +16,9 @@ File errors follow mask_folder.py: unreadable images, masks and annotations (mis
 unparsable XML) are skipped and counted in extras["skipped_files"] unless strict (an unreadable mask
 costs only the mask); a mask of the wrong size or with values outside 0-20 and 255, and an annotation
 naming an unknown class, stop the run whatever strict says.
+
+A class that train has an image of but val has none of (a trimmed val list, or its files skipped) is warned once and
+listed in extras["classes_without_images"] = {"val": [names]}; its per-class val metrics are NaN or left out.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import VOCDetection
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits
+from gain_exp.data.base import IGNORE_INDEX, DataSplits, classes_without_images, describe_classes_without_images
 from gain_exp.data.images import UnreadableFile, mask_array
 from gain_exp.data.mask_folder import SKIPPABLE, BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
@@ -168,6 +171,12 @@ def build(
     if dropped:
         log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
     extras.update(num_masked_train=int(datasets["train"].use_mask.sum()), dropped_only_difficult=dropped)
+    empty = classes_without_images(VOC_CLASSES, datasets["train"].targets, {"val": datasets["val"].targets})
+    if empty:  # counted from the annotations' labels: no image is decoded for this
+        log.warning("voc2012 dataset: some classes of train have no image in another split of %s (%s), so their"
+                    " per-class metrics on that split (AP) are NaN or left out; use a val list (ImageSets/Main/val.txt)"
+                    " with images of every class to score them.", voc, describe_classes_without_images(empty))
+        extras["classes_without_images"] = empty
     return DataSplits(
         train=datasets["train"],
         val=datasets["val"],

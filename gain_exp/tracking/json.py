@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -9,6 +10,8 @@ from typing import Any, Sequence
 from gain_exp.files import jsonable
 from gain_exp.tracking.base import Tracker
 from gain_exp.viz import Panel, save_panels
+
+log = logging.getLogger(__name__)
 
 
 class JsonTracker(Tracker):
@@ -20,17 +23,31 @@ class JsonTracker(Tracker):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
-        # Resuming in the same run dir: drop the lines written after the checkpoint (a kill between the two),
-        # which the resumed run writes again.
-        if resume and resume.get("path") == str(self.path.resolve()) and self.path.is_file():
-            if self.path.stat().st_size > resume["bytes"]:
-                os.truncate(self.path, resume["bytes"])
-        self._file = open(self.path, "a", encoding="utf-8")
+        # Resuming in the same run dir continues the file from the checkpoint's byte count: the lines written after
+        # the checkpoint (a kill between the two) are dropped, and the resumed run writes them again. Lines here on
+        # any other start are an earlier start's (e.g. one killed before its first checkpoint, then
+        # trainer.resume=auto starting fresh): this run logs its steps anew. Either happens at the first record, so
+        # a start that fails before training (a resume that is refused) leaves the file as it was.
+        continues = bool(resume) and resume.get("path") == str(self.path.resolve()) and self.path.is_file()
+        self._keep = min(resume["bytes"], self.path.stat().st_size) if continues else 0
+        self._file: Any = None
+        self.path.touch()  # the record exists from the start, empty until the first step
+
+    def _open(self) -> Any:
+        if self._file is None:
+            if self.path.is_file() and self.path.stat().st_size > self._keep:
+                if self._keep == 0:
+                    log.warning("%s: dropping the %d line(s) of an earlier start in this run directory; this run "
+                                "logs its steps anew", self.path, self.path.read_bytes().count(b"\n"))
+                os.truncate(self.path, self._keep)
+            self._file = open(self.path, "a", encoding="utf-8")
+        return self._file
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        f = self._open()
+        f.write(json.dumps(record) + "\n")
+        f.flush()
 
     def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
         if not panels:
@@ -43,8 +60,12 @@ class JsonTracker(Tracker):
         path.write_text("".join(json.dumps(p.row(i)) + "\n" for i, p in enumerate(panels)), encoding="utf-8")
 
     def state(self) -> dict[str, Any]:
-        size = self.path.stat().st_size if self._file.closed else self._file.tell()
+        if self._file is None:  # nothing logged yet: the file will be kept up to here
+            size = self._keep
+        else:
+            size = self.path.stat().st_size if self._file.closed else self._file.tell()
         return {"path": str(self.path.resolve()), "bytes": size}
 
     def finish(self, summary: dict[str, Any]) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
