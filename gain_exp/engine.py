@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gain_exp.checkpoints import (apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint,
@@ -41,9 +41,10 @@ class Diverged(Exception):
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; carries its path."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, signum: int | None = None) -> None:
         super().__init__(f"interrupted; checkpoint saved to {checkpoint}; continue with trainer.resume={checkpoint}")
         self.checkpoint = checkpoint
+        self.signum = signum  # the signal that stopped the run (None: trainer.interrupt_after_steps)
 
 
 @dataclass
@@ -70,19 +71,6 @@ class FitConfig:
     interrupt_after_steps: int | None
     progress: bool | None
     test_on: str
-
-
-class _ListSampler(Sampler[int]):
-    """Yields a precomputed index list, so an epoch's order is a pure function of (seed, epoch)."""
-
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 class Trainer:
@@ -125,6 +113,23 @@ class Trainer:
         self._resume_rng: dict[str, Any] | None = None  # RNG state to restore at a mid-epoch resume
         self._progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
         self._amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
+        world = self.runtime.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"trainer.batch_size={cfg.batch_size} is the global batch and must split evenly over "
+                             f"{world} processes; use a multiple of {world}.")
+        if len(data.train) < world:
+            raise ValueError(f"the train split has {len(data.train)} images, fewer than the {world} processes; "
+                             f"use fewer processes or a larger split.")
+        # the module each training step calls: under several processes DDP wraps the whole GAIN module (both
+        # streams and the Grad-CAM autograd.grad), so one backward reduces the gradients of both passes
+        self.step_module: torch.nn.Module = gain
+        self._count = None  # losses.CountReducer under several processes
+        if self.runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_module = DistributedDataParallel(gain, device_ids=[self.device] if self.device.type == "cuda"
+                                                       else None)
+            self._count = self.runtime.mean_count
         self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                    workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
                                    worker_init_fn=_leave_signals_to_main)
@@ -156,12 +161,18 @@ class Trainer:
             if self.data.tests:
                 self._load_test_weights()
             for name, split in self.data.tests.items():
-                if self._stop_signal is not None:  # last.ckpt already holds the finished training: resume only tests
-                    raise Interrupted(self.ckpt_dir / "last.ckpt")
+                if self._stopping():  # last.ckpt already holds the finished training: resume only tests
+                    raise Interrupted(self.ckpt_dir / "last.ckpt", self._stop_signal)
                 tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
+
+    def _stopping(self) -> bool:
+        """A stop signal reached this process, or (under several processes) any of them: all stop at one step."""
+        if self.runtime.distributed and self.runtime.any(self._stop_signal is not None) and self._stop_signal is None:
+            self._stop_signal = signal.SIGTERM  # another process was signalled
+        return self._stop_signal is not None
 
     def _check_names(self, val: dict[str, float]) -> None:
         """Metric names the run depends on (the monitor, a val optimize_metric) exist, checked after the first val."""
@@ -179,6 +190,7 @@ class Trainer:
     def _load_test_weights(self) -> None:
         """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
         best = self.ckpt_dir / "best.ckpt"
+        self.runtime.barrier()  # the main process has written best.ckpt
         if self.cfg.test_on == "best" and self.best.get("epoch") is not None and best.is_file():
             self.gain.model.load_state_dict(load_state(best, map_location=self.device)["model"])
             self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
@@ -194,7 +206,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
         self.gain.train()
-        _seed_epoch(self.cfg.seed, epoch)
+        _seed_epoch(self.cfg.seed, epoch, self.runtime.rank)
         loader = self._train_loader(epoch)
         am_on, ex_on = self.loss.active(epoch)
         # loss sums over every step of the epoch (kept on device: no sync per step); they are saved in
@@ -203,14 +215,17 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self._progress, leave=False)
         for batch in bar:
             images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
-            need_attention = am_on or (ex_on and bool(batch["use_mask"].any()))  # host tensor: no device sync
+            # host tensor: no device sync; under several processes every one runs the same streams (L_e's global
+            # mean is a collective even on a process whose share has no mask)
+            need_attention = am_on or (ex_on and (self.runtime.distributed or bool(batch["use_mask"].any())))
             use_mask = batch["use_mask"].to(self.device)
             with self._amp:
-                out = self.gain(images, targets, attention=need_attention, mining=am_on)
-                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch)
+                out = self.step_module(images, targets, attention=need_attention, mining=am_on)
+                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
-            bad = ~torch.isfinite(terms.total.detach())
+            parts = self.runtime.mean(terms.stacked())  # the global batch's loss terms, the same on every process
+            bad = ~torch.isfinite(parts[0])
             if self.cfg.grad_clip:
                 norm = torch.nn.utils.clip_grad_norm_(self.gain.parameters(), self.cfg.grad_clip)
                 bad = bad | ~torch.isfinite(norm)
@@ -222,7 +237,6 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             self.batch_in_epoch += 1
-            parts = terms.stacked()
             sums, n = (parts if sums is None else sums + parts), n + 1
             self._epoch_sums = (sums, n)
             if self.step % self.cfg.log_every_n_steps == 0 or n == 1:
@@ -231,9 +245,11 @@ class Trainer:
                 self.tracker.log_metrics({"epoch": epoch, **logged}, self.step)
                 bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
             if self.cfg.interrupt_after_steps is not None and self.step >= self.cfg.interrupt_after_steps:
-                self._stop_signal = signal.SIGINT  # acts as a Ctrl-C at this step (used to test resume)
-            if self._stop_signal is not None:
-                raise Interrupted(self.save_checkpoint("last"))
+                self._stop_signal = 0  # acts as a Ctrl-C at this step (used to test resume)
+            if self._stopping():
+                path = self.save_checkpoint("last")
+                self.runtime.barrier()  # no process exits while the main one still writes
+                raise Interrupted(path, self._stop_signal)
         self._check_finite(epoch)
         means = (sums / n).tolist() if n else [math.nan] * len(LOSS_NAMES)
         return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
@@ -252,6 +268,7 @@ class Trainer:
     def save_checkpoint(self, name: str) -> Path:
         """Write ``checkpoints/<name>.ckpt`` atomically (main process only); returns its path."""
         path = self.ckpt_dir / f"{name}.ckpt"
+        rngs = self.runtime.gather(rng_state())  # every process's streams, so a mid-epoch resume continues each
         if not self.runtime.is_main:
             return path
         return save_checkpoint(path, {
@@ -264,7 +281,8 @@ class Trainer:
             "best": self.best,
             "history": self.history,
             "epoch_sums": {"sums": self._epoch_sums[0], "n": self._epoch_sums[1]},
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "tracking": self.tracker.state(),  # e.g. the W&B run id, so a resumed run continues the same record
             "run": self.record,  # config, choices, overrides, git commit, versions: the checkpoint explains itself
         })
@@ -296,7 +314,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
         self._epoch_sums = (state["epoch_sums"]["sums"], state["epoch_sums"]["n"])
-        self._resume_rng = state["rng"]
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        self._resume_rng = ranks[self.runtime.rank] if len(ranks) == self.runtime.world_size else state["rng"]
         log.info("resumed from %s at epoch %d, batch %d", path, self.epoch, self.batch_in_epoch)
 
     # ------------------------------------------------------------------------------- helpers
@@ -310,16 +329,19 @@ class Trainer:
         else:
             order = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
             indices = torch.randperm(len(data), generator=order).tolist()
-        bs = self.cfg.batch_size
-        drop_last = len(indices) > bs  # a batch of one breaks batch-norm in training mode
+        bs = self.cfg.batch_size  # the global batch: each of W processes takes a contiguous 1/W of it
+        stop = len(indices) - len(indices) % bs if len(indices) > bs else len(indices)  # a batch of one breaks BN
+        batches = [indices[i:i + bs] for i in range(0, stop, bs)]
         if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream
-            indices = indices[self.batch_in_epoch * bs:]
+            batches = batches[self.batch_in_epoch:]
             if self._resume_rng is not None:
                 restore_rng(self._resume_rng)
                 self._resume_rng = None
-        return DataLoader(data, batch_size=bs, sampler=_ListSampler(indices), num_workers=self.cfg.workers,
+        rt = self.runtime
+        shards = [_shard(batch, rt.rank, rt.world_size) for batch in batches]
+        return DataLoader(data, batch_sampler=shards, num_workers=self.cfg.workers,
                           worker_init_fn=_leave_signals_to_main,
-                          drop_last=drop_last, generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+                          generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
                           persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     def _update_best(self, metrics: dict[str, float], epoch: int) -> None:
@@ -334,13 +356,13 @@ class Trainer:
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
-        """Ctrl-C / SIGTERM finish the current step, save a checkpoint and stop."""
+        """Ctrl-C / SIGTERM (and submitit's preemption signal) finish the current step, save a checkpoint and stop."""
 
         def handler(signum, _frame):
             log.warning("signal %d received: saving a checkpoint after this step", signum)
             self._stop_signal = signum
 
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.getsignal(s) for s in stop_signals()}
         try:
             for s in old:
                 signal.signal(s, handler)
@@ -356,22 +378,39 @@ class Trainer:
 _DIVERGED_FIX = "lower trainer.optimizer.lr or set trainer.grad_clip (e.g. 1.0); no non-finite weights were saved"
 
 
+def stop_signals() -> list[int]:
+    """Signals that stop training after the current step: Ctrl-C, SIGTERM (scancel, torchrun, preemption) and, in a
+    job run by submitit (hydra-submitit-launcher), its preemption / time-out signal (USR2 unless configured), after
+    which run.task hands the saved run back to submitit to requeue."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        signals.append(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")))
+    return signals
+
+
 def _leave_signals_to_main(_worker: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: scancel, preemption and Ctrl-C signal the whole process group, and
+    """DataLoader workers ignore the stop signals: scancel, preemption and Ctrl-C signal the whole process group, and
     a worker killed mid-batch crashes the main process before it can save; the main process stops after the step and
     shuts the workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for s in stop_signals():
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """This process's contiguous share of a global batch (shares differ by at most one image)."""
+    size, extra = divmod(len(batch), world)
+    start = rank * size + min(rank, extra)
+    return batch[start:start + size + (rank < extra)]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def _seed_epoch(seed: int, epoch: int) -> None:
-    """Every epoch's randomness (augmentation, dropout) is a pure function of (seed, epoch)."""
-    torch.manual_seed(_epoch_seed(seed, epoch))
-    random.seed(_epoch_seed(seed, epoch))
+def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Every epoch's randomness (augmentation, dropout) is a pure function of (seed, epoch, process rank)."""
+    torch.manual_seed(_epoch_seed(seed, epoch) + 1_000_003 * rank)
+    random.seed(_epoch_seed(seed, epoch) + 1_000_003 * rank)
 
 
 def _brief(record: dict[str, float]) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,11 @@ from gain_exp.gain import GAINOutput
 AM_SCORES = ("softmax", "sigmoid", "logit")
 EX_ON = ("attention", "mask")
 LOSS_NAMES = ("loss", "loss_cl", "loss_am", "loss_e")
+
+# Under several processes: count -> (count summed over processes) / world size. A mean over a varying number of
+# rows (images kept by L_am, maps with masks for L_e) divides by it, so that DDP's gradient average equals the
+# mean over all rows of the global batch, as one process would compute it (runtime.Runtime.mean_count).
+CountReducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -83,24 +89,36 @@ class GAINLoss(nn.Module):
         seg: torch.Tensor | None = None,
         use_mask: torch.Tensor | None = None,
         epoch: int = 0,
+        count: CountReducer | None = None,
     ) -> LossTerms:
-        """Weighted GAIN loss for one batch; ``seg``/``use_mask`` are the dataset's label maps and mask flags."""
-        cl = self.classification(out.logits, targets)
+        """Weighted GAIN loss for one batch; ``seg``/``use_mask`` are the dataset's label maps and mask flags.
+
+        ``count``: set when this batch is one process's share of a global batch (see CountReducer).
+        """
+        cl = self.classification(out.logits, targets, count)
         am_on, ex_on = self.active(epoch)
         zero = cl.new_zeros(())
-        am = self.attention_mining(out, targets) if am_on and out.am_logits is not None else zero
+        am = self.attention_mining(out, targets, count) if am_on and out.am_logits is not None else zero
         ex = zero
         if ex_on and out.attention is not None and seg is not None and use_mask is not None:
-            ex = self.extra_supervision(out, seg, use_mask)
+            ex = self.extra_supervision(out, seg, use_mask, count)
         return LossTerms(total=cl + self.am_weight * am + self.ex_weight * ex, cl=cl, am=am, ex=ex)
 
-    def classification(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def classification(self, logits: torch.Tensor, targets: torch.Tensor,
+                       count: CountReducer | None = None) -> torch.Tensor:
         """L_cl: BCE-with-logits averaged over classes (multi-label) or cross-entropy (single-label)."""
+        if count is not None:
+            if self.multi_label:
+                per_image = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+            else:
+                per_image = F.cross_entropy(logits, targets.argmax(dim=1), reduction="none")
+            return _global_mean(per_image, count)
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits, targets)
         return F.cross_entropy(logits, targets.argmax(dim=1))
 
-    def attention_mining(self, out: GAINOutput, targets: torch.Tensor) -> torch.Tensor:
+    def attention_mining(self, out: GAINOutput, targets: torch.Tensor,
+                         count: CountReducer | None = None) -> torch.Tensor:
         """L_am (Eq. 5): per image, the mean over its target labels of I*'s score, averaged over images."""
         logits = out.am_logits
         if self.am_score == "softmax":
@@ -116,19 +134,29 @@ class GAINLoss(nn.Module):
         keep = n_labels > 0
         if not self.am_on_all and self.negative_class is not None:
             keep &= targets[:, self.negative_class] < 0.5
+        if count is not None:
+            return _global_mean(per_image[keep] / n_labels[keep], count)
         if not keep.any():
             return per_map.sum() * 0.0
         return (per_image[keep] / n_labels[keep]).mean()
 
-    def extra_supervision(self, out: GAINOutput, seg: torch.Tensor, use_mask: torch.Tensor) -> torch.Tensor:
+    def extra_supervision(self, out: GAINOutput, seg: torch.Tensor, use_mask: torch.Tensor,
+                          count: CountReducer | None = None) -> torch.Tensor:
         """L_e (Eq. 7): mean squared error between each map and its class mask, on maps whose image has one."""
         rows = use_mask.to(torch.bool)[out.image_index]
-        if not rows.any():
+        if count is None and not rows.any():
             return out.attention.sum() * 0.0
         truth, valid = map_masks(out, seg, rows)
         pred = (out.attention if self.ex_on == "attention" else out.mask)[rows]
         err = (pred - truth) ** 2 * valid
-        return (err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)).mean()
+        per_map = err.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
+        return per_map.mean() if count is None else _global_mean(per_map, count)
+
+
+def _global_mean(values: torch.Tensor, count: CountReducer) -> torch.Tensor:
+    """This process's share of the mean over every process's ``values`` (0 when no process has any)."""
+    share = count(values.new_tensor(float(len(values))))
+    return values.sum() / torch.where(share > 0, share, torch.ones_like(share))
 
 
 def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str, am_start_epoch: int,

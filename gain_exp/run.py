@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ from gain_exp.errors import explain
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
-from gain_exp.runtime import init_runtime
-from gain_exp.tracking import build_tracker
+from gain_exp.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
+from gain_exp.tracking import Trackers, build_tracker
 
 log = logging.getLogger("gain_exp")
 
@@ -54,17 +55,22 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
     record: dict[str, Any] = {}
     try:
         check_config(cfg)
-        for stale in remove_stale_temps(out_dir / "checkpoints"):
-            log.info("removed %s, a partial checkpoint from a killed run", stale)
-        seed_everything(cfg.seed)
         runtime = init_runtime(resolve_device(cfg.trainer.device))
         device = runtime.device
+        if not runtime.is_main:  # progress is the main process's to report; warnings and errors still show
+            log.setLevel(logging.WARNING)
+        if runtime.is_main:
+            for stale in remove_stale_temps(out_dir / "checkpoints"):
+                log.info("removed %s, a partial checkpoint from a killed run", stale)
+        seed_everything(cfg.seed)
 
         mean, std = backbone_normalisation(cfg.backbone.name)
         # every builder takes its YAML keys plus these runtime arguments (DatasetBuilder in gain_exp/data/base.py)
-        data = _instantiate(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
+        with runtime.main_first():  # caches (e.g. generated shapes) are written once, then read by the others
+            data = _instantiate(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
         model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
-                                weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs).to(device)
+                                weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs)
+        model = sync_batch_norm(model, cfg.trainer.sync_bn, runtime).to(device)  # before GAIN finds its BN layers
         gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
                            pixel_mean=mean, pixel_std=std)
         loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
@@ -80,7 +86,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         record = run_record(cfg)
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
-        tracker = build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
+        tracker = (build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
+                   if runtime.is_main else Trackers([]))  # one record of the run, by the main process
         trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, runtime, mean, std,
                           record={**record, "config": resolved(cfg)}, val_metric_names=val_metric_names(cfg, monitor))
         final = trainer.fit()
@@ -102,10 +109,22 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         raise
     finally:
         path = out_dir / "summary.json"
-        if summary is not None and (trainer is not None and trainer.started or not path.exists()):
+        main = trainer is None or trainer.runtime.is_main
+        if main and summary is not None and (trainer is not None and trainer.started or not path.exists()):
             write_json(path, summary)
         if tracker is not None:
             tracker.finish(summary or {"status": "failed"})
+
+
+def sync_batch_norm(model: torch.nn.Module, wanted: bool, runtime: Runtime) -> torch.nn.Module:
+    """trainer.sync_bn: batch-norm statistics over every process's share of the batch (CUDA only)."""
+    if not wanted or not runtime.distributed:
+        return model
+    if runtime.device.type != "cuda":
+        log.warning("trainer.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU tensors); on %s each process keeps "
+                    "batch-norm statistics over its own share of the batch", runtime.device)
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def val_metric_names(cfg: DictConfig, monitor: str) -> dict[str, str]:
@@ -172,6 +191,12 @@ def task(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
+        if stop.signum not in (None, 0, signal.SIGINT, signal.SIGTERM):
+            # submitit's preemption / time-out signal: its own handler (restored by now) requeues this job, which
+            # then continues from the checkpoint just saved (the launcher recipes set trainer.resume=auto)
+            requeue = signal.getsignal(stop.signum)
+            if callable(requeue):
+                requeue(stop.signum, None)
         sys.exit(130)
     except Diverged as err:
         log.error("diverged: %s", err)
@@ -180,7 +205,8 @@ def task(cfg: DictConfig) -> float | None:
             return math.nan  # the other jobs of the sweep go on; sweepers read NaN as a failed trial
         sys.exit(3)
     value = summary["final"].get(summary["optimize_metric"])
-    print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
     return value
 
 
@@ -189,6 +215,15 @@ _hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_n
 
 def main() -> float | None:
     """Command-line entry: the Hydra app, with composition errors printed as one ``error:`` sentence (exit 2)."""
+    if launched_processes() is not None:  # torchrun: every process names the run dir with rank 0's ${now:...}
+        share_start_time()
+    try:
+        return _main()
+    finally:
+        close_runtime()
+
+
+def _main() -> float | None:
     full_trace = os.environ.get("HYDRA_FULL_ERROR")
     if full_trace == "1":  # the user asked Hydra for complete stack traces: leave its reporting alone
         return _hydra_main()

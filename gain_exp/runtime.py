@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,18 @@ class Runtime:
             dist.all_reduce(tensor)
         return tensor
 
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over processes of a detached tensor (a new tensor; the input when there is one process)."""
+        if not self.distributed:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world_size
+
+    def mean_count(self, count: torch.Tensor) -> torch.Tensor:
+        """A row count summed over processes, divided by the world size (losses.CountReducer)."""
+        return self.mean(count)
+
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on one (a CPU collective: no device sync)."""
         if not self.distributed:
@@ -73,6 +87,15 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=_cpu_group())
+
+    @contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process runs the block first (e.g. writing a cache), the others after it."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
 
 def launched_processes() -> tuple[int, int, int] | None:
@@ -104,12 +127,52 @@ def init_runtime(device: torch.device) -> Runtime:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
+    _join(rank, world)
     log.info("process %d of %d on %s", rank, world, device)
     return Runtime(device, rank=rank, world_size=world, local_rank=local)
+
+
+def _join(rank: int, world: int) -> None:
+    """Join the process group once: gloo for CPU tensors, and nccl for CUDA ones where CUDA exists."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    # The process group's threads block the stop signals (they inherit this mask), so SIGTERM / USR2 reach the main
+    # thread only and never interrupt a collective's socket I/O midway (that left the processes out of step).
+    stop = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+        _cpu_group()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class _SharedClock(datetime.datetime):
+    """``datetime`` whose now() is one instant chosen by rank 0 (see share_start_time)."""
+
+    start: datetime.datetime
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime.datetime:  # type: ignore[override]
+        return cls.start if tz is None else cls.start.astimezone(tz)
+
+
+def share_start_time() -> None:
+    """Make Hydra's ``${now:...}`` the same instant on every process, so all of them name the same run dir.
+
+    Hydra's ``now`` resolver reads ``datetime`` from hydra.core.utils at call time; it is pointed at rank 0's clock.
+    """
+    placement = launched_processes()
+    if placement is None:
+        return
+    _join(placement[0], placement[1])
+    box = [datetime.datetime.now()]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    import hydra.core.utils
+
+    _SharedClock.start = box[0]
+    hydra.core.utils.datetime = _SharedClock  # type: ignore[attr-defined]
 
 
 def close_runtime() -> None:

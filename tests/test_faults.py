@@ -99,10 +99,10 @@ def _check_left_files(out: Path, what: str) -> None:
         state = torch.load(path, weights_only=True)
         assert CKPT_KEYS <= set(state), f"{what}: {path} lacks {sorted(CKPT_KEYS - set(state))}"
         assert 0 <= state["epoch"] <= EPOCHS, what
-        if name == "last":  # a kill -9 saves nothing: last.ckpt is always an epoch boundary's
-            assert state["batch_in_epoch"] == 0 and state["step"] == state["epoch"] * STEPS, what
-        else:  # written after the epoch's val, before the epoch counter moves on
-            assert state["best"]["epoch"] == state["epoch"] and state["step"] == (state["epoch"] + 1) * STEPS, what
+        # a kill -9 saves nothing: both are an epoch boundary's (best.ckpt resumes after its best epoch)
+        assert state["batch_in_epoch"] == 0 and state["step"] == state["epoch"] * STEPS, what
+        if name == "best":
+            assert state["best"]["epoch"] == state["epoch"] - 1, what
     if (out / "summary.json").exists():
         json.loads((out / "summary.json").read_text())
     for line in _lines(out):
