@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class FitConfig:
     eval_batch_size: int | None
     workers: int
     amp: bool
+    channels_last: bool
     grad_clip: float | None
     seed: int
     monitor: str  # resolved: never "auto"
@@ -106,6 +108,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
+        self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
+        self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._stop_signal: int | None = None
         self.started = False  # set once a resume checkpoint has loaded: from then on summary.json is this run's
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last check (kept on device)
@@ -132,7 +136,7 @@ class Trainer:
             self._count = self.runtime.mean_count
         self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                    workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
-                                   worker_init_fn=_leave_signals_to_main)
+                                   worker_init_fn=_leave_signals_to_main, memory_format=self._memory_format)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -213,8 +217,13 @@ class Trainer:
         # checkpoints so the epoch means of a resumed run match an uninterrupted one
         sums, n = self._epoch_sums if self.batch_in_epoch else (None, 0)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self._progress, leave=False)
+        started = fetch = time.perf_counter()
+        waited, steps = 0.0, 0
         for batch in bar:
-            images, targets = batch["image"].to(self.device), batch["target"].to(self.device)
+            waited += time.perf_counter() - fetch  # the loop blocked on the DataLoader
+            steps += 1
+            images = batch["image"].to(self.device, memory_format=self._memory_format)
+            targets = batch["target"].to(self.device)
             # host tensor: no device sync; under several processes every one runs the same streams (L_e's global
             # mean is a collective even on a process whose share has no mask)
             need_attention = am_on or (ex_on and (self.runtime.distributed or bool(batch["use_mask"].any())))
@@ -246,11 +255,18 @@ class Trainer:
                 bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
             if self.cfg.interrupt_after_steps is not None and self.step >= self.cfg.interrupt_after_steps:
                 self._stop_signal = 0  # acts as a Ctrl-C at this step (used to test resume)
+            fetch = time.perf_counter()
             if self._stopping():
                 path = self.save_checkpoint("last")
                 self.runtime.barrier()  # no process exits while the main one still writes
                 raise Interrupted(path, self._stop_signal)
-        self._check_finite(epoch)
+        self._check_finite(epoch)  # waits for the device: the epoch's time below is real
+        elapsed = time.perf_counter() - started
+        if steps:
+            self.speed = {"images_per_s": round(steps * self.cfg.batch_size / elapsed, 2),
+                          "data_wait_share": round(waited / elapsed, 4), "epoch": epoch}
+            log.info("epoch %d: %.1f images/s, %.0f%% of the time waiting for data", epoch + 1,
+                     self.speed["images_per_s"], 100 * self.speed["data_wait_share"])
         means = (sums / n).tolist() if n else [math.nan] * len(LOSS_NAMES)
         return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
 

@@ -50,11 +50,12 @@ class Evaluator:
 
     def __init__(self, gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, *, batch_size: int,
                  workers: int, amp: bool, mean: tuple[float, ...], std: tuple[float, ...], progress: bool,
-                 worker_init_fn: Any = None) -> None:
+                 worker_init_fn: Any = None, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.gain, self.loss, self.data, self.runtime = gain, loss, data, runtime
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.mean, self.std = mean, std
         self.worker_init_fn = worker_init_fn
+        self.memory_format = memory_format
         self._amp = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     @torch.no_grad()
@@ -77,7 +78,7 @@ class Evaluator:
 
     def _batch(self, index: int, batch: dict[str, Any], panels: int) -> BatchResult:
         device = self.runtime.device
-        images, targets = batch["image"].to(device), batch["target"].to(device)
+        images, targets = batch["image"].to(device, memory_format=self.memory_format), batch["target"].to(device)
         seg, has_mask = batch["seg"].to(device), batch["has_mask"].to(device)
         with self._amp():
             out = self.gain(images, targets)  # explains the true classes

@@ -71,6 +71,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
                                 weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs)
         model = sync_batch_norm(model, cfg.trainer.sync_bn, runtime).to(device)  # before GAIN finds its BN layers
+        if cfg.trainer.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
                            pixel_mean=mean, pixel_std=std)
         loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
@@ -167,6 +169,7 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
         "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
         "tested_on": trainer.tested_on,
+        "speed": trainer.speed,  # the last epoch's training images/s over all processes and data-wait share
         "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
         "optimize_metric": metric,
         "epochs_completed": trainer.epoch,

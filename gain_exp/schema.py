@@ -58,6 +58,7 @@ class TrainerSchema:
     eval_batch_size: Optional[int] = MISSING
     device: str = MISSING
     amp: bool = MISSING
+    channels_last: bool = MISSING
     sync_bn: bool = MISSING
     workers: int = MISSING
     grad_clip: Optional[float] = MISSING

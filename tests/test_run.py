@@ -397,3 +397,11 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     resumed = train(compose(run + ["trainer.resume=auto"]), out_dir=out)
     full = train(compose(run[:-2] + ["loss=baseline"]), out_dir=tmp_path / "full")  # workers=0, uninterrupted
     assert resumed["final"] == full["final"]
+
+
+def test_channels_last_trains_the_same_and_the_summary_reports_speed(tmp_path, tiny):
+    plain = train(compose(tiny + ["trainer.epochs=1"]), out_dir=tmp_path / "plain")
+    last = train(compose(tiny + ["trainer.epochs=1", "trainer.channels_last=true"]), out_dir=tmp_path / "cl")
+    assert last["final"]["val/loss_cl"] == pytest.approx(plain["final"]["val/loss_cl"], rel=1e-4)
+    speed = last["speed"]
+    assert speed["images_per_s"] > 0 and 0 <= speed["data_wait_share"] < 1 and speed["epoch"] == 0
