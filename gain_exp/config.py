@@ -26,7 +26,7 @@ def check_config(cfg: DictConfig) -> None:
     check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
                        prefix="gain.")
     check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
-                       loss.ex_start_epoch, prefix="loss.")
+                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight)
     checks = [
         (t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1"),
         (t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1"),
@@ -41,6 +41,12 @@ def check_config(cfg: DictConfig) -> None:
         (t.grad_clip is None or t.grad_clip > 0,
          f"trainer.grad_clip={t.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping"),
         (t.num_panels >= 0, f"trainer.num_panels={t.num_panels} must be >= 0"),
+        (t.train_panels >= 1, f"trainer.train_panels={t.train_panels} must be >= 1"),
+        *((v is None or v >= 1, f"trainer.{k}={v} must be >= 1 or null") for k, v in (
+            ("train_panels_every", t.train_panels_every), ("checkpoint_every", t.checkpoint_every),
+            ("steps_per_epoch", t.steps_per_epoch))),
+        *((v is None or v >= 0, f"trainer.{k}={v} must be >= 0 or null") for k, v in (
+            ("panel_positives", t.panel_positives), ("panel_negatives", t.panel_negatives))),
     ]
     for ok, sentence in checks:
         if not ok:
@@ -57,6 +63,14 @@ def check_data(cfg: DictConfig, data: Any) -> None:
         raise ValueError(f"loss.ex_weight={cfg.loss.ex_weight} needs pixel masks but dataset.masks_to_use="
                          f"{cfg.dataset.get('masks_to_use')} puts none in the L_e budget; set dataset.masks_to_use "
                          f"(a count >= 1 or a fraction) or use loss=gain / loss=baseline.")
+
+
+def check_panels(cfg: DictConfig, data: Any) -> None:
+    """Positive / negative panel counts need binary data with a negative class."""
+    t = cfg.trainer
+    if (t.panel_positives is not None or t.panel_negatives is not None) and data.negative_class is None:
+        raise ValueError(f"trainer.panel_positives / panel_negatives need binary data with a negative class, and "
+                         f"this dataset has {data.num_classes} classes and none is negative; use trainer.num_panels.")
 
 
 def check_metric_names(cfg: DictConfig, monitor: str, data: Any) -> None:

@@ -67,6 +67,13 @@ class FitConfig:
     monitor: str  # resolved: never "auto"
     monitor_mode: str
     num_panels: int
+    panel_positives: int | None
+    panel_negatives: int | None
+    train_panels_every: int | None
+    train_panels: int
+    test_first: bool
+    checkpoint_every: int | None
+    steps_per_epoch: int | None
     table_images: int
     log_every_n_steps: int
     resume: str | None
@@ -108,7 +115,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
-        self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
+        self.speed: dict[str, float] = {}
+        self.before_training: dict[str, float] | None = None  # trainer.test_first's metrics  # the last epoch's training images/s (global) and data-wait share
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._stop_signal: int | None = None
         self.started = False  # set once a resume checkpoint has loaded: from then on summary.json is this run's
@@ -145,6 +153,8 @@ class Trainer:
             self.load_checkpoint(self.cfg.resume)
         self.started = True
         with self._signals():
+            if self.cfg.test_first and self.step == 0:  # not again when a run resumes
+                self.before_training = self._evaluate_before_training()
             while self.epoch < self.cfg.epochs:
                 train_stats = self.train_epoch(self.epoch)
                 val = self.evaluate(self.data.val, "val", self.epoch)
@@ -160,6 +170,8 @@ class Trainer:
                 finished, self.epoch, self.batch_in_epoch = self.epoch, self.epoch + 1, 0
                 self._update_best(val, finished)  # best.ckpt, like last.ckpt, resumes at the next epoch
                 self.save_checkpoint("last")
+                if self.cfg.checkpoint_every and self.epoch % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint(f"epoch_{self.epoch:03d}")  # resumes at epoch self.epoch, like last.ckpt
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
             tests: dict[str, float] = {}
             if self.data.tests:
@@ -171,6 +183,15 @@ class Trainer:
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
+
+    def _evaluate_before_training(self) -> dict[str, float]:
+        """trainer.test_first: val and every test split with the initial weights, logged as epoch -1 at step 0."""
+        metrics: dict[str, float] = {}
+        for name, split in {"val": self.data.val, **self.data.tests}.items():
+            metrics.update(self.evaluate(split, name, -1))
+        self.tracker.log_metrics({"epoch": -1, **metrics}, 0)
+        log.info("before training  %s", _brief({**metrics, "train/mean_loss": math.nan}))
+        return metrics
 
     def _stopping(self) -> bool:
         """A stop signal reached this process, or (under several processes) any of them: all stop at one step."""
@@ -245,6 +266,10 @@ class Trainer:
                 self._check_finite(epoch)
             self.optimizer.step()
             self.step += 1
+            every = self.cfg.train_panels_every
+            if every and self.step % every == 0 and self.runtime.is_main:
+                self.tracker.log_panels("train", self.evaluator.batch_panels(batch, self.cfg.train_panels), epoch,
+                                        step=self.step)
             self.batch_in_epoch += 1
             sums, n = (parts if sums is None else sums + parts), n + 1
             self._epoch_sums = (sums, n)
@@ -274,8 +299,12 @@ class Trainer:
     def evaluate(self, dataset: Dataset, split: str, epoch: int, table: bool = False) -> dict[str, float]:
         """One split's metrics (``split/`` keys); its panels go to the trackers (``table``: the per-image table too)."""
         wanted = max(self.cfg.num_panels, self.cfg.table_images if table else 0)
-        result = self.evaluator.evaluate(dataset, split, panels=wanted)
-        self.tracker.log_panels(split, result.panels[: self.cfg.num_panels], epoch)
+        quota = None
+        if self.cfg.panel_positives is not None or self.cfg.panel_negatives is not None:
+            quota = (self.cfg.panel_positives or 0, self.cfg.panel_negatives or 0)
+        result = self.evaluator.evaluate(dataset, split, panels=wanted, quota=quota)
+        shown = result.chosen if result.chosen is not None else result.panels[: self.cfg.num_panels]
+        self.tracker.log_panels(split, shown, epoch)
         if table:
             self.tracker.log_table(split, result.panels)
         return result.metrics
@@ -338,14 +367,19 @@ class Trainer:
     def _train_loader(self, epoch: int) -> DataLoader:
         data = self.data.train
         sampler = self.data.train_sampler
-        if sampler is not None:
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            indices = list(iter(sampler))
-        else:
-            order = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
-            indices = torch.randperm(len(data), generator=order).tolist()
+        order = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
         bs = self.cfg.batch_size  # the global batch: each of W processes takes a contiguous 1/W of it
+        wanted = self.cfg.steps_per_epoch * bs if self.cfg.steps_per_epoch else 0
+        indices: list[int] = []
+        while not indices or len(indices) < wanted:  # trainer.steps_per_epoch: further passes, in fresh orders
+            if sampler is not None:
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                indices += list(iter(sampler))
+            else:
+                indices += torch.randperm(len(data), generator=order).tolist()
+        if wanted:
+            indices = indices[:wanted]
         stop = len(indices) - len(indices) % bs if len(indices) > bs else len(indices)  # a batch of one breaks BN
         batches = [indices[i:i + bs] for i in range(0, stop, bs)]
         if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream

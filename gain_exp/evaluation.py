@@ -39,10 +39,12 @@ class BatchResult:
 
 @dataclass
 class Evaluation:
-    """A split's metrics (keys prefixed with ``split/``) and its first panels in split order."""
+    """A split's metrics (keys prefixed with ``split/``), its first panels in split order, and (binary data with
+    quotas) the first ``positives`` positive and ``negatives`` negative images' panels."""
 
     metrics: dict[str, float]
     panels: list[Panel]
+    chosen: list[Panel] | None = None
 
 
 class Evaluator:
@@ -59,8 +61,10 @@ class Evaluator:
         self._amp = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset, split: str, panels: int = 0) -> Evaluation:
-        """Metrics of one split and the panels of its first ``panels`` images."""
+    def evaluate(self, dataset: Dataset, split: str, panels: int = 0,
+                 quota: tuple[int, int] | None = None) -> Evaluation:
+        """Metrics of one split and the panels of its first ``panels`` images (and of its first positives and
+        negatives, ``quota`` = (positives, negatives), on binary data)."""
         self.gain.eval()
         rt = self.runtime
         n = len(dataset)
@@ -68,15 +72,32 @@ class Evaluator:
         mine = list(range(rt.rank, len(batches), rt.world_size))
         loader = DataLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=self.workers,
                             worker_init_fn=self.worker_init_fn, pin_memory=rt.device.type == "cuda")
-        results, made = [], 0
+        results, left = [], [panels, *(quota or (0, 0))]  # still wanted here: first images, positives, negatives
         for b, batch in zip(mine, tqdm(loader, desc=f"eval {split}", disable=not self.progress, leave=False)):
-            result = self._batch(b, batch, panels - made)
-            made += len(result.panels)
+            result = self._batch(b, batch, left)
             results.append(result)
         results = sorted((r for part in rt.gather(results) for r in part), key=lambda r: r.batch)
-        return Evaluation(self._metrics(results, split), [p for r in results for p in r.panels][:panels])
+        made = [p for r in results for p in r.panels]
+        chosen = None
+        if quota is not None:
+            pos = [p for p in made if p.positive][: quota[0]]
+            neg = [p for p in made if not p.positive][: quota[1]]
+            chosen = sorted(pos + neg, key=lambda p: p.index)
+        return Evaluation(self._metrics(results, split), [p for p in made if p.first][:panels], chosen)
 
-    def _batch(self, index: int, batch: dict[str, Any], panels: int) -> BatchResult:
+    @torch.no_grad()
+    def batch_panels(self, batch: dict[str, Any], limit: int) -> list[Panel]:
+        """Panels of the first ``limit`` images of any batch (e.g. a training batch), by the model as it is now,
+        in evaluation mode (no batch-norm update, no random stream used)."""
+        was_training = self.gain.training
+        self.gain.eval()
+        try:
+            return self._batch(-1, batch, [limit, 0, 0]).panels
+        finally:
+            self.gain.train(was_training)
+
+    def _batch(self, index: int, batch: dict[str, Any], left: list[int]) -> BatchResult:
+        """One batch's results; ``left`` = panels still wanted (first images, positives, negatives), updated."""
         device = self.runtime.device
         images, targets = batch["image"].to(device, memory_format=self.memory_format), batch["target"].to(device)
         seg, has_mask = batch["seg"].to(device), batch["has_mask"].to(device)
@@ -93,7 +114,7 @@ class Evaluator:
         if rows.any():
             loc.update(scored[rows], truth[rows], valid[rows])
         drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, self.data.multi_label)
-        made = self._panels(batch, out, scored, drop, truth, valid, has_mask, panels) if panels > 0 else []
+        made = self._panels(batch, out, scored, drop, truth, valid, has_mask, left) if any(left) else []
         return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), made)
 
     def _metrics(self, results: list[BatchResult], split: str) -> dict[str, float]:
@@ -111,20 +132,28 @@ class Evaluator:
         metrics["am_drop"] = float(torch.nanmean(drops)) if drops.numel() else math.nan
         return {f"{split}/{k}": v for k, v in metrics.items()}
 
-    def _panels(self, batch, out, scored, drop, truth, valid, has_mask, limit: int) -> list[Panel]:
-        """Panels for the first map of each of the first ``limit`` images of the batch.
+    def _panels(self, batch, out, scored, drop, truth, valid, has_mask, left: list[int]) -> list[Panel]:
+        """Panels for the first map of each image of the batch that is still wanted: among the first ``left[0]``
+        images, or (binary data) the first ``left[1]`` positives / ``left[2]`` negatives. Updates ``left``.
 
         ``scored`` (min-max maps) and ``drop`` (AM-score drop per map) are the batch's, already computed.
         """
+        negative = self.data.negative_class
         names = self.data.classes
         probs = out.logits.float().sigmoid() if self.data.multi_label else out.logits.float().softmax(1)
         pred = self.gain.predicted_classes(out.logits.float())
         seen: set[int] = set()
         panels = []
         for n, b in enumerate(out.image_index.tolist()):
-            if b in seen or len(panels) >= limit:
+            if b in seen:
                 continue
             seen.add(b)
+            positive = negative is None or bool(batch["target"][b][negative] < 0.5)
+            first, quota = left[0] > 0, left[1 if positive else 2] > 0
+            if not (first or quota):
+                continue
+            left[0] -= first
+            left[1 if positive else 2] -= quota
             masked = out.masked_images[n].float().cpu()
             loc = LocalisationMetrics()
             gt = truth[n].cpu() if bool(has_mask[b]) else None
@@ -141,5 +170,6 @@ class Evaluator:
                 score=float(probs[b].max()),
                 am_drop=float(drop[n]),
                 iou=loc.compute().get("loc_iou"),
+                positive=positive, first=first,
             ))
         return panels

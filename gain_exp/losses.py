@@ -39,10 +39,11 @@ class LossTerms:
 
 
 class GAINLoss(nn.Module):
-    """L = L_cl + am_weight * L_am + ex_weight * L_e, each part switched on from its start epoch.
+    """L = cl_weight * L_cl + am_weight * L_am + ex_weight * L_e, each part switched on from its start epoch.
 
     Args:
         multi_label: BCE-with-logits (multi-label) or cross-entropy (single-label) for L_cl.
+        cl_weight: weight of L_cl (the seed's ``--cl_loss_factor``; 0 trains on L_am / L_e alone).
         am_weight: alpha of Eq. 6 (0 turns attention mining off).
         ex_weight: omega_e of Eq. 8 (0 turns extra supervision off).
         am_score: score of I* that L_am pushes down: ``softmax`` (seed), ``sigmoid`` or raw ``logit``.
@@ -64,9 +65,11 @@ class GAINLoss(nn.Module):
         am_on_all: bool = True,
         negative_class: int | None = None,
         ex_on: str = "attention",
+        cl_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        check_options(am_weight, ex_weight, am_score, ex_on, am_start_epoch, ex_start_epoch)
+        check_options(am_weight, ex_weight, am_score, ex_on, am_start_epoch, ex_start_epoch, cl_weight=cl_weight)
+        self.cl_weight = float(cl_weight)
         self.multi_label = multi_label
         self.am_weight = float(am_weight)
         self.ex_weight = float(ex_weight)
@@ -102,7 +105,8 @@ class GAINLoss(nn.Module):
         ex = zero
         if ex_on and out.attention is not None and seg is not None and use_mask is not None:
             ex = self.extra_supervision(out, seg, use_mask, count)
-        return LossTerms(total=cl + self.am_weight * am + self.ex_weight * ex, cl=cl, am=am, ex=ex)
+        total = (cl if self.cl_weight == 1.0 else self.cl_weight * cl) + self.am_weight * am + self.ex_weight * ex
+        return LossTerms(total=total, cl=cl, am=am, ex=ex)
 
     def classification(self, logits: torch.Tensor, targets: torch.Tensor,
                        count: CountReducer | None = None) -> torch.Tensor:
@@ -160,9 +164,9 @@ def _global_mean(values: torch.Tensor, count: CountReducer) -> torch.Tensor:
 
 
 def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str, am_start_epoch: int,
-                  ex_start_epoch: int, prefix: str = "") -> None:
+                  ex_start_epoch: int, prefix: str = "", cl_weight: float = 1.0) -> None:
     """Raise ValueError with one sentence for the first invalid loss option (``prefix`` names its config node)."""
-    for name, value in (("am_weight", am_weight), ("ex_weight", ex_weight)):
+    for name, value in (("cl_weight", cl_weight), ("am_weight", am_weight), ("ex_weight", ex_weight)):
         if value < 0:
             raise ValueError(f"{prefix}{name}={value} is negative; loss weights must be >= 0 (0 switches the term off).")
     for name, value in (("am_start_epoch", am_start_epoch), ("ex_start_epoch", ex_start_epoch)):

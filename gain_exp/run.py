@@ -24,8 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
-from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, resolve_device,
-                             resolve_monitor)
+from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, check_panels,
+                             resolve_device, resolve_monitor)
 from gain_exp.checkpoints import saved_tracking
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.errors import explain
@@ -81,6 +81,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
                      if cfg.trainer.scheduler == "cosine" else None)
 
         check_data(cfg, data)
+        check_panels(cfg, data)
         monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
         check_metric_names(cfg, monitor, data)
         fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
@@ -169,6 +170,7 @@ def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monit
         "final": {k: jsonable(v) for k, v in final.items()},
         "best": trainer.best,
         "tested_on": trainer.tested_on,
+        "before_training": trainer.before_training,  # trainer.test_first: metrics of the initial weights
         "speed": trainer.speed,  # the last epoch's training images/s over all processes and data-wait share
         "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
         "optimize_metric": metric,

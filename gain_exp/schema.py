@@ -68,6 +68,13 @@ class TrainerSchema:
     monitor_mode: str = MISSING
     test_on: str = MISSING  # read by the Trainer on main (merge: add test_on: str to FitConfig)
     num_panels: int = MISSING
+    panel_positives: Optional[int] = MISSING
+    panel_negatives: Optional[int] = MISSING
+    train_panels_every: Optional[int] = MISSING
+    train_panels: int = MISSING
+    test_first: bool = MISSING
+    checkpoint_every: Optional[int] = MISSING
+    steps_per_epoch: Optional[int] = MISSING
     table_images: int = MISSING
     log_every_n_steps: int = MISSING
     resume: Optional[str] = MISSING
@@ -80,6 +87,7 @@ class LossSchema:
     """conf/loss/*.yaml (gain_exp.losses.GAINLoss)."""
 
     _target_: str = MISSING
+    cl_weight: float = MISSING
     am_weight: float = MISSING
     ex_weight: float = MISSING
     am_score: str = MISSING

@@ -190,6 +190,8 @@ class Panel:
     am_drop: float  # true-class score drop on the masked image
     iou: float | None = None  # localisation IoU of this map (None without a mask)
     index: int | None = None  # position of the image in its split (None: the panel's own position)
+    positive: bool = True  # binary data: the image is not of the negative class
+    first: bool = True  # among the split's first images asked for (not only drawn for a positive/negative quota)
 
     @property
     def caption(self) -> str:

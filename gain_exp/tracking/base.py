@@ -24,8 +24,9 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Scalars at a global optimisation step (per-step losses, per-epoch split metrics with an ``epoch`` key)."""
 
-    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
-        """Attention panels of a fixed set of images of ``split`` after ``epoch``."""
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
+        """Attention panels of a fixed set of images of ``split`` after ``epoch``; with ``step``, of a training
+        batch at that step (trainer.train_panels_every decides when: no panel schedule applies)."""
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         """Per-image results of a final test split (one row per panel)."""
@@ -68,8 +69,9 @@ class Trackers(Tracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._each("log_metrics", metrics, step)
 
-    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
-        self._each("log_panels", split, panels, epoch)
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
+        # a backend written for (split, panels, epoch) keeps working for the per-epoch panels
+        self._each("log_panels", split, panels, epoch, *(() if step is None else (step,)))
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         self._each("log_table", split, panels)

@@ -49,10 +49,11 @@ class JsonTracker(Tracker):
         f.write(json.dumps(record) + "\n")
         f.flush()
 
-    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
         if not panels:
             return
-        save_panels([p.strip for p in panels], self.out_dir / "attention" / f"{split}_epoch{epoch:03d}.png")
+        name = f"{split}_epoch{epoch:03d}.png" if step is None else f"{split}_step{step:06d}.png"
+        save_panels([p.strip for p in panels], self.out_dir / "attention" / name)
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         path = self.out_dir / "results" / f"{split}.jsonl"

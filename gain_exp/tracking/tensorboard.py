@@ -29,8 +29,8 @@ class TensorboardTracker(Tracker):
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, self._step)
 
-    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
-        if not self.schedule.due(split, epoch):
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
+        if step is None and not self.schedule.due(split, epoch):
             return
         for i, p in enumerate(panels):
             self.writer.add_image(f"{split}/panel_{i}", np.asarray(p.strip), self._step, dataformats="HWC")

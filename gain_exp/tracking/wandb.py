@@ -154,8 +154,8 @@ class WandbTracker(Tracker):
         self.run.log(values, step=step)
 
     @_best_effort
-    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int) -> None:
-        if not panels or not self.schedule.due(split, epoch):
+    def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
+        if not panels or (step is None and not self.schedule.due(split, epoch)):
             return
         wandb, step = self._wandb, self._next(self._step)
         self._epoch_row = step
