@@ -194,10 +194,19 @@ class Trainer:
         return metrics
 
     def _stopping(self) -> bool:
-        """A stop signal reached this process, or (under several processes) any of them: all stop at one step."""
-        if self.runtime.distributed and self.runtime.any(self._stop_signal is not None) and self._stop_signal is None:
-            self._stop_signal = signal.SIGTERM  # another process was signalled
-        return self._stop_signal is not None
+        """A stop signal reached this process, or (under several processes) any of them: all stop at one step.
+
+        The decision is the collective's answer alone: a signal that lands after it counts at the next step on every
+        process (reading the flag again here would let one process stop while another goes on, a deadlock).
+        """
+        stop = self._stop_signal is not None
+        if self.runtime.distributed:
+            stop = self.runtime.any(stop)
+        if stop:
+            if self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM  # another process was signalled
+            log.warning("signal %d received: saving a checkpoint and stopping", self._stop_signal)
+        return stop
 
     def _check_names(self, val: dict[str, float]) -> None:
         """Metric names the run depends on (the monitor, a val optimize_metric) exist, checked after the first val."""
@@ -409,7 +418,7 @@ class Trainer:
         """Ctrl-C / SIGTERM (and submitit's preemption signal) finish the current step, save a checkpoint and stop."""
 
         def handler(signum, _frame):
-            log.warning("signal %d received: saving a checkpoint after this step", signum)
+            # only a flag: writing a log line here would re-enter the stream's I/O if the signal lands mid-write
             self._stop_signal = signum
 
         old = {s: signal.getsignal(s) for s in stop_signals()}
