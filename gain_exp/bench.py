@@ -123,6 +123,8 @@ def why_not(error: BaseException) -> str:
         return "torch.compile has no double backward"
     if "donated buffers" in msg:
         return "compiled backward with donated buffers"
+    if "Batching rule not implemented" in msg:
+        return "no vmap over compiled backward (is_grads_batched)"
     if "hook never ran" in msg:
         return "hook not run by compiled graph"
     if "retain_grad" in msg:

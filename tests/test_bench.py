@@ -77,6 +77,8 @@ def test_why_not_and_na_row():
     assert bench.why_not(RuntimeError("torch.compile with aot_autograd does not currently support double backward")) \
         == "torch.compile has no double backward"
     assert bench.why_not(ValueError("boom\nmore")) == "ValueError: boom"
+    assert bench.why_not(RuntimeError("Batching rule not implemented for aten::mm.out; the fallback")) \
+        == "no vmap over compiled backward (is_grads_batched)"
     rows = [dict(variant="GAIN batch, full", ms=None, ratio=None, saved=None, peak=None, graphs=1, breaks=0,
                  na="torch.compile has no double backward", error="RuntimeError: no double backward\ndetail")]
     table = bench.format_table(rows, "cuda")
