@@ -24,7 +24,7 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={value} is not a finite number; give a finite value (see its default in conf/).")
     g, loss, t = cfg.gain, cfg.loss, cfg.trainer
     check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
-                       prefix="gain.")
+                       prefix="gain.", cam=g.cam)
     check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
                        loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight)
     checks = [

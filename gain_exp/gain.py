@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gain_exp.attention import NORMALISATIONS, FeatureExtractor, grad_cam, normalise
+from gain_exp.attention import (CAM_METHODS, NORMALISATIONS, FeatureExtractor, class_activation_maps, normalise,
+                                unfuse_attention_after)
 
 FORMULATIONS = ("batch", "per_label")
 GRAD_MODES = ("full", "features", "frozen")
@@ -43,15 +44,25 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class GAIN(nn.Module):
-    """Wraps a timm CNN classifier with differentiable Grad-CAM, soft masking and attention mining.
+    """Wraps a timm classifier with a differentiable CAM (Grad-CAM by default), soft masking and attention mining.
 
     Args:
-        model: a classifier with ``forward_features``/``forward_head`` (any timm CNN), or any model
-            together with ``grad_layer``.
-        grad_layer: module name whose output is the Grad-CAM feature map (default: forward_features).
+        model: a classifier with ``forward_features``/``forward_head`` (any timm CNN), a timm ViT/DeiT or Swin,
+            or any model together with ``grad_layer``.
+        grad_layer: module name whose output is the CAM feature map. Default per family: forward_features (CNNs,
+            gradient through the head only), the last block's ``norm1`` (ViT/DeiT: prefix tokens dropped, patch
+            tokens on the patch grid; the gradient runs through the last block, since the head reads only the
+            class token), the last stage's last block (Swin, NHWC; gradient through the final norm and head).
+        cam: how the map is formed from the feature map A and g = dS/dA (``attention.CAM_METHODS``): ``gradcam``,
+            ``gradcam++``, ``xgradcam``, ``layercam`` or ``hirescam``. Under ``grad_mode=full`` the loss
+            differentiates through each formula as written: through g (second order, through the layers after A)
+            in all; also through sum_ab A in XGrad-CAM's and Grad-CAM++'s weights; Grad-CAM++'s higher-order terms
+            are pytorch-grad-cam's g^2 and g^3 (the closed form for exp(S)), differentiated as such. Under
+            ``features``/``frozen`` the weights are constants. With ``full``, timm attention modules after the map
+            layer (ViT's last block) use the unfused attention path: the fused kernels have no double backward.
         formulation: ``batch`` (one map per image from the sum of its target classes' logits) or
             ``per_label`` (one map and one masked image per (image, target class) pair; Eq. 5).
-        grad_mode: ``full`` (keep the graph through the Grad-CAM weights), ``features`` (weights
+        grad_mode: ``full`` (keep the graph through the CAM weights), ``features`` (weights
             detached) or ``frozen`` (weights detached and the AM stream's parameters get no gradient).
         sigma, omega: threshold and scale of the soft mask T(A) = sigmoid(omega (A - sigma)).
         normalisation: ``minmax`` (public implementations), ``max`` or ``none``, applied per map before
@@ -71,6 +82,7 @@ class GAIN(nn.Module):
         grad_layer: str | None = None,
         formulation: str = "batch",
         grad_mode: str = "features",
+        cam: str = "gradcam",
         sigma: float = 0.5,
         omega: float = 10.0,
         normalisation: str = "minmax",
@@ -82,12 +94,15 @@ class GAIN(nn.Module):
         pixel_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        check_options(sigma, omega, formulation, grad_mode, normalisation, fill, am_grad_scale)
+        check_options(sigma, omega, formulation, grad_mode, normalisation, fill, am_grad_scale, cam=cam)
         self._targets_checked = False
         self.model = model
         self.extractor = FeatureExtractor(model, grad_layer)
+        if grad_mode == "full":  # fused attention kernels have no double backward
+            unfuse_attention_after(model, self.extractor.layer)
         self.formulation = formulation
         self.grad_mode = grad_mode
+        self.cam = cam
         self.sigma = float(sigma)
         self.omega = float(omega)
         self.normalisation = normalisation
@@ -153,8 +168,7 @@ class GAIN(nn.Module):
         if self.extractor.module is None:
             with torch.no_grad():
                 features = self.model.forward_features(images)
-            features = features.detach().requires_grad_(True)
-            return features, self.model.forward_head(features)
+            return self.extractor.head(features.detach().requires_grad_(True))
         handle = self.extractor.module.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True))
         try:
             return self.extractor(images)
@@ -163,7 +177,7 @@ class GAIN(nn.Module):
 
     def _attention(self, images, features, logits, targets, create_graph: bool) -> GAINOutput:
         if self.formulation == "batch":
-            cams = grad_cam(features, logits, targets, create_graph)
+            cams = class_activation_maps(features, logits, targets, create_graph, self.cam)
             image_index = torch.arange(images.shape[0], device=images.device)
             class_index, map_targets = None, targets
         else:
@@ -175,7 +189,7 @@ class GAIN(nn.Module):
             weights = torch.zeros((int(rank.max()) + 1 if rank.numel() else 1, *targets.shape),
                                   dtype=logits.dtype, device=logits.device)
             weights[rank, image_index, class_index] = 1.0
-            cams = grad_cam(features, logits, weights, create_graph)[rank, image_index]
+            cams = class_activation_maps(features, logits, weights, create_graph, self.cam)[rank, image_index]
             map_targets = F.one_hot(class_index, targets.shape[1]).to(logits.dtype)
         attention = F.interpolate(normalise(cams, self.normalisation).unsqueeze(1), size=images.shape[-2:],
                                   mode="bilinear", align_corners=False).squeeze(1)
@@ -239,9 +253,10 @@ class GAIN(nn.Module):
 
 
 def check_options(sigma: float, omega: float, formulation: str, grad_mode: str, normalisation: str,
-                  fill: str | Sequence[float], am_grad_scale: float, prefix: str = "") -> None:
+                  fill: str | Sequence[float], am_grad_scale: float, prefix: str = "", cam: str = "gradcam") -> None:
     """Raise ValueError with one sentence for the first invalid GAIN option (``prefix`` names its config node)."""
     _check_choice(f"{prefix}formulation", formulation, FORMULATIONS)
+    _check_choice(f"{prefix}cam", cam, tuple(CAM_METHODS))
     _check_choice(f"{prefix}grad_mode", grad_mode, GRAD_MODES)
     _check_choice(f"{prefix}normalisation", normalisation, NORMALISATIONS)
     if not 0.0 < sigma < 1.0:

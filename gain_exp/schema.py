@@ -29,6 +29,7 @@ class GainSchema:
     freeze_am_bn: bool = MISSING
     formulation: str = MISSING
     grad_mode: str = MISSING
+    cam: str = MISSING  # gradcam | gradcam++ | xgradcam | layercam | hirescam
 
 
 @dataclass
