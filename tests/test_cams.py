@@ -171,3 +171,17 @@ def test_tokens_that_do_not_fill_the_patch_grid_say_which_grad_layer_to_set():
         GAIN(model)(torch.randn(2, 3, 32, 32), torch.eye(5)[:2])
     out = GAIN(model, grad_layer="patch_embed")(torch.randn(2, 3, 32, 32), torch.eye(5)[:2])  # the fix works
     assert out.attention.shape == (2, 32, 32)
+
+
+def test_gain_ext_trains_the_small_vit_recipe_on_shapes_through_the_app(tmp_path):
+    from conftest import compose
+    from gain_exp.run import train
+
+    summary = train(compose(["experiment=shapes_vit", f"dataset.root={tmp_path / 'shapes'}", "dataset.n_train=32",
+                             "dataset.n_val=16", "dataset.n_test=16", "dataset.masks_to_use=0.5", "trainer.epochs=1",
+                             "trainer.batch_size=8", "trainer.num_panels=1", "loss.am_start_epoch=0",
+                             "+backbone.kwargs.depth=2", "logger=json"]), out_dir=tmp_path / "run")
+    final = summary["final"]
+    assert summary["status"] == "completed" and final["val/loc_n"] == 16.0
+    assert all(isinstance(final[k], float) for k in ("val/loc_iou", "val/pointing_game", "test_unbiased/acc"))
+    assert final["train/mean_loss_am"] > 0 and final["train/mean_loss_e"] > 0  # both GAIN terms trained
