@@ -252,3 +252,32 @@ def test_slurm_path_two_tasks_preempted_requeue_and_resume(tmp_path):
     one = train(compose(_e2e_overrides(tmp_path)), out_dir=tmp_path / "one")
     for key in ("val/loss_cl", "train/mean_loss", "test_unbiased/loss_cl"):
         assert summary["final"][key] == pytest.approx(one["final"][key], rel=1e-4), key
+
+
+def test_trainer_refuses_batches_and_splits_that_cannot_be_shared_by_the_processes(tmp_path, tiny):
+    import dataclasses
+
+    import timm
+
+    from gain_exp.data.base import DataSplits
+    from gain_exp.engine import FitConfig, Trainer
+    from gain_exp.gain import GAIN
+    from gain_exp.losses import GAINLoss
+    from gain_exp.runtime import Runtime
+    from gain_exp.tracking import Trackers
+
+    cfg = compose(tiny + ["trainer.batch_size=7"])
+    fit = FitConfig(seed=0, monitor="val/acc", **{k: v for k, v in cfg.trainer.items()
+                                                  if k in FitConfig.__dataclass_fields__ and k != "monitor"})
+    gain = GAIN(timm.create_model("test_resnet", pretrained=False, num_classes=2))
+    two = Runtime(torch.device("cpu"), rank=0, world_size=2)  # no process group needed: both checks come first
+
+    def trainer(fit, n_train):
+        data = DataSplits(train=list(range(n_train)), val=[], tests={}, classes=["a", "b"], multi_label=False)
+        return Trainer(gain, GAINLoss(multi_label=False), torch.optim.SGD(gain.parameters(), lr=0.1), None, data,
+                       fit, tmp_path, Trackers([]), two, (0.5,) * 3, (0.25,) * 3)
+
+    with pytest.raises(ValueError, match=r"^trainer\.batch_size=7 is the global batch and must split evenly over 2 "):
+        trainer(fit, 10)
+    with pytest.raises(ValueError, match=r"^the train split has 1 images, fewer than the 2 processes"):
+        trainer(dataclasses.replace(fit, batch_size=8), 1)

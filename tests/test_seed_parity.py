@@ -97,3 +97,19 @@ def test_positive_and_negative_panel_counts_on_binary_data(tmp_path, tiny, monke
     assert sorted(shown["val"]) == [["lesion"], ["negative"], ["negative"], ["negative"]]
     with pytest.raises(ValueError, match=r"^trainer\.panel_positives / panel_negatives need binary data"):
         train(compose(tiny + ["trainer.panel_positives=2"]), out_dir=tmp_path / "shapes")
+
+
+@pytest.mark.parametrize("override,phrase", [
+    ("trainer.checkpoint_every=0", "trainer.checkpoint_every=0 must be >= 1 or null."),
+    ("trainer.steps_per_epoch=0", "trainer.steps_per_epoch=0 must be >= 1 or null."),
+    ("trainer.train_panels_every=0", "trainer.train_panels_every=0 must be >= 1 or null."),
+    ("trainer.train_panels=0", "trainer.train_panels=0 must be >= 1."),
+    ("trainer.panel_positives=-1", "trainer.panel_positives=-1 must be >= 0 or null."),
+    ("loss.cl_weight=-1", "loss.cl_weight=-1"),
+])
+def test_the_new_keys_out_of_range_are_one_sentence(override, phrase):
+    from gain_exp.config import check_config
+
+    with pytest.raises(ValueError) as err:
+        check_config(compose([override]))
+    assert str(err.value).startswith(phrase) and "\n" not in str(err.value)
