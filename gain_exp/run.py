@@ -210,7 +210,7 @@ def task(cfg: DictConfig) -> float | None:
             return math.nan  # the other jobs of the sweep go on; sweepers read NaN as a failed trial
         sys.exit(3)
     value = summary["final"].get(summary["optimize_metric"])
-    if int(os.environ.get("RANK", "0")) == 0:
+    if (launched_processes() or (0,))[0] == 0:  # the main process reports
         print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
     return value
 

@@ -56,9 +56,7 @@ class Runtime:
         dist.all_reduce(total)
         return total / self.world_size
 
-    def mean_count(self, count: torch.Tensor) -> torch.Tensor:
-        """A row count summed over processes, divided by the world size (losses.CountReducer)."""
-        return self.mean(count)
+    mean_count = mean  # a row count summed over processes / world size: the losses' CountReducer
 
     def any(self, flag: bool) -> bool:
         """True on every process if it is True on one (a CPU collective: no device sync)."""
@@ -75,14 +73,6 @@ class Runtime:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=_cpu_group())
         return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """The main process's ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=_cpu_group())
-        return box[0]
 
     def barrier(self) -> None:
         if self.distributed:
