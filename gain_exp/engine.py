@@ -30,6 +30,7 @@ from gain_exp.files import load_state
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss
 from gain_exp.runtime import Runtime
+from gain_exp.signals import StopSafeLoader, stop_signals
 from gain_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class Trainer:
             self._count = self.runtime.mean_count
         self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                    workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
-                                   worker_init_fn=_leave_signals_to_main, memory_format=self._memory_format)
+                                   memory_format=self._memory_format)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -398,10 +399,9 @@ class Trainer:
                 self._resume_rng = None
         rt = self.runtime
         shards = [_shard(batch, rt.rank, rt.world_size) for batch in batches]
-        return DataLoader(data, batch_sampler=shards, num_workers=self.cfg.workers,
-                          worker_init_fn=_leave_signals_to_main,
-                          generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
-                          persistent_workers=False, pin_memory=self.device.type == "cuda")
+        return StopSafeLoader(data, batch_sampler=shards, num_workers=self.cfg.workers,
+                              generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+                              persistent_workers=False, pin_memory=self.device.type == "cuda")
 
     def _update_best(self, metrics: dict[str, float], epoch: int) -> None:
         value = metrics.get(self.cfg.monitor)
@@ -435,24 +435,6 @@ class Trainer:
 
 
 _DIVERGED_FIX = "lower trainer.optimizer.lr or set trainer.grad_clip (e.g. 1.0); no non-finite weights were saved"
-
-
-def stop_signals() -> list[int]:
-    """Signals that stop training after the current step: Ctrl-C, SIGTERM (scancel, torchrun, preemption) and, in a
-    job run by submitit (hydra-submitit-launcher), its preemption / time-out signal (USR2 unless configured), after
-    which run.task hands the saved run back to submitit to requeue."""
-    signals = [signal.SIGINT, signal.SIGTERM]
-    if "SUBMITIT_EXECUTOR" in os.environ:
-        signals.append(getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")))
-    return signals
-
-
-def _leave_signals_to_main(_worker: int) -> None:
-    """DataLoader workers ignore the stop signals: scancel, preemption and Ctrl-C signal the whole process group, and
-    a worker killed mid-batch crashes the main process before it can save; the main process stops after the step and
-    shuts the workers down itself."""
-    for s in stop_signals():
-        signal.signal(s, signal.SIG_IGN)
 
 
 def _shard(batch: list[int], rank: int, world: int) -> list[int]:

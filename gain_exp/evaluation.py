@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from gain_exp.attention import normalise
@@ -21,6 +21,7 @@ from gain_exp.gain import GAIN
 from gain_exp.losses import GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
 from gain_exp.runtime import Runtime
+from gain_exp.signals import StopSafeLoader
 from gain_exp.viz import Panel, denormalise
 
 
@@ -52,11 +53,10 @@ class Evaluator:
 
     def __init__(self, gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, *, batch_size: int,
                  workers: int, amp: bool, mean: tuple[float, ...], std: tuple[float, ...], progress: bool,
-                 worker_init_fn: Any = None, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         self.gain, self.loss, self.data, self.runtime = gain, loss, data, runtime
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.mean, self.std = mean, std
-        self.worker_init_fn = worker_init_fn
         self.memory_format = memory_format
         self._amp = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if amp else nullcontext
 
@@ -70,8 +70,8 @@ class Evaluator:
         n = len(dataset)
         batches = [list(range(b, min(b + self.batch_size, n))) for b in range(0, n, self.batch_size)]
         mine = list(range(rt.rank, len(batches), rt.world_size))
-        loader = DataLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=self.workers,
-                            worker_init_fn=self.worker_init_fn, pin_memory=rt.device.type == "cuda")
+        loader = StopSafeLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=self.workers,
+                                pin_memory=rt.device.type == "cuda")
         results, left = [], [panels, *(quota or (0, 0))]  # still wanted here: first images, positives, negatives
         for b, batch in zip(mine, tqdm(loader, desc=f"eval {split}", disable=not self.progress, leave=False)):
             result = self._batch(b, batch, left)

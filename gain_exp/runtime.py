@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from gain_exp.signals import blocked
+
 log = logging.getLogger(__name__)
 
 
@@ -129,13 +131,9 @@ def _join(rank: int, world: int) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     # The process group's threads block the stop signals (they inherit this mask), so SIGTERM / USR2 reach the main
     # thread only and never interrupt a collective's socket I/O midway (that left the processes out of step).
-    stop = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
+    with blocked([signal.SIGINT, signal.SIGTERM, signal.SIGUSR2]):
         dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
         _cpu_group()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class _SharedClock(datetime.datetime):
