@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from gain_exp.gain import GRAD_MODES, GAIN
+from gain_exp.gain import GAIN, GRAD_MODES, compile_model
 from gain_exp.losses import GAINLoss
 
 VARIANTS = ("plain", "batch", "per_label", "reference")
@@ -98,22 +98,6 @@ def _time(step: Callable[[], None], warmup: int, repeats: int, device: torch.dev
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return statistics.median(times), saved[0], peak
-
-
-def compile_model(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
-    """torch.compile the model in place, GAIN's entry points included.
-
-    GAIN calls ``forward_features`` and ``forward_head`` itself (to take the Grad-CAM gradient on the feature map),
-    so compiling ``forward`` alone (``torch.compile(model)``) would leave GAIN's classification stream uncompiled.
-    Each half is compiled on its own; timm's ``forward`` calls both, so ``model(x)`` runs compiled too. The
-    Grad-CAM ``autograd.grad`` runs between them, outside any compiled graph.
-    """
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        model.forward_features = torch.compile(model.forward_features, backend=backend)
-        model.forward_head = torch.compile(model.forward_head, backend=backend)
-    else:
-        model.forward = torch.compile(model.forward, backend=backend)
-    return model
 
 
 def why_not(error: BaseException) -> str:

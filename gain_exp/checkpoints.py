@@ -24,7 +24,7 @@ MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "datase
 MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
 # What the resumed run would not notice, so there is nothing to note.
 IGNORED = ("trainer.resume", "trainer.interrupt_after_steps", "trainer.progress", "trainer.device", "trainer.workers",
-           "logger")
+           "trainer.compile", "trainer.compile_backend", "logger")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:

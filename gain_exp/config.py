@@ -5,6 +5,7 @@ import difflib
 import importlib
 import inspect
 import math
+import os
 from typing import Any
 
 import timm
@@ -37,7 +38,8 @@ def check_config(cfg: DictConfig) -> None:
         (t.test_on in ("best", "last"), f"trainer.test_on={t.test_on} is unknown; use best or last"),
         (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
          f"trainer.device={t.device} is unknown; use auto, cpu or cuda"),
-        (t.workers >= 0, f"trainer.workers={t.workers} must be >= 0"),
+        (t.workers == "auto" or (isinstance(t.workers, int) and not isinstance(t.workers, bool) and t.workers >= 0),
+         f"trainer.workers={t.workers} must be auto or a count >= 0"),
         (t.grad_clip is None or t.grad_clip > 0,
          f"trainer.grad_clip={t.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping"),
         (t.num_panels >= 0, f"trainer.num_panels={t.num_panels} must be >= 0"),
@@ -130,6 +132,18 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=auto or cpu.")
     return torch.device(name)
+
+
+def resolve_workers(workers: int | str, device: torch.device) -> int:
+    """``auto`` -> 0 on CPU (workers would take the cores the model computes on); on CUDA each of the node's GPU
+    processes gets an equal share of the cores less one for itself, at most 8 (batches are prefetched and pinned)."""
+    if workers != "auto":
+        return int(workers)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
 
 
 def resolve_monitor(name: str, multi_label: bool) -> str:

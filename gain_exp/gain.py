@@ -252,6 +252,51 @@ class GAIN(nn.Module):
                                  f"classes marked 1, so pass hard labels (e.g. (soft > 0.5).float()).")
 
 
+def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """torch.compile the model in place, GAIN's entry points included.
+
+    GAIN calls ``forward_features`` and ``forward_head`` itself (to take the Grad-CAM gradient on the feature map),
+    so compiling ``forward`` alone (``torch.compile(model)``) would leave GAIN's classification stream uncompiled.
+    Each half is compiled on its own; timm's ``forward`` calls both, so ``model(x)`` runs compiled too. The
+    Grad-CAM ``autograd.grad`` runs between them, outside any compiled graph. The state dict is unchanged (no
+    ``_orig_mod.`` prefix), so checkpoints load with or without compiling.
+    """
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        model.forward_features = torch.compile(model.forward_features, backend=backend)
+        model.forward_head = torch.compile(model.forward_head, backend=backend)
+    else:
+        model.forward = torch.compile(model.forward, backend=backend)
+    return model
+
+
+def compile_gain(gain: GAIN, backend: str = "inductor") -> GAIN:
+    """``trainer.compile``: torch.compile GAIN's backbone (see ``compile_model``), or one sentence on why not.
+
+    What torch.compile cannot run (PyTorch 2.x): ``grad_mode=full`` (AOTAutograd has no double backward),
+    ``per_label`` under inductor (its batched Grad-CAM backward is a vmap, and inductor's compiled backward has no
+    batching rule), and a map taken inside ``forward_features`` (``backbone.grad_layer`` set, and the default for
+    ViT/DeiT/Swin): a compiled graph hides its intermediate tensors from ``autograd.grad``. One process-wide setting
+    changes: AOTAutograd's donated buffers are switched off, because the Grad-CAM backward runs through the compiled
+    head before the loss's backward runs through it again.
+    """
+    fix = "or set trainer.compile=false"
+    if gain.grad_mode == "full":
+        raise ValueError("trainer.compile: torch.compile has no double backward, which gain.grad_mode=full needs; "
+                         f"use grad_mode=features or frozen, {fix}.")
+    if gain.formulation == "per_label" and backend == "inductor":
+        raise ValueError("trainer.compile: inductor cannot batch per_label's Grad-CAM backward (vmap over a compiled "
+                         f"graph); use formulation=batch or trainer.compile_backend=aot_eager, {fix}.")
+    if gain.extractor.module is not None:
+        raise ValueError(f"trainer.compile: the map layer {gain.extractor.layer} lies inside the compiled "
+                         "forward_features, where autograd.grad cannot reach it; compile needs the map at "
+                         f"forward_features' output (backbone.grad_layer=null on a CNN), {fix}.")
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    compile_model(gain.model, backend)
+    return gain
+
+
 def check_options(sigma: float, omega: float, formulation: str, grad_mode: str, normalisation: str,
                   fill: str | Sequence[float], am_grad_scale: float, prefix: str = "", cam: str = "gradcam") -> None:
     """Raise ValueError with one sentence for the first invalid GAIN option (``prefix`` names its config node)."""

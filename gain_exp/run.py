@@ -25,11 +25,12 @@ from omegaconf import DictConfig
 
 from gain_exp.backbones import create_backbone
 from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, check_panels,
-                             resolve_device, resolve_monitor)
+                             resolve_device, resolve_monitor, resolve_workers)
 from gain_exp.checkpoints import saved_tracking
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.errors import explain
 from gain_exp.files import jsonable, remove_stale_temps, write_json
+from gain_exp.gain import compile_gain
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
 from gain_exp.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
@@ -75,6 +76,8 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
             model = model.to(memory_format=torch.channels_last)
         gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
                            pixel_mean=mean, pixel_std=std)
+        if cfg.trainer.compile:
+            compile_gain(gain, cfg.trainer.compile_backend)
         loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
         optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
@@ -84,8 +87,10 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         check_panels(cfg, data)
         monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
         check_metric_names(cfg, monitor, data)
-        fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor,
-                            **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__ and k != "monitor"})
+        workers = resolve_workers(cfg.trainer.workers, device)
+        fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor, workers=workers,
+                            **{k: v for k, v in cfg.trainer.items()
+                               if k in FitConfig.__dataclass_fields__ and k not in ("monitor", "workers")})
         record = run_record(cfg)
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}

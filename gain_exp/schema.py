@@ -61,7 +61,9 @@ class TrainerSchema:
     amp: bool = MISSING
     channels_last: bool = MISSING
     sync_bn: bool = MISSING
-    workers: int = MISSING
+    compile: bool = MISSING
+    compile_backend: str = MISSING
+    workers: Any = MISSING  # auto or an int >= 0 (config.resolve_workers)
     grad_clip: Optional[float] = MISSING
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     scheduler: Optional[str] = MISSING

@@ -407,3 +407,45 @@ def test_channels_last_trains_the_same_and_the_summary_reports_speed(tmp_path, t
     assert last["final"]["val/loss_cl"] == pytest.approx(plain["final"]["val/loss_cl"], rel=1e-4)
     speed = last["speed"]
     assert speed["images_per_s"] > 0 and 0 <= speed["data_wait_share"] < 1 and speed["epoch"] == 0
+
+
+def test_compile_trains_like_eager_and_checkpoints_load_uncompiled(tmp_path, tiny):
+    # aot_eager: the same graph capture as inductor (Dynamo + AOTAutograd) without a C++ toolchain
+    run = tiny + ["trainer.epochs=1", "grad_mode=features"]
+    plain = train(compose(run), out_dir=tmp_path / "plain")
+    compiled = train(compose(run + ["trainer.compile=true", "trainer.compile_backend=aot_eager"]),
+                     out_dir=tmp_path / "compiled")
+    for key in ("val/loss_cl", "val/acc", "test_unbiased/acc"):
+        assert compiled["final"][key] == pytest.approx(plain["final"][key], rel=1e-4, abs=1e-6), key
+    weights = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in weights)  # the state dict of the uncompiled model
+
+
+@pytest.mark.parametrize("override,phrase", [
+    (["grad_mode=full"], r"^trainer\.compile: torch\.compile has no double backward, which gain\.grad_mode=full"),
+    (["formulation=per_label", "trainer.compile_backend=inductor"], r"inductor cannot batch per_label.*aot_eager"),
+    (["backbone.grad_layer=layer2"], r"the map layer layer2 lies inside the compiled forward_features"),
+])
+def test_compile_refuses_what_it_cannot_run_in_one_sentence(tmp_path, tiny, override, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        train(compose(tiny + ["trainer.compile=true", *override]), out_dir=tmp_path / "r")
+
+
+def test_workers_auto_is_none_on_cpu_and_a_share_of_the_cores_per_gpu_process(monkeypatch):
+    from gain_exp.config import resolve_workers
+
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers("auto", torch.device("cuda")) == 8  # at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_workers("auto", torch.device("cuda")) == 3  # 16 cores / 4 GPU processes, one left for each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert resolve_workers("auto", torch.device("cuda")) == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "true"])
+def test_workers_must_be_auto_or_a_count(tmp_path, tiny, value):
+    with pytest.raises(ValueError, match=rf"^trainer\.workers={value if value != 'true' else 'True'} must be auto"):
+        train(compose(tiny + [f"trainer.workers={value}"]), out_dir=tmp_path / "r")
