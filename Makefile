@@ -22,4 +22,18 @@ test: install
 bench: install
 	$(BIN)/python -m gain_exp.bench $(ARGS)
 
-.PHONY: install run test bench
+# The README's GPU table on one NVIDIA device (no install: PYTHON=python3 where torch is already there):
+# resnet50 and vgg16_bn, 224 px, batch 64; fp32, bf16, bf16 + channels_last, + compile; every grad mode under bf16.
+# Tables go to outputs/bench_gpu/<backbone>.md.
+PYTHON ?= $(BIN)/python
+BENCH_GPU := --device cuda --batch 64 --size 224 --variants plain,batch,per_label --repeats 20
+bench-gpu:
+	mkdir -p outputs/bench_gpu
+	set -e; for b in resnet50 vgg16_bn; do \
+	  $(PYTHON) -m gain_exp.bench --backbone $$b $(BENCH_GPU) --modes features > outputs/bench_gpu/$$b.md; \
+	  for flags in "--amp --modes full,features,frozen" "--amp --channels-last --modes features" \
+	               "--amp --channels-last --compile --modes features"; do \
+	    $(PYTHON) -m gain_exp.bench --backbone $$b $(BENCH_GPU) $$flags >> outputs/bench_gpu/$$b.md; \
+	  done; cat outputs/bench_gpu/$$b.md; done
+
+.PHONY: install run test bench bench-gpu
