@@ -19,16 +19,15 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gain_exp.backbones import create_backbone
-from gain_exp.config import (backbone_normalisation, check_config, check_data, check_metric_names, check_panels,
+from gain_exp.config import (check_config, check_data, check_metric_names, check_panels,
                              resolve_device, resolve_monitor, resolve_workers)
 from gain_exp.checkpoints import saved_tracking
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.errors import explain
+from gain_exp.experiment import USER_ERRORS, build_experiment
 from gain_exp.files import jsonable, remove_stale_temps, write_json
 from gain_exp.gain import compile_gain
 from gain_exp.paths import CONF_DIR
@@ -38,7 +37,6 @@ from gain_exp.tracking import Trackers, build_tracker
 
 log = logging.getLogger("gain_exp")
 
-USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -65,20 +63,12 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
                 log.info("removed %s, a partial checkpoint from a killed run", stale)
         seed_everything(cfg.seed)
 
-        mean, std = backbone_normalisation(cfg.backbone.name)
-        # every builder takes its YAML keys plus these runtime arguments (DatasetBuilder in gain_exp/data/base.py)
-        with runtime.main_first():  # caches (e.g. generated shapes) are written once, then read by the others
-            data = _instantiate(cfg.dataset, mean=mean, std=std, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
-        model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
-                                weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs)
-        model = sync_batch_norm(model, cfg.trainer.sync_bn, runtime).to(device)  # before GAIN finds its BN layers
-        if cfg.trainer.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        gain = _instantiate(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
-                           pixel_mean=mean, pixel_std=std)
+        experiment = build_experiment(cfg, runtime, lambda m: sync_batch_norm(m, cfg.trainer.sync_bn, runtime))
+        data, gain, loss, mean, std = (experiment.data, experiment.gain, experiment.loss, experiment.mean,
+                                       experiment.std)
+        model = gain.model
         if cfg.trainer.compile:
             compile_gain(gain, cfg.trainer.compile_backend)
-        loss = _instantiate(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
         optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
                      if cfg.trainer.scheduler == "cosine" else None)
@@ -153,16 +143,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-
-
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra's instantiate, re-raising our one-sentence user errors instead of Hydra's wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, USER_ERRORS):
-            raise err.__cause__ from None
-        raise
 
 
 def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monitor: str, started: float,
