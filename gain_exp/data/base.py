@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, TypedDict
+from typing import Any, NotRequired, Protocol, Sequence, TypedDict
 
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +26,7 @@ class Sample(TypedDict):
     has_mask: torch.Tensor  # bool scalar: seg is a real pixel mask (drives localisation metrics)
     use_mask: torch.Tensor  # bool scalar: this sample's mask may feed L_e (the masks_to_use budget)
     index: int  # position of the sample in its split
+    spurious: NotRequired[torch.Tensor]  # H x W bool: where a known spurious cue lives (built-in benchmarks)
 
 
 @dataclass

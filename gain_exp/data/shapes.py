@@ -137,6 +137,7 @@ class ShapesDataset(Dataset):
             has_mask=torch.tensor(True),
             use_mask=self.use_mask[index].clone(),
             index=index,
+            spurious=seg == 0,  # the tinted background is the cue
         )
 
 
