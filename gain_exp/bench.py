@@ -3,6 +3,8 @@
     python -m gain_exp.bench                       # resnet18, batch 8, 160 px, CPU
     python -m gain_exp.bench --device cuda --batch 64 --size 224 --amp --channels-last
     python -m gain_exp.bench --compile --modes features --variants plain,batch
+    python -m gain_exp.bench --cams gradcam,gradcam++,xgradcam,layercam,hirescam --grad-layer layer3 --modes features
+    python -m gain_exp.bench --backbone vit_small_patch16_224 --size 224 --modes features,full
 
 Data-loading throughput (read + decode + resize + normalise through a DataLoader), images/s:
 
@@ -23,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from gain_exp.attention import CAM_METHODS
 from gain_exp.gain import GAIN, GRAD_MODES, compile_model
 from gain_exp.losses import GAINLoss
 
@@ -100,6 +103,14 @@ def _time(step: Callable[[], None], warmup: int, repeats: int, device: torch.dev
     return statistics.median(times), saved[0], peak
 
 
+def _create(backbone: str, classes: int, size: int) -> torch.nn.Module:
+    """The timm model; transformers (ViT/DeiT/Swin) are built for ``size`` px, CNNs take any size."""
+    try:
+        return timm.create_model(backbone, pretrained=False, num_classes=classes, img_size=size)
+    except TypeError:  # a CNN: no img_size argument
+        return timm.create_model(backbone, pretrained=False, num_classes=classes)
+
+
 def why_not(error: BaseException) -> str:
     """A short phrase for the table's "n/a (...)" cell; the full message goes under the table."""
     msg = str(error)
@@ -125,7 +136,7 @@ def _flags(amp: bool, channels_last: bool, compile: bool, backend: str) -> str:
 
 def run(backbone: str, batch: int, size: int, classes: int, labels: int, device: str, warmup: int,
         repeats: int, modes: Sequence[str], variants: Sequence[str] = VARIANTS, amp: bool = False,
-        channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor") -> list[dict]:
+        channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor", cams: Sequence[str] = ("gradcam",), grad_layer: str | None = None) -> list[dict]:
     """Time every variant and return one row per variant.
 
     A row is {variant, ms, ratio, saved, peak, graphs, breaks, na, error}: ``ms``/``ratio`` are None and ``na`` a
@@ -136,7 +147,7 @@ def run(backbone: str, batch: int, size: int, classes: int, labels: int, device:
     dev = torch.device(device)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = timm.create_model(backbone, pretrained=False, num_classes=classes).to(dev, memory_format=fmt).train()
+    model = _create(backbone, classes, size).to(dev, memory_format=fmt).train()
     if compile:
         compile_model(model, compile_backend)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -171,12 +182,14 @@ def run(backbone: str, batch: int, size: int, classes: int, labels: int, device:
     if "plain" in variants:
         jobs.append(("plain classification", plain))
     for mode in modes:
-        if "batch" in variants:
-            g = GAIN(model, formulation="batch", grad_mode=mode).train()
-            jobs.append((f"GAIN batch, {mode}", gain_step(g, one, ce)))
-        if "per_label" in variants:
-            g = GAIN(model, formulation="per_label", grad_mode=mode, multi_label=True).train()
-            jobs.append((f"GAIN per_label x{labels}, {mode}", gain_step(g, multi, bce)))
+        for cam in cams:
+            named = f", {cam}" if list(cams) != ["gradcam"] else ""  # rows name the CAM when more than Grad-CAM runs
+            if "batch" in variants:
+                g = GAIN(model, grad_layer, formulation="batch", grad_mode=mode, cam=cam).train()
+                jobs.append((f"GAIN batch, {mode}{named}", gain_step(g, one, ce)))
+            if "per_label" in variants:
+                g = GAIN(model, grad_layer, formulation="per_label", grad_mode=mode, cam=cam, multi_label=True).train()
+                jobs.append((f"GAIN per_label x{labels}, {mode}{named}", gain_step(g, multi, bce)))
     if "reference" in variants and (hasattr(model, "layer4") or hasattr(model, "stages")):
         jobs.append(("reference: hook + full backward", lambda: _reference_step(model, x, one, ce, opt, autocast)))
 
@@ -373,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--modes", type=_choices(GRAD_MODES), default=list(GRAD_MODES),
                         help="comma-separated grad modes (default: all)")
+    parser.add_argument("--cams", type=_choices(tuple(CAM_METHODS)), default=["gradcam"],
+                        help=f"comma-separated gain.cam methods, of {','.join(CAM_METHODS)} (default: gradcam)")
+    parser.add_argument("--grad-layer", help="the map layer (backbone.grad_layer); default: the family's")
     parser.add_argument("--variants", type=_choices(VARIANTS), default=list(VARIANTS),
                         help=f"comma-separated rows to time, of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast around forward passes and loss")
@@ -395,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("--make-images N writes into the folder given by --data; add --data <folder>.")
         rows = run(args.backbone, args.batch, args.size, args.classes, args.labels, args.device, args.warmup,
                    args.repeats, args.modes, args.variants, args.amp, args.channels_last, args.compile,
-                   args.compile_backend)
+                   args.compile_backend, args.cams, args.grad_layer)
         print(f"{args.backbone}, batch {args.batch}, {args.size} px, {args.device}, "
               f"{torch.get_num_threads()} threads, median of {args.repeats}, "
               f"flags: {_flags(args.amp, args.channels_last, args.compile, args.compile_backend)}")

@@ -134,3 +134,21 @@ def test_empty_or_missing_folder_is_one_sentence_exit_2(tmp_path, capsys, make):
 def test_make_images_needs_data(capsys):
     assert bench.main(["--make-images", "4"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_cam_methods_each_get_a_row_at_an_inner_layer(capsys, one_thread):
+    assert bench.main([*TINY, "--variants", "batch", "--modes", "features", "--cams", "gradcam,layercam,hirescam",
+                       "--grad-layer", "layer3"]) == 0
+    assert list(_rows(capsys.readouterr().out)) == [
+        "GAIN batch, features, gradcam", "GAIN batch, features, layercam", "GAIN batch, features, hirescam"]
+
+
+def test_a_vit_is_built_for_the_benchmark_size(capsys, one_thread):
+    assert bench.main([*TINY, "--backbone", "test_vit", "--variants", "plain,batch", "--modes", "features"]) == 0
+    assert list(_rows(capsys.readouterr().out)) == ["plain classification", "GAIN batch, features"]
+
+
+def test_unknown_cam_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--cams", "gradcam,scorecam"])
+    assert exc.value.code == 2 and "hirescam" in capsys.readouterr().err
