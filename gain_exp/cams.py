@@ -58,21 +58,26 @@ def class_maps(gain: GAIN, images: torch.Tensor, targets: torch.Tensor, scales: 
     attention method on the class's score, taken at the network input and upsampled bilinearly (GAIN's own upsampling).
     Image-major order: the pairs of ``targets.nonzero()``. A map that is zero everywhere stays zero.
     """
-    view = per_class_view(gain)
     height, width = images.shape[-2:]
     total = image_index = class_index = None
-    for scale in scales:
-        scaled = images if scale == 1.0 else F.interpolate(
-            images, size=(max(1, round(height * scale)), max(1, round(width * scale))), mode="bilinear",
-            align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            out = view(scaled.flip(-1) if flipped else scaled, targets, mining=False)
-            maps = out.attention.flip(-1) if flipped else out.attention
-            if maps.shape[-2:] != (height, width):
-                maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear",
-                                     align_corners=False).squeeze(1)
-            total = maps if total is None else total + maps
-            image_index, class_index = out.image_index, out.class_index
+    was_training = gain.training
+    gain.eval()  # batch-norm with its running statistics; the run's train/eval state comes back below
+    view = per_class_view(gain)
+    try:
+        for scale in scales:
+            scaled = images if scale == 1.0 else F.interpolate(
+                images, size=(max(1, round(height * scale)), max(1, round(width * scale))), mode="bilinear",
+                align_corners=False)
+            for flipped in ((False, True) if flip else (False,)):
+                out = view(scaled.flip(-1) if flipped else scaled, targets, mining=False)
+                maps = out.attention.flip(-1) if flipped else out.attention
+                if maps.shape[-2:] != (height, width):
+                    maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear",
+                                         align_corners=False).squeeze(1)
+                total = maps if total is None else total + maps
+                image_index, class_index = out.image_index, out.class_index
+    finally:
+        gain.train(was_training)
     return normalise(F.relu(total), "max"), image_index, class_index
 
 
@@ -82,7 +87,6 @@ def per_class_view(gain: GAIN) -> GAIN:
     view = copy.copy(gain)
     view.formulation = "per_label"
     view.normalisation = "none"
-    view.eval()
     return view
 
 

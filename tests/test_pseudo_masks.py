@@ -22,6 +22,8 @@ from gain_exp.cams import (ThresholdSweep, class_maps, confusion_matrix, main, m
                            parse_thresholds, plain_palette, pseudo_label)
 from gain_exp.gain import GAIN
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _miou(pred, gt, labels: int = 4) -> float:
     return mean_iou(confusion_matrix(torch.tensor(pred), torch.tensor(gt), labels))
@@ -150,6 +152,16 @@ def test_a_batch_gives_the_maps_of_its_images_one_by_one(net):
     for b in range(3):
         alone, _, _ = class_maps(gain, images[b:b + 1], targets[b:b + 1], (1.0, 0.5), True)
         torch.testing.assert_close(maps[image_index == b], alone, atol=1e-5, rtol=1e-4)
+    # a module in training mode gives the same maps (batch-norm's running statistics), untouched, and stays in training
+    state = {k: v.clone() for k, v in gain.state_dict().items()}
+    gain.train()
+    try:
+        again, _, _ = class_maps(gain, images, targets, (1.0, 0.5), True)
+        assert gain.training and gain.model.training
+    finally:
+        gain.eval()
+    torch.testing.assert_close(again, maps)
+    assert all(torch.equal(v, state[k]) for k, v in gain.state_dict().items())
 
 
 # ---- the command on the VOC fixture ----
