@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import copy
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ class ThresholdSweep:
     def best(self) -> int:
         """Index of the threshold with the highest mIoU (the lowest such t on ties); -1 if nothing was scored."""
         values = self.mious()
-        finite = [k for k, v in enumerate(values) if v == v]
+        finite = [k for k, v in enumerate(values) if not math.isnan(v)]
         return max(finite, key=lambda k: (values[k], -k)) if finite else -1
 
 
@@ -445,7 +446,7 @@ def _options(args: argparse.Namespace) -> CamOptions:
 
 
 def _number(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.4f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 if __name__ == "__main__":
