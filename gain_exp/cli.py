@@ -4,6 +4,7 @@
     gain-exp table RUN_DIRS ...                          aggregate runs into a paper-style table
     gain-exp reproduce SOURCE                            re-run saved jobs and compare their numbers
     gain-exp bench                                       step-time benchmark
+    gain-exp cams RUN_DIR --split S --out DIR            CAM pseudo-masks and their seed mIoU (WSSS protocol)
     eval "$(gain-exp run -sc install=bash)"              tab completion for `gain-exp run`
 """
 from __future__ import annotations
@@ -91,6 +92,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "table": _tool("gain_exp.table"),
     "reproduce": _tool("gain_exp.reproduce"),
     "bench": _tool("gain_exp.bench"),
+    "cams": _tool("gain_exp.cams"),
 }
 
 
