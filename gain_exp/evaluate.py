@@ -30,7 +30,7 @@ from gain_exp.evaluation import Evaluation, Evaluator
 from gain_exp.experiment import Experiment, load_run
 from gain_exp.files import atomic_write, jsonable, write_json
 
-NAMED_SPLITS = ("val", "train")  # besides the dataset's test splits
+RESUME_WORDING = "trainer.resume: "  # how gain_exp.checkpoints.read_checkpoint starts its refusals
 SHOWN_DIGITS = 4
 
 
@@ -92,12 +92,17 @@ def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], devic
     """load_run, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
     from gain_exp.errors import explain
 
-    if run_dir.is_dir() and not (run_dir / "summary.json").is_file() and not (run_dir / ".hydra").is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (it holds neither summary.json nor .hydra/); give "
-                                f"a directory written by python -m gain_exp.run.")
     try:
         return load_run(run_dir, checkpoint, overrides, device)
-    except (ValueError, FileNotFoundError):
+    except ValueError as err:
+        text = str(err)
+        if not text.startswith(RESUME_WORDING):
+            raise
+        # read_checkpoint words its refusals for trainer.resume; here the file came from --checkpoint
+        reason = text[len(RESUME_WORDING):].split(" Resume from")[0].split("; point trainer.resume")[0].rstrip(".")
+        fix = "" if "point at" in reason else "; use best, last or another .ckpt file the run wrote"
+        raise ValueError(f"--checkpoint {reason.removeprefix('checkpoint ')}{fix}.") from None
+    except FileNotFoundError:
         raise
     except RuntimeError as err:
         if "state_dict" not in str(err):
@@ -106,7 +111,7 @@ def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], devic
         first = next((line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))),
                      lines[0]).rstrip(":. ")
         raise ValueError(f"the checkpoint does not fit the model this config builds ({first[:160]}); overrides may "
-                         f"point at other data with the same classes, not change the backbone or the classes.") from None
+                         f"point at other data with the same classes, not change the backbone or classes.") from None
     except Exception as err:
         sentence = explain(err)
         if sentence is None:

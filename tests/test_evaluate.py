@@ -129,7 +129,7 @@ def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path)
 
 
 @pytest.mark.parametrize("args,phrase", [
-    (["{tmp}"], "is not a run directory (it holds neither summary.json nor .hydra/)"),
+    (["{tmp}"], "holds neither summary.json nor .hydra/hydra.yaml; pass a run directory"),
     (["{tmp}/nowhere"], "is not a directory; give a run directory"),
     (["{run}", "--split", "tset"], "has no split 'tset'; choose from test_biased, test_unbiased, val, train."),
     (["{run}", "--split", "test_biassed"], "has no split 'test_biassed' (did you mean test_biased or test_unbiased?)"),
@@ -137,6 +137,7 @@ def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path)
     (["{run}", "dataset.n_test=many"], "dataset.n_test=many: 'many' is not an integer"),
     (["{run}", "n_test"], "n_test: not an override; give overrides as key=value"),
     (["{run}", "--checkpoint", "{tmp}/x.ckpt"], "no checkpoint there; use best, last or a .ckpt file."),
+    (["{run}", "--checkpoint", "{bare}/broken.ckpt"], "broken.ckpt is unreadable (RuntimeError: PytorchStreamReader"),
     (["{bare}"], "has no checkpoints/best.ckpt"),
     (["{run}", "dataset.num_classes=3"], "the checkpoint does not fit the model this config builds (size mismatch "
                                          "for fc.weight"),
@@ -147,7 +148,43 @@ def test_mistakes_are_one_sentence_and_exit_2(finished, tmp_path, capsys, args, 
     bare.mkdir()
     shutil.copy(finished / "summary.json", bare)
     shutil.copytree(finished / ".hydra", bare / ".hydra")
+    (bare / "broken.ckpt").write_bytes(b"PK\x03\x04 half a zip")
     argv = [a.format(tmp=tmp_path, run=finished, bare=bare) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and phrase in err and err.count("\n") == 1
+    assert err.startswith("error: ") and phrase in err and err.count("\n") == 1 and "trainer.resume" not in err
+
+
+def test_per_label_rows_hold_one_map_per_true_class_and_add_up_to_the_split(tmp_path):
+    """Evaluator rows on multi-label shapes under formulation=per_label (several maps per image)."""
+    import timm
+    import torch
+
+    from gain_exp.data.shapes import build
+    from gain_exp.evaluation import Evaluator
+    from gain_exp.gain import GAIN
+    from gain_exp.losses import GAINLoss
+    from gain_exp.runtime import Runtime
+
+    data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
+                 mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=data.num_classes)
+    gain = GAIN(model, grad_layer="stages.1", formulation="per_label", multi_label=True, freeze_am_bn=False)
+    evaluator = Evaluator(gain, GAINLoss(multi_label=True), data, Runtime(torch.device("cpu")), batch_size=4,
+                          workers=0, amp=False, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
+    plain = evaluator.evaluate(data.val, "val")
+    result = evaluator.evaluate(data.val, "val", rows=True)
+    assert plain.rows is None and json.dumps(plain.metrics) == json.dumps(result.metrics)  # rows change no number
+    rows, m = result.rows, result.metrics
+    assert [r["index"] for r in rows] == list(range(6)) and any(len(r["true"]) == 2 for r in rows)
+    assert all([mp["explains"] for mp in r["maps"]] == [[c] for c in r["true"]] for r in rows)
+    assert all(set(r["pred"]) == {c for c, p in zip(data.classes, r["probs"]) if p > 0.5}
+               | {data.classes[r["probs"].index(r["score"])]} for r in rows)
+    maps = [mp for r in rows for mp in r["maps"]]
+    ious = [mp["iou"] for mp in maps if mp["iou"] is not None]
+    assert len(ious) == m["val/loc_n"] > 6
+    assert sum(ious) / len(ious) == pytest.approx(m["val/loc_iou"], rel=1e-6, abs=1e-9)
+    assert sum(mp["am_drop"] for mp in maps) / len(maps) == pytest.approx(m["val/am_drop"], rel=1e-5)
+    two = next(r for r in rows if len(r["maps"]) == 2)
+    assert two["am_drop"] == pytest.approx(sum(mp["am_drop"] for mp in two["maps"]) / 2)
