@@ -266,18 +266,22 @@ def _show(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit status (2: a one-sentence ``error:`` on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m gain_exp.evaluate", description=__doc__.strip().splitlines()[0])
+    description = __doc__.strip().splitlines()[0].rstrip(":") + "."
+    parser = argparse.ArgumentParser(prog="python -m gain_exp.evaluate", description=description)
     parser.add_argument("run_dir", type=Path, help="a run directory written by python -m gain_exp.run")
     parser.add_argument("overrides", nargs="*", help="config overrides on top of the run's own (e.g. dataset.root=...)")
     parser.add_argument("--split", action="append", default=None, metavar="NAME",
                         help="a split to score (repeat, or comma-separate); default: the dataset's test splits")
-    parser.add_argument("--checkpoint", default=None, help="best, last or a .ckpt file (default: the one the run's "
-                                                           "tests used)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the run's trainer.device)")
+    parser.add_argument("--checkpoint", default=None, metavar="best|last|FILE",
+                        help="the weights (default: the checkpoint the run's tests used)")
+    parser.add_argument("--device", default=None, metavar="D",
+                        help="cpu, cuda, cuda:1, ... (default: the run's trainer.device)")
     parser.add_argument("--panels", type=int, default=0, metavar="N", help="attention panels of the first N images")
-    parser.add_argument("--out", type=Path, default=None, help="where the results go (default: RUN_DIR/eval)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on the CPU: the run's "
-                                                                  "own count, so the numbers match it; 0: torch's)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where the results go (default: RUN_DIR/eval)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default on the CPU: the run's own count, so the numbers match it; "
+                             "0: torch's)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = parser.parse_intermixed_args(argv)
     splits = [s for item in args.split or [] for s in item.split(",") if s] or None
