@@ -1,6 +1,7 @@
 """``gain-exp <command>``: one console script for the app and its tools.
 
     gain-exp run [group=option ...] [key=value ...]     train + evaluate (the Hydra app; -m for sweeps)
+    gain-exp evaluate RUN_DIR [--split NAME] [k=v ...]   score a saved run's checkpoint again (no training)
     gain-exp table RUN_DIRS ...                          aggregate runs into a paper-style table
     gain-exp reproduce SOURCE                            re-run saved jobs and compare their numbers
     gain-exp bench                                       step-time benchmark
@@ -92,6 +93,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "table": _tool("gain_exp.table"),
     "reproduce": _tool("gain_exp.reproduce"),
     "bench": _tool("gain_exp.bench"),
+    "evaluate": _tool("gain_exp.evaluate"),
     "cams": _tool("gain_exp.cams"),
 }
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from gain_exp.attention import normalise
 from gain_exp.data.base import DataSplits
+from gain_exp.files import jsonable
 from gain_exp.gain import GAIN
 from gain_exp.losses import GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
@@ -36,16 +37,19 @@ class BatchResult:
     loc: LocalisationMetrics
     drops: torch.Tensor
     panels: list[Panel] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # per-image results, when asked for
 
 
 @dataclass
 class Evaluation:
-    """A split's metrics (keys prefixed with ``split/``), its first panels in split order, and (binary data with
-    quotas) the first ``positives`` positive and ``negatives`` negative images' panels."""
+    """A split's metrics (keys prefixed with ``split/``), its first panels in split order, (binary data with
+    quotas) the first ``positives`` positive and ``negatives`` negative images' panels, and (``rows=True``) one
+    per-image results row per image of the split, in split order (see ``Evaluator.image_rows``)."""
 
     metrics: dict[str, float]
     panels: list[Panel]
     chosen: list[Panel] | None = None
+    rows: list[dict[str, Any]] | None = None
 
 
 class Evaluator:
@@ -62,9 +66,9 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, split: str, panels: int = 0,
-                 quota: tuple[int, int] | None = None) -> Evaluation:
+                 quota: tuple[int, int] | None = None, rows: bool = False) -> Evaluation:
         """Metrics of one split and the panels of its first ``panels`` images (and of its first positives and
-        negatives, ``quota`` = (positives, negatives), on binary data)."""
+        negatives, ``quota`` = (positives, negatives), on binary data); ``rows``: every image's results row too."""
         self.gain.eval()
         rt = self.runtime
         n = len(dataset)
@@ -74,7 +78,7 @@ class Evaluator:
                                 pin_memory=rt.device.type == "cuda")
         results, left = [], [panels, *(quota or (0, 0))]  # still wanted here: first images, positives, negatives
         for b, batch in zip(mine, tqdm(loader, desc=f"eval {split}", disable=not self.progress, leave=False)):
-            result = self._batch(b, batch, left)
+            result = self._batch(b, batch, left, rows)
             results.append(result)
         results = sorted((r for part in rt.gather(results) for r in part), key=lambda r: r.batch)
         made = [p for r in results for p in r.panels]
@@ -83,7 +87,8 @@ class Evaluator:
             pos = [p for p in made if p.positive][: quota[0]]
             neg = [p for p in made if not p.positive][: quota[1]]
             chosen = sorted(pos + neg, key=lambda p: p.index)
-        return Evaluation(self._metrics(results, split), [p for p in made if p.first][:panels], chosen)
+        return Evaluation(self._metrics(results, split), [p for p in made if p.first][:panels], chosen,
+                          [row for r in results for row in r.rows] if rows else None)
 
     @torch.no_grad()
     def batch_panels(self, batch: dict[str, Any], limit: int) -> list[Panel]:
@@ -96,8 +101,9 @@ class Evaluator:
         finally:
             self.gain.train(was_training)
 
-    def _batch(self, index: int, batch: dict[str, Any], left: list[int]) -> BatchResult:
-        """One batch's results; ``left`` = panels still wanted (first images, positives, negatives), updated."""
+    def _batch(self, index: int, batch: dict[str, Any], left: list[int], with_rows: bool = False) -> BatchResult:
+        """One batch's results; ``left`` = panels still wanted (first images, positives, negatives), updated;
+        ``with_rows``: with every image's results row."""
         device = self.runtime.device
         images, targets = batch["image"].to(device, memory_format=self.memory_format), batch["target"].to(device)
         seg, has_mask = batch["seg"].to(device), batch["has_mask"].to(device)
@@ -115,7 +121,8 @@ class Evaluator:
             loc.update(scored[rows], truth[rows], valid[rows])
         drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, self.data.multi_label)
         made = self._panels(batch, out, scored, drop, truth, valid, has_mask, left) if any(left) else []
-        return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), made)
+        table = self.image_rows(batch, out, logits, scored, drop, truth, valid, has_mask) if with_rows else []
+        return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), made, table)
 
     def _metrics(self, results: list[BatchResult], split: str) -> dict[str, float]:
         d = self.data
@@ -131,6 +138,51 @@ class Evaluator:
         drops = torch.cat([r.drops for r in results]) if results else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(drops)) if drops.numel() else math.nan
         return {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def image_rows(self, batch, out, logits, scored, drop, truth, valid, has_mask) -> list[dict[str, Any]]:
+        """One JSON-ready results row per image of the batch, from the batch's already computed maps and drops.
+
+        ``index`` (position in the split), ``true`` / ``pred`` class names (``pred`` as
+        ``GAIN.predicted_classes``), ``probs`` (softmax, or sigmoid when multi-label, per class in class order),
+        ``score`` (the largest of them), and per map of the image (one under formulation=batch, one per true class
+        under per_label) the class(es) it ``explains``, its ``am_drop`` (true-class score drop on the masked image,
+        as the split's am_drop) and, on images with a pixel mask, its ``iou`` and ``pointing`` (0/1) scored exactly
+        as the split's loc_iou / pointing_game (None where the map was not scored). ``am_drop`` / ``iou`` of the row
+        are the means over its maps (the map's own under formulation=batch).
+        """
+        names = self.data.classes
+        probs = (logits.sigmoid() if self.data.multi_label else logits.softmax(1)).cpu()
+        pred = self.gain.predicted_classes(logits).cpu()
+        targets, masked = batch["target"].cpu(), has_mask.cpu()
+        scored, truth, valid, drop = scored.cpu(), truth.cpu(), valid.cpu(), drop.cpu()
+        explains = out.map_targets.cpu()
+        maps: dict[int, list[dict[str, Any]]] = {}
+        for n, b in enumerate(out.image_index.tolist()):
+            scores: dict[str, float] = {}
+            if bool(masked[b]):
+                loc = LocalisationMetrics()
+                loc.update(scored[n:n + 1], truth[n:n + 1], valid[n:n + 1])
+                scores = loc.compute()
+            maps.setdefault(b, []).append({
+                "explains": [names[c] for c in explains[n].nonzero().flatten().tolist()],
+                "am_drop": jsonable(float(drop[n])),
+                "iou": jsonable(scores.get("loc_iou")),
+                "pointing": jsonable(scores.get("pointing_game")),
+            })
+        rows = []
+        for b in range(len(targets)):
+            mine = maps.get(b, [])
+            rows.append({
+                "index": int(batch["index"][b]),
+                "true": [names[c] for c in targets[b].nonzero().flatten().tolist()],
+                "pred": [names[c] for c in pred[b].nonzero().flatten().tolist()],
+                "score": jsonable(float(probs[b].max())),
+                "probs": [jsonable(float(p)) for p in probs[b]],
+                "am_drop": _mean([m["am_drop"] for m in mine]),
+                "iou": _mean([m["iou"] for m in mine]),
+                "maps": mine,
+            })
+        return rows
 
     def _panels(self, batch, out, scored, drop, truth, valid, has_mask, left: list[int]) -> list[Panel]:
         """Panels for the first map of each image of the batch that is still wanted: among the first ``left[0]``
@@ -173,3 +225,9 @@ class Evaluator:
                 positive=positive, first=first,
             ))
         return panels
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values (None when none is)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None

@@ -1,0 +1,306 @@
+"""Evaluate a saved run again without retraining:
+
+    python -m gain_exp.evaluate RUN_DIR [--split NAME ...] [--checkpoint best|last|FILE] [--device D] [--panels N]
+                                [--out DIR] [--threads N] [--no-wandb] [key=value ...]
+
+Loads the run's config (its own overrides, then the ones given here, e.g. ``dataset.root=/other/folder``) and the
+checkpoint its test splits were scored with, scores the named splits (default: the dataset's test splits; ``val`` and
+``train`` by name) and writes, under ``RUN_DIR/eval/`` (or ``--out``): ``<split>.json`` (the metrics under the names
+the run uses, ``<split>/<metric>``, and which weights, overrides, device and time), ``<split>_images.jsonl`` (one
+results row per image) and, with ``--panels N``, ``attention/<split>.png``. A run with a W&B run id gets the metrics
+as ``eval/<split>/<metric>`` in that run. With the run's checkpoint, config and thread count the metrics equal the
+run's own test metrics in summary.json exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from gain_exp.evaluation import Evaluation, Evaluator
+from gain_exp.experiment import Experiment, load_run
+from gain_exp.files import atomic_write, jsonable, write_json
+
+RESUME_WORDING = "trainer.resume: "  # how gain_exp.checkpoints.read_checkpoint starts its refusals
+SHOWN_DIGITS = 4
+
+
+@dataclass
+class SplitResult:
+    """One evaluated split: its metrics, per-image rows, the files written and the record in ``<split>.json``."""
+
+    split: str
+    evaluation: Evaluation
+    record: dict[str, Any]
+    files: list[Path]
+
+
+def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, checkpoint: str | None = None,
+                 overrides: Sequence[str] = (), device: str | None = None, panels: int = 0,
+                 out: str | os.PathLike | None = None, threads: int | None = None,
+                 wandb: bool = True) -> list[SplitResult]:
+    """Score ``splits`` of a saved run with one of its checkpoints and write the results under ``out``
+    (default ``run_dir/eval``). ``threads``: torch's CPU thread count while scoring; None: on the CPU the run's
+    own (CPU results are bit-identical only at one count), 0: as it is."""
+    run_dir = Path(run_dir)
+    if panels < 0:
+        raise ValueError(f"--panels {panels}: give a number of attention panels >= 0 (0 writes none).")
+    experiment = _load(run_dir, checkpoint, overrides, device)
+    datasets = _splits(experiment, splits)
+    out_dir = Path(out) if out is not None else run_dir / "eval"
+    weights = checkpoint_record(experiment.checkpoint)
+    before = torch.get_num_threads()
+    if threads is None and experiment.runtime.device.type == "cpu":
+        threads = run_threads(run_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        evaluator = _evaluator(experiment)
+        results = []
+        for name, dataset in datasets.items():
+            evaluation = evaluator.evaluate(dataset, name, panels=panels, rows=True)
+            record = {
+                "split": name,
+                "images": len(dataset),
+                "metrics": {k: jsonable(v) for k, v in evaluation.metrics.items()},
+                "checkpoint": weights,
+                "run_dir": str(run_dir.resolve()),
+                "overrides": list(overrides),
+                "dataset": OmegaConf.to_container(experiment.cfg.dataset, resolve=True),
+                "device": str(experiment.runtime.device),
+                "threads": torch.get_num_threads(),
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            results.append(SplitResult(name, evaluation, record, write_split(out_dir, record, evaluation)))
+    finally:
+        torch.set_num_threads(before)
+    if wandb:
+        log_to_run_wandb(run_dir, experiment, results)
+    return results
+
+
+def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
+    """load_run, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
+    from gain_exp.errors import explain
+
+    try:
+        return load_run(run_dir, checkpoint, overrides, device)
+    except ValueError as err:
+        text = str(err)
+        if not text.startswith(RESUME_WORDING):
+            raise
+        # read_checkpoint words its refusals for trainer.resume; here the file came from --checkpoint
+        reason = text[len(RESUME_WORDING):].split(" Resume from")[0].split("; point trainer.resume")[0].rstrip(".")
+        fix = "" if "point at" in reason else "; use best, last or another .ckpt file the run wrote"
+        raise ValueError(f"--checkpoint {reason.removeprefix('checkpoint ')}{fix}.") from None
+    except FileNotFoundError:
+        raise
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = next((line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))),
+                     lines[0]).rstrip(":. ")
+        raise ValueError(f"the checkpoint does not fit the model this config builds ({first[:160]}); overrides may "
+                         f"point at other data with the same classes, not change the backbone or classes.") from None
+    except Exception as err:
+        sentence = explain(err)
+        if sentence is None:
+            raise
+        raise ValueError(sentence) from None
+
+
+def _splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, Any]:
+    """{name: dataset} of the wanted splits (default: the test splits), or one sentence naming the available ones."""
+    data = experiment.data
+    available = {**data.tests, "val": data.val, "train": data.train}
+    if not wanted:
+        if not data.tests:
+            raise ValueError("this run's dataset has no test split; name one with --split (val or train).")
+        return dict(data.tests)
+    chosen = {}
+    for name in wanted:
+        if name not in available:
+            close = difflib.get_close_matches(name, available, n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"--split {name}: this run's dataset has no split '{name}'{hint}; choose from "
+                             f"{', '.join(available)}.")
+        chosen[name] = available[name]
+    return chosen
+
+
+def _evaluator(experiment: Experiment) -> Evaluator:
+    """The Evaluator the run's Trainer built: same batch size, precision, memory format and compilation."""
+    from gain_exp.config import resolve_workers
+    from gain_exp.gain import compile_gain
+
+    t = experiment.cfg.trainer
+    if t.compile:
+        compile_gain(experiment.gain, t.compile_backend)
+    device = experiment.runtime.device
+    return Evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime,
+                     batch_size=t.eval_batch_size or t.batch_size, workers=resolve_workers(t.workers, device),
+                     amp=t.amp, mean=experiment.mean, std=experiment.std,
+                     progress=sys.stderr.isatty() if t.progress is None else t.progress,
+                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
+
+
+def checkpoint_record(path: Path) -> dict[str, Any]:
+    """Which weights: the file, its name, the last finished epoch (0-based, as summary.json's ``tested_on``) and the
+    optimisation step; ``batch_in_epoch`` > 0 marks weights saved mid-epoch (then ``epoch`` is the unfinished one)."""
+    from gain_exp.checkpoints import read_checkpoint
+
+    state = read_checkpoint(path, "cpu", mmap=True)
+    mid = int(state.get("batch_in_epoch") or 0)
+    record = {"path": str(path.resolve()), "name": path.stem, "epoch": int(state["epoch"]) - (0 if mid else 1),
+              "step": int(state["step"])}
+    if mid:
+        record["batch_in_epoch"] = mid
+    return record
+
+
+def write_split(out_dir: Path, record: dict[str, Any], evaluation: Evaluation) -> list[Path]:
+    """``<split>.json``, ``<split>_images.jsonl`` and (with panels) ``attention/<split>.png``, each atomically."""
+    from gain_exp.viz import save_panels
+
+    split = record["split"]
+    summary, images = out_dir / f"{split}.json", out_dir / f"{split}_images.jsonl"
+    with atomic_write(images) as f:
+        f.write("".join(json.dumps(row) + "\n" for row in evaluation.rows or []).encode())
+    write_json(summary, {**record, "images_file": images.name})
+    written = [summary, images]
+    if evaluation.panels:
+        png = out_dir / "attention" / f"{split}.png"
+        save_panels([p.strip for p in evaluation.panels], png)
+        written.append(png)
+    return written
+
+
+def log_to_run_wandb(run_dir: Path, experiment: Experiment, results: Sequence[SplitResult]) -> str | None:
+    """The metrics as ``eval/<split>/<metric>`` in the run's own W&B run (resumed by id, in the mode its
+    ``logger.wandb`` gives, files under the run directory), after the last step it logged; returns the run id, or
+    None when the run has no W&B run. W&B trouble is a warning: the JSON files are already written."""
+    state = _wandb_state(run_dir)
+    if not state.get("run_id"):
+        return None
+    from gain_exp.tracking.wandb import wandb_mode
+
+    node = (experiment.cfg.get("logger") or {}).get("wandb") or {}
+    mode = wandb_mode(node.get("mode", "auto"), run_dir / "wandb")
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(id=state["run_id"], resume="allow", mode=mode, dir=str(run_dir),
+                         project=node.get("project") or "gain-exp", entity=node.get("entity"),
+                         reinit="finish_previous")
+        step = max(int(state.get("step", -1)) + 1, int(getattr(run, "starting_step", 0) or 0))
+        values = {f"eval/{k}": v for r in results for k, v in r.evaluation.metrics.items()
+                  if isinstance(v, (int, float))}
+        run.log(values, step=step)
+        for r in results:
+            run.summary[f"eval/{r.split}/checkpoint"] = r.record["checkpoint"]["name"]
+        run.finish()
+    except Exception as err:  # noqa: BLE001 - the evaluation's files are its record; W&B is a copy
+        print(f"warning: could not log to the run's W&B run {state['run_id']} ({type(err).__name__}: {err}); the "
+              f"results are in the JSON files.", file=sys.stderr)
+        return None
+    if mode == "offline":
+        print(f"W&B: logged offline to run {state['run_id']}; upload with: wandb sync {Path(run.dir).parent}")
+    return state["run_id"]
+
+
+def _wandb_state(run_dir: Path) -> dict[str, Any]:
+    """The run's W&B state (run id, last step and epoch): summary.json's, else its last checkpoint's."""
+    from gain_exp.checkpoints import saved_tracking
+
+    try:
+        saved = json.loads((run_dir / "summary.json").read_text()).get("tracking") or {}
+    except (OSError, ValueError):
+        saved = {}
+    if not saved.get("wandb") and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        saved = saved_tracking(run_dir, run_dir) or {}
+    return saved.get("wandb") or {}
+
+
+def run_threads(run_dir: Path) -> int | None:
+    """The torch CPU thread count the run trained with (summary.json ``threads``), if saved."""
+    try:
+        threads = json.loads((run_dir / "summary.json").read_text()).get("threads")
+    except (OSError, ValueError):
+        return None
+    return int(threads) if threads else None
+
+
+def metrics_table(results: Sequence[SplitResult]) -> str:
+    """The splits' headline metrics (``<split>/<name>`` without per-class ones) as a plain-text table."""
+    names: list[str] = []
+    for r in results:
+        for key in r.evaluation.metrics:
+            name = key.split("/", 1)[1]
+            if "/" not in name and name not in names:
+                names.append(name)
+    head = ["metric", *(r.split for r in results)]
+    rows = [[name, *(_show(r.evaluation.metrics.get(f"{r.split}/{name}")) for r in results)] for name in names]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in [head, *rows])
+
+
+def _show(value: Any) -> str:
+    value = jsonable(value)
+    if value is None:
+        return "-"
+    return f"{value:.{SHOWN_DIGITS}f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry; returns the process exit status (2: a one-sentence ``error:`` on stderr)."""
+    description = __doc__.strip().splitlines()[0].rstrip(":") + "."
+    parser = argparse.ArgumentParser(prog="python -m gain_exp.evaluate", description=description)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by python -m gain_exp.run")
+    parser.add_argument("overrides", nargs="*", help="config overrides on top of the run's own (e.g. dataset.root=...)")
+    parser.add_argument("--split", action="append", default=None, metavar="NAME",
+                        help="a split to score (repeat, or comma-separate); default: the dataset's test splits")
+    parser.add_argument("--checkpoint", default=None, metavar="best|last|FILE",
+                        help="the weights (default: the checkpoint the run's tests used)")
+    parser.add_argument("--device", default=None, metavar="D",
+                        help="cpu, cuda, cuda:1, ... (default: the run's trainer.device)")
+    parser.add_argument("--panels", type=int, default=0, metavar="N", help="attention panels of the first N images")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where the results go (default: RUN_DIR/eval)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default on the CPU: the run's own count, so the numbers match it; "
+                             "0: torch's)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    args = parser.parse_intermixed_args(argv)
+    splits = [s for item in args.split or [] for s in item.split(",") if s] or None
+    bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
+    try:
+        if bad:
+            raise ValueError(f"{bad[0]}: not an override; give overrides as key=value after the run directory "
+                             f"(e.g. dataset.root=/other/folder).")
+        results = evaluate_run(args.run_dir, splits, args.checkpoint, args.overrides, args.device, args.panels,
+                               args.out, args.threads, wandb=not args.no_wandb)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    weights = results[0].record["checkpoint"]
+    print(f"{weights['name']} checkpoint (epoch {weights['epoch']}) of {args.run_dir}")
+    print(metrics_table(results))
+    print(f"results in {results[0].files[0].parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
