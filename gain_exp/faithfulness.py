@@ -82,7 +82,8 @@ def deletion_insertion_curves(
             ``blur_sigma``, reflect padding; RISE's choice), ``mean`` (each image's mean colour per channel) or
             ``zero`` (0 in the model's input space: the dataset mean colour for normalised inputs).
         batch_size: perturbed images per ``model_fn`` call (2 * ``steps`` per map in all); results do not depend on
-            it (up to float rounding of the model's batched kernels).
+            it (up to float rounding of the model's batched kernels). Memory beyond one call: the pixel ranks
+            (N x H x W int64) and the baseline (N x C x H x W), so call it per evaluation batch for large splits.
     """
     _check_curve_inputs(images, maps, classes, steps, baseline, batch_size, blur_kernel, blur_sigma)
     n, _, h, w = images.shape
@@ -302,6 +303,8 @@ def randomisation_check(
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity '{similarity}' is not one of {SIMILARITIES}; pick one of them.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     if not hasattr(gain, "model"):
         raise ValueError(f"randomisation_check needs a GAIN module (with .model, the backbone); got "
                          f"{type(gain).__name__}.")

@@ -315,3 +315,10 @@ def test_per_label_gain_maps_wire_in_with_their_image_index():
                                              out.attention, out.class_index, steps=2)
     assert deletion.shape == insertion.shape == (3,)
     assert bool(((deletion >= 0) & (deletion <= 1) & (insertion >= 0) & (insertion <= 1)).all())
+
+
+def test_randomisation_check_refuses_a_bad_batch_size_and_a_bare_backbone():
+    with pytest.raises(ValueError, match="batch_size"):
+        randomisation_check(tiny_gain(), torch.randn(1, 3, 16, 16), batch_size=0)
+    with pytest.raises(ValueError, match="needs a GAIN module"):
+        randomisation_check(tiny_cnn(), torch.randn(1, 3, 16, 16))
