@@ -47,6 +47,14 @@ def check_config(cfg: DictConfig) -> None:
         *((v is None or v >= 1, f"trainer.{k}={v} must be >= 1 or null") for k, v in (
             ("train_panels_every", t.train_panels_every), ("checkpoint_every", t.checkpoint_every),
             ("steps_per_epoch", t.steps_per_epoch))),
+        *((getattr(t.eval_metrics, m) in ("epoch", "test", "off"),
+           f"trainer.eval_metrics.{m}={getattr(t.eval_metrics, m)} is unknown; use epoch, test or off")
+          for m in ("spurious_energy", "deletion_insertion")),
+        (t.eval_metrics.steps >= 1, f"trainer.eval_metrics.steps={t.eval_metrics.steps} must be >= 1"),
+        (t.eval_metrics.baseline in ("blur", "mean", "zero"),
+         f"trainer.eval_metrics.baseline={t.eval_metrics.baseline} is unknown; use blur, mean or zero"),
+        (t.eval_metrics.images is None or t.eval_metrics.images >= 1,
+         f"trainer.eval_metrics.images={t.eval_metrics.images} must be >= 1 or null"),
         *((v is None or v >= 0, f"trainer.{k}={v} must be >= 0 or null") for k, v in (
             ("panel_positives", t.panel_positives), ("panel_negatives", t.panel_negatives))),
     ]

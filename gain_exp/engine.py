@@ -30,6 +30,7 @@ from gain_exp.files import load_state
 from gain_exp.gain import GAIN
 from gain_exp.losses import LOSS_NAMES, GAINLoss
 from gain_exp.runtime import Runtime
+from gain_exp.schema import EvalMetricsSchema
 from gain_exp.signals import StopSafeLoader, stop_signals
 from gain_exp.tracking import Tracker
 
@@ -68,6 +69,7 @@ class FitConfig:
     monitor: str  # resolved: never "auto"
     monitor_mode: str
     num_panels: int
+    eval_metrics: EvalMetricsSchema
     panel_positives: int | None
     panel_negatives: int | None
     train_panels_every: int | None
@@ -145,7 +147,7 @@ class Trainer:
             self._count = self.runtime.mean_count
         self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                    workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
-                                   memory_format=self._memory_format)
+                                   memory_format=self._memory_format, eval_metrics=cfg.eval_metrics)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -307,12 +309,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluate
     def evaluate(self, dataset: Dataset, split: str, epoch: int, table: bool = False) -> dict[str, float]:
-        """One split's metrics (``split/`` keys); its panels go to the trackers (``table``: the per-image table too)."""
+        """One split's metrics (``split/`` keys); its panels go to the trackers (``table``: the per-image table too).
+        Test splits (all but val) get the ``test`` explanation metrics too (trainer.eval_metrics)."""
         wanted = max(self.cfg.num_panels, self.cfg.table_images if table else 0)
         quota = None
         if self.cfg.panel_positives is not None or self.cfg.panel_negatives is not None:
             quota = (self.cfg.panel_positives or 0, self.cfg.panel_negatives or 0)
-        result = self.evaluator.evaluate(dataset, split, panels=wanted, quota=quota)
+        result = self.evaluator.evaluate(dataset, split, panels=wanted, quota=quota,
+                                         stage="epoch" if split == "val" else "test")
         shown = result.chosen if result.chosen is not None else result.panels[: self.cfg.num_panels]
         self.tracker.log_panels(split, shown, epoch)
         if table:

@@ -67,7 +67,9 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         evaluator = _evaluator(experiment)
         results = []
         for name, dataset in datasets.items():
-            evaluation = evaluator.evaluate(dataset, name, panels=panels, rows=True)
+            # as in training: val gets the every-epoch explanation metrics, the other splits the test ones too
+            evaluation = evaluator.evaluate(dataset, name, panels=panels, rows=True,
+                                            stage="epoch" if name == "val" else "test")
             record = {
                 "split": name,
                 "images": len(dataset),
@@ -151,7 +153,8 @@ def _evaluator(experiment: Experiment) -> Evaluator:
                      batch_size=t.eval_batch_size or t.batch_size, workers=resolve_workers(t.workers, device),
                      amp=t.amp, mean=experiment.mean, std=experiment.std,
                      progress=sys.stderr.isatty() if t.progress is None else t.progress,
-                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
+                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+                     eval_metrics=OmegaConf.to_object(t.eval_metrics))
 
 
 def checkpoint_record(path: Path) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from gain_exp.files import jsonable
 from gain_exp.gain import GAIN
 from gain_exp.losses import GAINLoss, map_masks
 from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
+from gain_exp.faithfulness import FaithfulnessMetrics, deletion_insertion, spurious_energy
 from gain_exp.runtime import Runtime
+from gain_exp.schema import EvalMetricsSchema
 from gain_exp.signals import StopSafeLoader
 from gain_exp.viz import Panel, denormalise
 
@@ -36,6 +38,7 @@ class BatchResult:
     loss_sum: float
     loc: LocalisationMetrics
     drops: torch.Tensor
+    faith: FaithfulnessMetrics = field(default_factory=FaithfulnessMetrics)
     panels: list[Panel] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-image results, when asked for
 
@@ -52,13 +55,28 @@ class Evaluation:
     rows: list[dict[str, Any]] | None = None
 
 
+EXPLANATION_METRICS = ("spurious_energy", "deletion_insertion")
+STAGES = ("epoch", "test", "off")
+
+
+def explanation_metrics(cfg: EvalMetricsSchema | None, stage: str) -> set[str]:
+    """The ``trainer.eval_metrics`` that run at ``stage``: ``epoch`` ones at every evaluation, ``test`` ones at test."""
+    if cfg is None:
+        return set()
+    return {m for m in EXPLANATION_METRICS
+            if getattr(cfg, m) == "epoch" or (getattr(cfg, m) == "test" and stage == "test")}
+
+
 class Evaluator:
     """Scores splits with the (unwrapped) GAIN module; ``workers`` DataLoader processes, ``progress`` bars."""
 
     def __init__(self, gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, *, batch_size: int,
                  workers: int, amp: bool, mean: tuple[float, ...], std: tuple[float, ...], progress: bool,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 eval_metrics: EvalMetricsSchema | None = None) -> None:
         self.gain, self.loss, self.data, self.runtime = gain, loss, data, runtime
+        self.eval_metrics = eval_metrics  # trainer.eval_metrics: what runs when (None: none of them)
+        self._explain: set[str] = set()  # the explanation metrics of the split being evaluated
         self.batch_size, self.workers, self.progress = batch_size, workers, progress
         self.mean, self.std = mean, std
         self.memory_format = memory_format
@@ -66,9 +84,11 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, split: str, panels: int = 0,
-                 quota: tuple[int, int] | None = None, rows: bool = False) -> Evaluation:
+                 quota: tuple[int, int] | None = None, rows: bool = False, stage: str = "epoch") -> Evaluation:
         """Metrics of one split and the panels of its first ``panels`` images (and of its first positives and
-        negatives, ``quota`` = (positives, negatives), on binary data); ``rows``: every image's results row too."""
+        negatives, ``quota`` = (positives, negatives), on binary data); ``rows``: every image's results row too.
+        ``stage``: ``epoch`` (a validation) or ``test``, which picks the ``eval_metrics`` that run."""
+        self._explain = explanation_metrics(self.eval_metrics, stage)
         self.gain.eval()
         rt = self.runtime
         n = len(dataset)
@@ -122,7 +142,37 @@ class Evaluator:
         drop = am_score_drop(logits[out.image_index], out.am_logits.float(), out.map_targets, self.data.multi_label)
         made = self._panels(batch, out, scored, drop, truth, valid, has_mask, left) if any(left) else []
         table = self.image_rows(batch, out, logits, scored, drop, truth, valid, has_mask) if with_rows else []
-        return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), made, table)
+        faith = self._faithfulness(batch, images, out, scored, valid) if index >= 0 else FaithfulnessMetrics()
+        return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), faith, made, table)
+
+    def _faithfulness(self, batch: dict[str, Any], images: torch.Tensor, out: Any, scored: torch.Tensor,
+                      valid: torch.Tensor) -> FaithfulnessMetrics:
+        """The batch's ``eval_metrics``: spurious-region energy (samples that mark the region) and deletion /
+        insertion AUC of the first ``eval_metrics.images`` images of the split. The explained class of a map is its
+        class (``per_label``, and single-label data); a multi-label ``batch`` map explains the sum of the image's
+        classes, and its curve follows the one of them the model scores highest."""
+        faith = FaithfulnessMetrics()
+        cfg = self.eval_metrics
+        if "spurious_energy" in self._explain and "spurious" in batch:
+            region = batch["spurious"].to(scored.device)[out.image_index]
+            faith.update_spurious(spurious_energy(scored, region, valid))
+        if "deletion_insertion" in self._explain:
+            keep = batch["index"].to(scored.device)[out.image_index] < (cfg.images if cfg.images is not None
+                                                                        else math.inf)
+            if keep.any():
+                explained = out.map_targets[keep]
+                classes = (explained * out.logits.float()[out.image_index][keep]).masked_fill(
+                    explained == 0, -math.inf).argmax(dim=1)
+
+                def model_fn(x: torch.Tensor) -> torch.Tensor:
+                    with self._amp():
+                        return self.gain(x, attention=False).logits.float()
+
+                deletion, insertion = deletion_insertion(
+                    model_fn, images[out.image_index][keep], scored[keep], classes, cfg.steps, cfg.baseline,
+                    multi_label=self.data.multi_label, batch_size=max(len(images), 64))
+                faith.update(deletion, insertion)
+        return faith
 
     def _metrics(self, results: list[BatchResult], split: str) -> dict[str, float]:
         d = self.data
@@ -134,7 +184,13 @@ class Evaluator:
             loc.add(r.loc)
             loss_sum += r.loss_sum
             count += len(r.logits)
-        metrics = {**cls.compute(), **loc.compute(), "loss_cl": loss_sum / max(count, 1)}
+        faith = FaithfulnessMetrics()
+        for r in results:
+            faith.add(r.faith)
+        explained = {k: v for k, v in faith.compute().items()
+                     if ("deletion_insertion" in self._explain and k in ("faith_n", "deletion_auc", "insertion_auc"))
+                     or ("spurious_energy" in self._explain and k.startswith("spurious_"))}
+        metrics = {**cls.compute(), **loc.compute(), **explained, "loss_cl": loss_sum / max(count, 1)}
         drops = torch.cat([r.drops for r in results]) if results else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(drops)) if drops.numel() else math.nan
         return {f"{split}/{k}": v for k, v in metrics.items()}

@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gain_exp.config import (check_config, check_data, check_metric_names, check_panels,
                              resolve_device, resolve_monitor, resolve_workers)
@@ -79,8 +79,9 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         check_metric_names(cfg, monitor, data)
         workers = resolve_workers(cfg.trainer.workers, device)
         fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor, workers=workers,
-                            **{k: v for k, v in cfg.trainer.items()
-                               if k in FitConfig.__dataclass_fields__ and k not in ("monitor", "workers")})
+                            eval_metrics=OmegaConf.to_object(cfg.trainer.eval_metrics),
+                            **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__
+                               and k not in ("monitor", "workers", "eval_metrics")})
         record = run_record(cfg)
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}

@@ -51,6 +51,17 @@ class OptimizerSchema:
 
 
 @dataclass
+class EvalMetricsSchema:
+    """trainer.eval_metrics: explanation metrics beyond localisation and where each runs (epoch | test | off)."""
+
+    spurious_energy: str = MISSING
+    deletion_insertion: str = MISSING
+    steps: int = MISSING
+    baseline: str = MISSING
+    images: Optional[int] = MISSING
+
+
+@dataclass
 class TrainerSchema:
     """conf/trainer/*.yaml: the loop, optimiser and checkpoint settings."""
 
@@ -71,6 +82,7 @@ class TrainerSchema:
     monitor_mode: str = MISSING
     test_on: str = MISSING  # read by the Trainer on main (merge: add test_on: str to FitConfig)
     num_panels: int = MISSING
+    eval_metrics: EvalMetricsSchema = field(default_factory=EvalMetricsSchema)
     panel_positives: Optional[int] = MISSING
     panel_negatives: Optional[int] = MISSING
     train_panels_every: Optional[int] = MISSING
