@@ -141,6 +141,23 @@ class ShapesSchema:
 
 
 @dataclass
+class DecoyDigitsSchema:
+    """conf/dataset/decoy_digits.yaml (gain_exp.data.decoy_digits.build)."""
+
+    _target_: str = MISSING
+    root: str = MISSING
+    image_size: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
+    bias: float = MISSING
+    decoy: str = MISSING  # colour | grey
+    patch_fraction: float = MISSING
+    mask_threshold: float = MISSING
+    masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
+
+
+@dataclass
 class Voc2012Schema:
     """conf/dataset/voc2012.yaml (gain_exp.data.voc.build)."""
 
@@ -202,6 +219,7 @@ SCHEMAS: dict[str, type] = {
     "loss": LossSchema,
     "backbone": BackboneSchema,
     "dataset_shapes": ShapesSchema,
+    "dataset_decoy_digits": DecoyDigitsSchema,
     "dataset_voc2012": Voc2012Schema,
     "dataset_mask_folder": MaskFolderSchema,
     "logger_wandb": WandbSchema,

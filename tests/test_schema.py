@@ -29,7 +29,7 @@ RUNTIME = {
     "gain_exp.losses.GAINLoss": {"multi_label", "negative_class"},
     "gain_exp.tracking.wandb.WandbTracker": {"out_dir", "run_config", "resume"},
     "gain_exp.tracking.tensorboard.TensorboardTracker": {"out_dir", "run_config", "resume"},
-    **{f"gain_exp.data.{m}.build": set(RUNTIME_ARGS) for m in ("shapes", "voc", "mask_folder")},
+    **{f"gain_exp.data.{m}.build": set(RUNTIME_ARGS) for m in ("shapes", "voc", "mask_folder", "decoy_digits")},
 }
 
 # Intentional differences between a YAML value and the target's Python default: (target, key) -> why.
