@@ -245,6 +245,10 @@ class Trainer:
         loader = self._train_loader(epoch)
         am_on, ex_on = self.loss.active(epoch)
         input_grad = self.loss.input_gradients(epoch)
+        if input_grad:  # RRR's double backward runs through every layer; fused attention kernels have none (ViT, Swin)
+            for module in self.gain.model.modules():
+                if getattr(module, "fused_attn", False):
+                    module.fused_attn = False
         # loss sums over every step of the epoch (kept on device: no sync per step); they are saved in
         # checkpoints so the epoch means of a resumed run match an uninterrupted one
         sums, n = self._epoch_sums if self.batch_in_epoch else (None, 0)

@@ -171,6 +171,20 @@ def test_each_loss_alone_sends_gradients_to_the_model(name, formulation, one_thr
         assert reached_head == (rrr or grad_mode == "full"), (grad_mode, reached_head)
 
 
+@pytest.mark.parametrize("name", PEERS)
+def test_each_loss_runs_under_bf16_autocast_as_trainer_amp_does(name, one_thread):
+    images, targets, seg = _tiny_batch()
+    gain, rrr = _tiny_gain().train(), name == "rrr"
+    images.requires_grad_(rrr)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gain(images, targets, attention=not rrr, mining=False)
+        loss = GAINLoss(multi_label=False, am_weight=0.0, ex_weight=1.0, ex_loss=name)
+        terms = loss(out, targets, seg, torch.tensor([True, True]), images=images if rrr else None)
+    terms.total.backward()
+    assert terms.ex.dtype == torch.float32 and terms.ex.item() > 0
+    assert all(torch.isfinite(p.grad).all() for p in gain.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("name", [*PEERS, "mse"])
 def test_two_processes_with_the_global_count_average_to_one_process(name):
     """DDP averages the processes' losses: with the global count they average to the loss on the whole batch."""
@@ -240,6 +254,15 @@ def test_each_peer_trains_through_the_app(name, tmp_path, one_thread):
     steps = [r for r in records if "train/loss_e" in r]
     assert steps and any(r["train/loss_e"] > 0 for r in steps) and all(r["train/loss_am"] == 0 for r in steps)
     assert all(math.isfinite(r["train/loss"]) for r in steps)
+
+
+def test_rrr_trains_a_vit_whose_fused_attention_has_no_double_backward(tmp_path, one_thread):
+    """The step switches timm attention to its unfused path: RRR's double backward runs through every block."""
+    summary = train(compose(["experiment=shapes_vit", "loss=rrr", f"dataset.root={tmp_path / 'shapes'}",
+                             "dataset.image_size=32", "dataset.masks_to_use=0.5", "+backbone.kwargs.depth=1",
+                             "backbone.kwargs.img_size=32", "trainer.batch_size=8", "trainer.eval_batch_size=8",
+                             "logger=json", *SMALLER[1:]]), out_dir=tmp_path / "run")
+    assert summary["status"] == "completed" and summary["final"]["train/mean_loss_e"] > 0
 
 
 def test_a_sweep_over_the_peers_runs_each_as_a_job(tmp_path):
