@@ -27,7 +27,10 @@ def check_config(cfg: DictConfig) -> None:
     check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
                        prefix="gain.", cam=g.cam)
     check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
-                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight)
+                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight, ex_loss=loss.ex_loss)
+    if t.compile and loss.ex_weight > 0 and loss.ex_loss == "rrr":
+        raise ValueError("trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
+                         "trains through input gradients); set trainer.compile=false.")
     checks = [
         (t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1"),
         (t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1"),

@@ -246,6 +246,11 @@ class Trainer:
         _seed_epoch(self.cfg.seed, epoch, self.runtime.rank)
         loader = self._train_loader(epoch)
         am_on, ex_on = self.loss.active(epoch)
+        input_grad = self.loss.input_gradients(epoch)
+        if input_grad:  # RRR's double backward runs through every layer; fused attention kernels have none (ViT, Swin)
+            for module in self.gain.model.modules():
+                if getattr(module, "fused_attn", False):
+                    module.fused_attn = False
         # loss sums over every step of the epoch (kept on device: no sync per step); they are saved in
         # checkpoints so the epoch means of a resumed run match an uninterrupted one
         sums, n = self._epoch_sums if self.batch_in_epoch else (None, 0)
@@ -259,11 +264,15 @@ class Trainer:
             targets = batch["target"].to(self.device)
             # host tensor: no device sync; under several processes every one runs the same streams (L_e's global
             # mean is a collective even on a process whose share has no mask)
-            need_attention = am_on or (ex_on and (self.runtime.distributed or bool(batch["use_mask"].any())))
+            need_attention = am_on or (ex_on and not input_grad
+                                       and (self.runtime.distributed or bool(batch["use_mask"].any())))
+            if input_grad:  # RRR's L_e: input gradients of the log-probabilities, trained through (double backprop)
+                images = images.detach().requires_grad_(True)
             use_mask = batch["use_mask"].to(self.device)
             with self._amp:
                 out = self.step_module(images, targets, attention=need_attention, mining=am_on)
-                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count)
+                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count,
+                                  images=images if input_grad else None)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             parts = self.runtime.mean(terms.stacked())  # the global batch's loss terms, the same on every process

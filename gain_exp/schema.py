@@ -110,6 +110,7 @@ class LossSchema:
     ex_start_epoch: int = MISSING
     am_on_all: bool = MISSING
     ex_on: str = MISSING
+    ex_loss: str = MISSING  # mse | gradia | haics | energy | rrr
 
 
 @dataclass

@@ -45,6 +45,7 @@ ALLOWED_DIFFERENCES = {
     ("gain_exp.losses.GAINLoss", "am_weight"): "per recipe",
     ("gain_exp.losses.GAINLoss", "ex_weight"): "per recipe",
     ("gain_exp.losses.GAINLoss", "am_start_epoch"): "per recipe",
+    ("gain_exp.losses.GAINLoss", "ex_loss"): "per recipe (mse, or a peer guidance loss)",
     # torch's AdamW default is 1e-2; we do not own that signature.
     ("torch.optim.AdamW", "weight_decay"): "app: 1e-4; torch: 1e-2",
     # None (no mutable default) in Python means the same as [] in the YAML: no extra tags.
