@@ -47,13 +47,16 @@ class SplitResult:
 def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, checkpoint: str | None = None,
                  overrides: Sequence[str] = (), device: str | None = None, panels: int = 0,
                  out: str | os.PathLike | None = None, threads: int | None = None,
-                 wandb: bool = True) -> list[SplitResult]:
+                 wandb: bool = True, sanity: int = 0) -> list[SplitResult]:
     """Score ``splits`` of a saved run with one of its checkpoints and write the results under ``out``
     (default ``run_dir/eval``). ``threads``: torch's CPU thread count while scoring; None: on the CPU the run's
-    own (CPU results are bit-identical only at one count), 0: as it is."""
+    own (CPU results are bit-identical only at one count), 0: as it is. ``sanity`` > 0: also the cascading
+    randomisation check on the first ``sanity`` images of the first split, written to ``sanity.json``."""
     run_dir = Path(run_dir)
     if panels < 0:
         raise ValueError(f"--panels {panels}: give a number of attention panels >= 0 (0 writes none).")
+    if sanity < 0:
+        raise ValueError(f"--sanity {sanity}: give a number of images >= 0 (0 skips the randomisation check).")
     experiment = _load(run_dir, checkpoint, overrides, device)
     datasets = _splits(experiment, splits)
     out_dir = Path(out) if out is not None else run_dir / "eval"
@@ -83,11 +86,30 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             results.append(SplitResult(name, evaluation, record, write_split(out_dir, record, evaluation)))
+        if sanity:
+            name, dataset = next(iter(datasets.items()))
+            curve = sanity_check(experiment, dataset, sanity)
+            write_json(out_dir / "sanity.json", {"split": name, "images": min(sanity, len(dataset)),
+                                                  "similarity": "spearman", "checkpoint": weights, "curve": curve})
+            results[0].files.append(out_dir / "sanity.json")
     finally:
         torch.set_num_threads(before)
     if wandb:
         log_to_run_wandb(run_dir, experiment, results)
     return results
+
+
+def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict[str, Any]]:
+    """Cascading randomisation (faithfulness.randomisation_check) on the first ``images`` images of ``dataset``,
+    explaining their true classes: [{"reinitialised": group, "spearman": mean similarity}, ...], top layer first."""
+    from torch.utils.data import default_collate
+
+    from gain_exp.faithfulness import randomisation_check
+
+    batch = default_collate([dataset[i] for i in range(min(images, len(dataset)))])
+    device = experiment.runtime.device
+    curve = randomisation_check(experiment.gain, batch["image"].to(device), batch["target"].to(device))
+    return [{"reinitialised": group, "spearman": jsonable(value)} for group, value in curve]
 
 
 def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
@@ -286,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch CPU threads (default on the CPU: the run's own count, so the numbers match it; "
                              "0: torch's)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    parser.add_argument("--sanity", type=int, default=0, metavar="N",
+                        help="also the cascading randomisation check (Adebayo et al. 2018) on the first N images of "
+                             "the first split: Spearman similarity of the maps as layers are re-initialised from the "
+                             "top (sanity.json)")
     args = parser.parse_intermixed_args(argv)
     splits = [s for item in args.split or [] for s in item.split(",") if s] or None
     bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
@@ -294,13 +320,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{bad[0]}: not an override; give overrides as key=value after the run directory "
                              f"(e.g. dataset.root=/other/folder).")
         results = evaluate_run(args.run_dir, splits, args.checkpoint, args.overrides, args.device, args.panels,
-                               args.out, args.threads, wandb=not args.no_wandb)
+                               args.out, args.threads, wandb=not args.no_wandb, sanity=args.sanity)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     weights = results[0].record["checkpoint"]
     print(f"{weights['name']} checkpoint (epoch {weights['epoch']}) of {args.run_dir}")
     print(metrics_table(results))
+    if args.sanity:
+        curve = json.loads((results[0].files[-1]).read_text())["curve"]
+        print("randomisation check (Spearman similarity to the trained model's maps, layers re-initialised from the "
+              "top): " + ", ".join(f"{c['reinitialised']} {c['spearman']:.3f}" for c in curve))
     print(f"results in {results[0].files[0].parent}")
     return 0
 

@@ -105,6 +105,15 @@ def test_an_override_evaluates_other_data(finished, tmp_path):
     assert record["metrics"]["test_unbiased/loc_n"] == 8
 
 
+def test_sanity_writes_the_randomisation_curve_top_layer_first(finished, tmp_path, capsys):
+    assert main([str(finished), "--split", "val", "--out", str(tmp_path), "--sanity", "4", "--no-wandb"]) == 0
+    record = json.loads((tmp_path / "sanity.json").read_text())
+    groups = [c["reinitialised"] for c in record["curve"]]
+    assert (record["split"], record["images"], groups[0], groups[-1]) == ("val", 4, "fc", "conv1.0")  # test_resnet: its stem is a Sequential
+    assert all(c["spearman"] is None or -1 <= c["spearman"] <= 1 for c in record["curve"])
+    assert "randomisation check (Spearman similarity" in capsys.readouterr().out
+
+
 def test_the_gain_exp_command_runs_it(finished, tmp_path):
     with pytest.raises(SystemExit) as stop:
         cli.main(["evaluate", str(finished), "--split", "val", "--out", str(tmp_path)])
@@ -142,6 +151,7 @@ def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path)
     (["{run}", "dataset.num_classes=3"], "the checkpoint does not fit the model this config builds (size mismatch "
                                          "for fc.weight"),
     (["{run}", "--panels", "-1"], "--panels -1: give a number of attention panels >= 0"),
+    (["{run}", "--sanity", "-2"], "--sanity -2: give a number of images >= 0"),
 ])
 def test_mistakes_are_one_sentence_and_exit_2(finished, tmp_path, capsys, args, phrase):
     bare = tmp_path / "bare"  # a run's records without its checkpoints
