@@ -50,8 +50,9 @@ def test_wrong_type_is_one_sentence_with_the_type_and_an_example(override, expec
 
 
 def test_unknown_group_option_lists_the_options_and_the_closest():
-    assert _sentence(["loss=gian"]) == ("loss=gian: group loss has no option 'gian' (did you mean gain or gain_ext?); "
-                                         "choose one of baseline, gain, gain_ext.")
+    assert _sentence(["loss=gian"]) == ("loss=gian: group loss has no option 'gian' (did you mean gain or gradia or "
+                                         "gain_ext?); choose one of baseline, energy, gain, gain_ext, gradia, haics, "
+                                         "rrr.")
     assert "choose one of endoscopy_seed, grads_off" in _sentence(["experiment=voc_papr"])
 
 
