@@ -147,7 +147,8 @@ class Evaluator:
 
     def _faithfulness(self, batch: dict[str, Any], images: torch.Tensor, out: Any, scored: torch.Tensor,
                       valid: torch.Tensor) -> FaithfulnessMetrics:
-        """The batch's ``eval_metrics``: spurious-region energy (samples that mark the region) and deletion /
+        """The batch's ``eval_metrics``: spurious-region energy (samples that mark the region; maps without any
+        attention are skipped) and deletion /
         insertion AUC of the first ``eval_metrics.images`` images of the split. The explained class of a map is its
         class (``per_label``, and single-label data); a multi-label ``batch`` map explains the sum of the image's
         classes, and its curve follows the one of them the model scores highest."""
@@ -155,7 +156,10 @@ class Evaluator:
         cfg = self.eval_metrics
         if "spurious_energy" in self._explain and "spurious" in batch:
             region = batch["spurious"].to(scored.device)[out.image_index]
-            faith.update_spurious(spurious_energy(scored, region, valid))
+            # a map with no attention at all (typically a class the model does not see) puts none on the cue
+            # either; it is left out (counted in spurious_skipped) rather than scored 0, which would flatter it
+            empty = (scored * valid).flatten(1).sum(dim=1) == 0
+            faith.update_spurious(spurious_energy(scored, region, valid).masked_fill(empty, math.nan))
         if "deletion_insertion" in self._explain:
             keep = batch["index"].to(scored.device)[out.image_index] < (cfg.images if cfg.images is not None
                                                                         else math.inf)
