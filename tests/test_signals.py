@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -34,16 +35,18 @@ def test_a_worker_signalled_before_its_init_fn_keeps_working(monkeypatch):
 
 
 def test_the_main_process_still_gets_the_signal_after_the_workers_start():
+    # thread-directed (pthread_kill): a process-directed os.kill may land on any thread that does not block it
     got = []
+    main = threading.main_thread().ident
     old = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
     try:
         loader = StopSafeLoader(TensorDataset(torch.arange(4)), batch_size=2, num_workers=1)
         with blocked([signal.SIGTERM]):
-            os.kill(os.getpid(), signal.SIGTERM)  # pending while blocked
+            signal.pthread_kill(main, signal.SIGTERM)  # pending while blocked
             assert got == []
         assert got == [signal.SIGTERM]  # delivered once the block ends
         next(iter(loader))
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_kill(main, signal.SIGTERM)
         assert got == [signal.SIGTERM] * 2  # iterating left the main thread's mask as it was
     finally:
         signal.signal(signal.SIGTERM, old)
