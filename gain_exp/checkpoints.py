@@ -73,17 +73,23 @@ def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, 
     return read_checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
 
 
-def read_checkpoint(path: Path, device: Any, mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint's state, or one sentence naming the file and what to do instead."""
+TRAINING_STATE = ("model", "optimizer", "epoch", "step")  # what resuming needs; evaluation needs only "model"
+RESUME_INSTEAD = ("resume from another one (checkpoints/best.ckpt or a checkpoint_every copy) or start fresh without "
+                  "trainer.resume")
+
+
+def read_checkpoint(path: Path, device: Any, mmap: bool = False, option: str = "trainer.resume",
+                    needs: tuple[str, ...] = TRAINING_STATE, instead: str = RESUME_INSTEAD) -> dict[str, Any]:
+    """A checkpoint's state, or one sentence: the option that named the file (``option``), what is wrong with it and
+    what to do ``instead``. ``needs``: the entries the caller reads (resuming: all of TRAINING_STATE)."""
     try:
         state = load_state(path, map_location=device, mmap=mmap)
     except CorruptFile as err:
-        raise ValueError(f"trainer.resume: checkpoint {err} Resume from another one (checkpoints/best.ckpt or a "
-                         f"checkpoint_every copy) or start fresh without trainer.resume.") from None
-    missing = {"model", "optimizer", "epoch", "step"} - set(state)
+        raise ValueError(f"{option}: checkpoint {str(err).rstrip('.')}; {instead}.") from None
+    missing = set(needs) - set(state)
     if missing:
-        raise ValueError(f"trainer.resume: {path} is not a gain-exp training checkpoint (no {', '.join(sorted(missing))});"
-                         f" point trainer.resume at a run directory or its checkpoints/last.ckpt.")
+        raise ValueError(f"{option}: {path} is not a gain-exp checkpoint (no {', '.join(sorted(missing))}); "
+                         f"{instead}.")
     return state
 
 

@@ -84,6 +84,30 @@ class FitConfig:
     progress: bool | None
     test_on: str
 
+    @classmethod
+    def from_config(cls, cfg: Any, monitor: str, device: torch.device) -> FitConfig:
+        """A composed config's loop settings: its trainer/ keys, seed, resolved ``monitor`` and worker count."""
+        from omegaconf import OmegaConf
+
+        from gain_exp.config import resolve_workers
+
+        t = cfg.trainer
+        return cls(seed=cfg.seed, monitor=monitor, workers=resolve_workers(t.workers, device),
+                   eval_metrics=OmegaConf.to_object(t.eval_metrics),
+                   **{k: v for k, v in t.items() if k in cls.__dataclass_fields__
+                      and k not in ("monitor", "workers", "eval_metrics")})
+
+
+def build_evaluator(gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, cfg: FitConfig,
+                    mean: tuple[float, ...], std: tuple[float, ...]) -> Evaluator:
+    """The Evaluator a run's settings describe: eval batch size, workers, precision, memory format, progress and
+    explanation metrics. The Trainer's, and gain_exp.evaluate's when it scores a saved run again."""
+    return Evaluator(gain, loss, data, runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                     workers=cfg.workers, amp=cfg.amp, mean=mean, std=std,
+                     progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
+                     memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
+                     eval_metrics=cfg.eval_metrics)
+
 
 class Trainer:
     """Fits a GAIN model on a DataSplits and evaluates it; everything it writes goes under ``out_dir``."""
@@ -118,8 +142,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
         self.history: list[dict[str, float]] = []
-        self.speed: dict[str, float] = {}
-        self.before_training: dict[str, float] | None = None  # trainer.test_first's metrics  # the last epoch's training images/s (global) and data-wait share
+        self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
+        self.before_training: dict[str, float] | None = None  # trainer.test_first's metrics
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self._stop_signal: int | None = None
         self.started = False  # set once a resume checkpoint has loaded: from then on summary.json is this run's
@@ -145,9 +169,7 @@ class Trainer:
             self.step_module = DistributedDataParallel(gain, device_ids=[self.device] if self.device.type == "cuda"
                                                        else None)
             self._count = self.runtime.mean_count
-        self.evaluator = Evaluator(gain, loss, data, self.runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                                   workers=cfg.workers, amp=cfg.amp, mean=mean, std=std, progress=self._progress,
-                                   memory_format=self._memory_format, eval_metrics=cfg.eval_metrics)
+        self.evaluator = build_evaluator(gain, loss, data, self.runtime, cfg, mean, std)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:

@@ -27,10 +27,9 @@ import torch
 from omegaconf import OmegaConf
 
 from gain_exp.evaluation import Evaluation, Evaluator
-from gain_exp.experiment import Experiment, load_run
+from gain_exp.experiment import CHECKPOINT_INSTEAD, Experiment, load_run
 from gain_exp.files import atomic_write, jsonable, write_json
 
-RESUME_WORDING = "trainer.resume: "  # how gain_exp.checkpoints.read_checkpoint starts its refusals
 SHOWN_DIGITS = 4
 
 
@@ -118,15 +117,7 @@ def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], devic
 
     try:
         return load_run(run_dir, checkpoint, overrides, device)
-    except ValueError as err:
-        text = str(err)
-        if not text.startswith(RESUME_WORDING):
-            raise
-        # read_checkpoint words its refusals for trainer.resume; here the file came from --checkpoint
-        reason = text[len(RESUME_WORDING):].split(" Resume from")[0].split("; point trainer.resume")[0].rstrip(".")
-        fix = "" if "point at" in reason else "; use best, last or another .ckpt file the run wrote"
-        raise ValueError(f"--checkpoint {reason.removeprefix('checkpoint ')}{fix}.") from None
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # already one sentence
         raise
     except RuntimeError as err:
         if "state_dict" not in str(err):
@@ -163,20 +154,14 @@ def _splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, A
 
 
 def _evaluator(experiment: Experiment) -> Evaluator:
-    """The Evaluator the run's Trainer built: same batch size, precision, memory format and compilation."""
-    from gain_exp.config import resolve_workers
-    from gain_exp.gain import compile_gain
+    """The Evaluator the run's Trainer built (engine.build_evaluator, from the same settings)."""
+    from gain_exp.config import resolve_monitor
+    from gain_exp.engine import FitConfig, build_evaluator
 
-    t = experiment.cfg.trainer
-    if t.compile:
-        compile_gain(experiment.gain, t.compile_backend)
-    device = experiment.runtime.device
-    return Evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime,
-                     batch_size=t.eval_batch_size or t.batch_size, workers=resolve_workers(t.workers, device),
-                     amp=t.amp, mean=experiment.mean, std=experiment.std,
-                     progress=sys.stderr.isatty() if t.progress is None else t.progress,
-                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
-                     eval_metrics=OmegaConf.to_object(t.eval_metrics))
+    cfg, device = experiment.cfg, experiment.runtime.device
+    fit = FitConfig.from_config(cfg, resolve_monitor(cfg.trainer.monitor, experiment.data.multi_label), device)
+    return build_evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime, fit,
+                           experiment.mean, experiment.std)
 
 
 def checkpoint_record(path: Path) -> dict[str, Any]:
@@ -184,10 +169,12 @@ def checkpoint_record(path: Path) -> dict[str, Any]:
     optimisation step; ``batch_in_epoch`` > 0 marks weights saved mid-epoch (then ``epoch`` is the unfinished one)."""
     from gain_exp.checkpoints import read_checkpoint
 
-    state = read_checkpoint(path, "cpu", mmap=True)
+    state = read_checkpoint(path, "cpu", mmap=True, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
     mid = int(state.get("batch_in_epoch") or 0)
-    record = {"path": str(path.resolve()), "name": path.stem, "epoch": int(state["epoch"]) - (0 if mid else 1),
-              "step": int(state["step"])}
+    epoch, step = state.get("epoch"), state.get("step")  # a weights-only file (e.g. exported) has neither
+    record = {"path": str(path.resolve()), "name": path.stem,
+              "epoch": None if epoch is None else int(epoch) - (0 if mid else 1),
+              "step": None if step is None else int(step)}
     if mid:
         record["batch_in_epoch"] = mid
     return record
@@ -325,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     weights = results[0].record["checkpoint"]
-    print(f"{weights['name']} checkpoint (epoch {weights['epoch']}) of {args.run_dir}")
+    epoch = "" if weights["epoch"] is None else f" (epoch {weights['epoch']})"
+    print(f"{weights['name']} checkpoint{epoch} of {args.run_dir}")
     print(metrics_table(results))
     if args.sanity:
         curve = json.loads((results[0].files[-1]).read_text())["curve"]

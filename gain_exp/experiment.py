@@ -22,12 +22,13 @@ from gain_exp.backbones import create_backbone
 from gain_exp.checkpoints import read_checkpoint
 from gain_exp.config import backbone_normalisation, check_config, resolve_device
 from gain_exp.data.base import DataSplits
-from gain_exp.gain import GAIN
+from gain_exp.gain import GAIN, compile_gain
 from gain_exp.losses import GAINLoss
 from gain_exp.paths import CONF_DIR
 from gain_exp.runtime import Runtime
 
 USER_ERRORS = (ValueError, FileNotFoundError)
+CHECKPOINT_INSTEAD = "use best, last or another .ckpt file the run wrote"  # a --checkpoint that cannot be read
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Experiment:
 
 
 def build_experiment(cfg: DictConfig, runtime: Runtime, prepare_model: Any = None) -> Experiment:
-    """Data, backbone, GAIN and loss from a checked config, on ``runtime.device``. ``prepare_model(model)`` runs
+    """Data, backbone, GAIN (compiled under ``trainer.compile``) and loss from a checked config, on ``runtime.device``. ``prepare_model(model)`` runs
     before GAIN wraps the backbone (e.g. SyncBatchNorm, which must come before GAIN finds its BN layers)."""
     mean, std = backbone_normalisation(cfg.backbone.name)
     # every builder takes its YAML keys plus these runtime arguments (DatasetBuilder in gain_exp/data/base.py)
@@ -62,6 +63,8 @@ def build_experiment(cfg: DictConfig, runtime: Runtime, prepare_model: Any = Non
         model = model.to(memory_format=torch.channels_last)
     gain = instantiate_user(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
                             pixel_mean=mean, pixel_std=std)
+    if cfg.trainer.compile:  # training and every reload of a run (load_run) alike
+        compile_gain(gain, cfg.trainer.compile_backend)
     loss = instantiate_user(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
     return Experiment(cfg, runtime, data, gain, loss, mean, std)
 
@@ -106,7 +109,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | None = None, override
     path = _checkpoint_file(run_dir, checkpoint or _tested_on(run_dir))
     runtime = Runtime(resolve_device(cfg.trainer.device))
     experiment = build_experiment(cfg, runtime)
-    state = read_checkpoint(path, runtime.device)
+    state = read_checkpoint(path, runtime.device, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
     experiment.model.load_state_dict(state["model"])
     experiment.gain.eval()
     experiment.checkpoint = path

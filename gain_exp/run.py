@@ -20,16 +20,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gain_exp.config import (check_config, check_data, check_metric_names, check_panels,
-                             resolve_device, resolve_monitor, resolve_workers)
+                             resolve_device, resolve_monitor)
 from gain_exp.checkpoints import saved_tracking
 from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.errors import explain
 from gain_exp.experiment import USER_ERRORS, build_experiment
 from gain_exp.files import jsonable, remove_stale_temps, write_json
-from gain_exp.gain import compile_gain
 from gain_exp.paths import CONF_DIR
 from gain_exp.provenance import resolved, run_record
 from gain_exp.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
@@ -67,8 +66,6 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         data, gain, loss, mean, std = (experiment.data, experiment.gain, experiment.loss, experiment.mean,
                                        experiment.std)
         model = gain.model
-        if cfg.trainer.compile:
-            compile_gain(gain, cfg.trainer.compile_backend)
         optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
                      if cfg.trainer.scheduler == "cosine" else None)
@@ -77,11 +74,7 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         check_panels(cfg, data)
         monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
         check_metric_names(cfg, monitor, data)
-        workers = resolve_workers(cfg.trainer.workers, device)
-        fit_cfg = FitConfig(seed=cfg.seed, monitor=monitor, workers=workers,
-                            eval_metrics=OmegaConf.to_object(cfg.trainer.eval_metrics),
-                            **{k: v for k, v in cfg.trainer.items() if k in FitConfig.__dataclass_fields__
-                               and k not in ("monitor", "workers", "eval_metrics")})
+        fit_cfg = FitConfig.from_config(cfg, monitor, device)
         record = run_record(cfg)
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}

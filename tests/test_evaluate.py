@@ -75,6 +75,32 @@ def test_val_of_best_and_last_equal_the_val_the_run_logged_at_those_epochs(finis
         ["loss_cl", f"{history[1]['val/loss_cl']:.4f}"]]
 
 
+def test_a_weights_only_checkpoint_is_enough_to_evaluate(finished, default_eval, tmp_path, capsys):
+    """Scoring reads only the model's weights: a file without the optimiser and counters (e.g. exported for a paper)
+    gives the same metrics; before, it was refused as 'not a gain-exp training checkpoint (no epoch, optimizer,
+    step)' in trainer.resume's words."""
+    import torch
+
+    state = torch.load(finished / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    weights = tmp_path / "weights.ckpt"
+    torch.save({"model": state["model"]}, weights)
+    assert main([str(finished), "--split", "val", "--checkpoint", str(weights), "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / "val.json").read_text())
+    assert record["metrics"] == json.loads((default_eval / "val.json").read_text())["metrics"]
+    assert record["checkpoint"]["epoch"] is None and record["checkpoint"]["step"] is None
+    assert capsys.readouterr().out.splitlines()[0] == f"weights checkpoint of {finished}"
+
+
+def test_a_file_without_weights_is_refused_in_the_options_own_words(finished, tmp_path, capsys):
+    import torch
+
+    torch.save({"epoch": 1}, tmp_path / "counters.ckpt")
+    assert main([str(finished), "--checkpoint", str(tmp_path / "counters.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --checkpoint: {tmp_path / 'counters.ckpt'} is not a gain-exp checkpoint (no model); use "
+                   f"best, last or another .ckpt file the run wrote.\n")
+
+
 def test_files_are_well_formed_and_every_image_has_one_row(default_eval):
     for split in (*TESTS, "val"):
         record = json.loads((default_eval / f"{split}.json").read_text())
