@@ -47,6 +47,35 @@ class DataSplits:
         return len(self.classes)
 
 
+class TensorSplit(Dataset):
+    """One split held in memory as uint8 tensors (the generated benchmarks: shapes, decoy_digits), normalised on
+    access. ``images`` N x 3 x H x W, ``seg`` N x H x W label map, ``targets`` N x K float, ``use_mask`` N bool;
+    ``spurious`` N x H x W bool where the split's known cue lives, None: the background (seg == 0); ``augment``:
+    random horizontal flip of the image with its masks."""
+
+    def __init__(self, images: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor, use_mask: torch.Tensor,
+                 classes: list[str], multi_label: bool, mean: Sequence[float], std: Sequence[float],
+                 spurious: torch.Tensor | None = None, augment: bool = False) -> None:
+        self.images, self.seg, self.targets, self.use_mask = images, seg, targets, use_mask
+        self.spurious = spurious
+        self.classes, self.multi_label, self.augment = classes, multi_label, augment
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Sample:
+        image = self.images[index].float().div_(255.0)
+        seg = self.seg[index].long()
+        spurious = seg == 0 if self.spurious is None else self.spurious[index].clone()
+        if self.augment and torch.rand(()) < 0.5:
+            image, seg, spurious = image.flip(-1), seg.flip(-1), spurious.flip(-1)
+        return Sample(image=(image - self._mean) / self._std, target=self.targets[index].clone(), seg=seg,
+                      has_mask=torch.tensor(True), use_mask=self.use_mask[index].clone(), index=index,
+                      spurious=spurious)
+
+
 RUNTIME_ARGS = ("mean", "std", "seed", "batch_size")  # what the app passes to every builder besides the YAML keys
 
 

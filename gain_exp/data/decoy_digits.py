@@ -31,9 +31,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
 
-from gain_exp.data.base import DataSplits, Sample, choose_masks, derive_seed, mask_count
+from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, derive_seed, mask_count
 from gain_exp.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
@@ -54,12 +53,6 @@ MAX_PATCH_FRACTION = 0.3  # the digit box, 1 - 2 * patch_fraction of the side, k
 SPLITS = ("train", "val", "test_biased", "test_unbiased")
 # Corners as (row, column) of the patch's top-left pixel in units of (image_size - patch): TL, TR, BL, BR.
 CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
-
-
-class DecoySample(Sample):
-    """A Sample plus the decoy patch (base.Sample's keys, all present)."""
-
-    spurious: torch.Tensor  # H x W bool: the decoy patch's pixels
 
 
 def patch_size(image_size: int, patch_fraction: float) -> int:
@@ -105,51 +98,22 @@ def load_scans() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(digits.images, dtype=torch.float32), torch.as_tensor(digits.target, dtype=torch.long)
 
 
-class DecoyDigitsDataset(Dataset):
-    """One split: uint8 RGB images with their decoy, labels and masks; normalised on access."""
+class DecoyDigitsDataset(TensorSplit):
+    """One split: uint8 RGB images with their decoy, labels and masks; the spurious cue is the decoy patch."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        patch: int,
-        labels: torch.Tensor,
-        cue: torch.Tensor,
-        corner: torch.Tensor,
-        source: torch.Tensor,
-        use_mask: torch.Tensor,
-        mask_threshold: float,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        self.images = images  # N x 3 x H x W uint8: grey scan replicated, plus the decoy patch
+    def __init__(self, images: torch.Tensor, patch: int, labels: torch.Tensor, cue: torch.Tensor,
+                 corner: torch.Tensor, source: torch.Tensor, use_mask: torch.Tensor, mask_threshold: float,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        # images: N x 3 x H x W uint8, the grey scan replicated plus the decoy patch
+        spurious = patch_masks(corner, images.shape[-1], patch)  # N x H x W bool
+        strokes = (images[:, 0].float() > mask_threshold * 255) & ~spurious  # the scan is grey: any channel
+        seg = torch.where(strokes, (labels + 1).view(-1, 1, 1), 0).to(torch.uint8)  # N x H x W
+        super().__init__(images, seg, F.one_hot(labels, len(CLASSES)).float(), use_mask, CLASSES, False, mean, std,
+                         spurious=spurious)
         self.labels = labels  # N long: the digit
-        self.targets = F.one_hot(labels, len(CLASSES)).float()  # N x 10
         self.cue = cue  # N long: the digit whose colour the patch carries
         self.corner = corner  # N long: 0 TL, 1 TR, 2 BL, 3 BR
         self.source = source  # N long: index of the scan in load_digits
-        self.use_mask = use_mask  # N bool
-        self.spurious = patch_masks(corner, images.shape[-1], patch)  # N x H x W bool
-        strokes = (images[:, 0].float() > mask_threshold * 255) & ~self.spurious  # the scan is grey: any channel
-        self.seg = torch.where(strokes, (labels + 1).view(-1, 1, 1), 0).to(torch.uint8)  # N x H x W
-        self.classes = CLASSES
-        self.multi_label = False
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> DecoySample:
-        image = self.images[index].float().div_(255.0)
-        return DecoySample(
-            image=(image - self._mean) / self._std,
-            target=self.targets[index].clone(),
-            seg=self.seg[index].long(),
-            has_mask=torch.tensor(True),
-            use_mask=self.use_mask[index].clone(),
-            index=index,
-            spurious=self.spurious[index].clone(),
-        )
 
 
 def build(

@@ -22,9 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
 
-from gain_exp.data.base import DataSplits, Sample, choose_masks, derive_seed
+from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, derive_seed
 from gain_exp.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
@@ -95,50 +94,14 @@ SHAPE_FNS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
 )
 
 
-class ShapesDataset(Dataset):
-    """One split of the biased-shapes data: uint8 images and label maps, normalised on access."""
+class ShapesDataset(TensorSplit):
+    """One split of the biased-shapes data; the spurious cue is the tinted background (seg == 0)."""
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        seg: torch.Tensor,
-        targets: torch.Tensor,
-        cue: torch.Tensor,
-        use_mask: torch.Tensor,
-        classes: list[str],
-        multi_label: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        augment: bool = False,
-    ) -> None:
-        self.images = images  # N x 3 x H x W uint8
-        self.seg = seg  # N x H x W uint8
-        self.targets = targets  # N x K float
+    def __init__(self, images: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor, cue: torch.Tensor,
+                 use_mask: torch.Tensor, classes: list[str], multi_label: bool, mean: Sequence[float],
+                 std: Sequence[float], augment: bool = False) -> None:
+        super().__init__(images, seg, targets, use_mask, classes, multi_label, mean, std, augment=augment)
         self.cue = cue  # N long: the class whose tint the background carries
-        self.use_mask = use_mask  # N bool
-        self.classes = classes
-        self.multi_label = multi_label
-        self.augment = augment
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> Sample:
-        image = self.images[index].float().div_(255.0)
-        seg = self.seg[index].long()
-        if self.augment and torch.rand(()) < 0.5:
-            image, seg = image.flip(-1), seg.flip(-1)
-        return Sample(
-            image=(image - self._mean) / self._std,
-            target=self.targets[index].clone(),
-            seg=seg,
-            has_mask=torch.tensor(True),
-            use_mask=self.use_mask[index].clone(),
-            index=index,
-            spurious=seg == 0,  # the tinted background is the cue
-        )
 
 
 def build(
