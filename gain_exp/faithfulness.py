@@ -10,6 +10,7 @@ import copy
 import difflib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,28 +26,16 @@ BLUR_SIGMA = 5.0
 # ------------------------------------------------------------------------------------------- deletion / insertion
 
 
-def deletion_insertion(
-    model_fn: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    maps: torch.Tensor,
-    classes: torch.Tensor,
-    steps: int = 16,
-    baseline: str = "blur",
-    *,
-    multi_label: bool = False,
-    batch_size: int = 256,
-    blur_kernel: int = BLUR_KERNEL,
-    blur_sigma: float = BLUR_SIGMA,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, maps: torch.Tensor,
+                       classes: torch.Tensor, steps: int = 16, baseline: str = "blur",
+                       **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC per map (Petsiuk et al. 2018): two tensors of N floats in [0, 1].
 
     AUC = trapezoid rule over the curve of the explained class's probability against x = fraction of pixels
     replaced (deletion; lower is better) or put back (insertion; higher is better), x from 0 to 1 in ``steps``
-    steps. See ``deletion_insertion_curves`` for the arguments.
+    steps. The arguments and keyword ``options`` are ``deletion_insertion_curves``'.
     """
-    deletion, insertion, x = deletion_insertion_curves(
-        model_fn, images, maps, classes, steps, baseline, multi_label=multi_label, batch_size=batch_size,
-        blur_kernel=blur_kernel, blur_sigma=blur_sigma)
+    deletion, insertion, x = deletion_insertion_curves(model_fn, images, maps, classes, steps, baseline, **options)
     return torch.trapezoid(deletion, x, dim=1), torch.trapezoid(insertion, x, dim=1)
 
 
