@@ -1,13 +1,14 @@
 """Aggregate run directories into one paper-style table: mean ± std over seeds, n runs per row.
 
     python -m gain_exp.table <multirun dir or run dirs ...> [--metrics ...] [--rows k1,k2] [--csv f] [--md f]
-                             [--save-spec f] [--wandb]
-    python -m gain_exp.table --spec sweeps/tables/<name>.yaml
+                             [--save-spec f] [--wandb] [--plot f.png]
+    python -m gain_exp.table --spec sweeps/tables/<name>.yaml [--plot f.png]
 
 Runs that differ only by ``seed`` are one row (mean ± std over seeds, n); rows are the overrides that differ
 between runs (or ``--rows``), columns the chosen metrics. Prints Markdown; writes CSV/Markdown on request, and
 beside them (or at ``--save-spec``) the table's spec: its sources, rows, metrics, every job's recipe and numbers,
 so ``--spec`` re-prints it and ``python -m gain_exp.reproduce <spec>`` re-runs and checks it on a fresh clone.
+``--plot`` also draws the table as bar charts (gain_exp/plot.py; needs the ``plot`` extra, matplotlib).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from gain_exp.provenance import SOURCE_ROOT
 TEST_STATS = ("acc", "mAP", "loc_iou", "pointing_game")  # default columns, per evaluated split, when present
 NOT_ROWS = ("seed",)  # what a row averages over
 SPEC_KIND = "gain_exp.table/1"
+PLOT_MISSING = "--plot needs matplotlib; install it with pip install 'gain-exp[plot]' (or pip install matplotlib)."
 # Hydra overrides that only shape a sweep or place its output; a re-run of one job sets its own mode and run dir.
 SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.launcher", "hydra.sweeper", "hydra/launcher",
               "hydra/sweeper", "hydra.job.num", "hydra.job.id")
@@ -128,6 +130,10 @@ class Row:
         if not xs:
             return None, None, 0
         return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
+
+    def label(self) -> str:
+        """The row's key values as the table prints them, joined: ``shapes / gain_ext`` (``all`` without keys)."""
+        return " / ".join(_short(v) for v in self.values) or "all"
 
 
 @dataclass
@@ -356,7 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        "as <name>.spec.yaml)")
     parser.add_argument("--spec", type=Path, help="re-print the table of this spec (instead of run directories)")
     parser.add_argument("--digits", type=int, default=3, help="decimals per mean and std")
+    parser.add_argument("--plot", type=Path, help="also draw the table as PNG bar charts: a panel per metric, a bar "
+                                                  "per row, mean ± std (needs matplotlib: the plot extra)")
     args = parser.parse_args(argv)
+    if args.plot is not None and not _can_plot():
+        print(f"error: {PLOT_MISSING}", file=sys.stderr)
+        return 2
     if args.spec is not None:
         return _print_spec(args)
     try:
@@ -371,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for note in optuna_notes(args.paths):
         print(f"note: {note}", file=sys.stderr)
-    _emit(table, args)
+    if _emit(table, args):
+        return 2
     spec_path = args.save_spec or (_spec_beside(args.md or args.csv) if (args.md or args.csv) else None)
     if spec_path:
         command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
@@ -410,18 +422,35 @@ def _print_spec(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"note: table of {args.spec} from {origin}", file=sys.stderr)
-    _emit(table, args)
-    return 0
+    return _emit(table, args)
 
 
-def _emit(table: Table, args: argparse.Namespace) -> None:
-    """Print the Markdown table and write the --md/--csv files asked for."""
+def _emit(table: Table, args: argparse.Namespace) -> int:
+    """Print the Markdown table and write the --md/--csv/--plot files asked for; returns the exit status."""
     text = table.markdown()
     print(text, end="")
     if args.md:
         _write(args.md, text)
     if args.csv:
         _write(args.csv, table.csv())
+    if args.plot:
+        from gain_exp.plot import plot_table  # matplotlib only when asked for
+
+        try:
+            plot_table(table, args.plot)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports (the ``plot`` extra), checked before any output so --plot fails in one line."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _write(path: Path, text: str) -> None:
