@@ -6,6 +6,7 @@
     gain-exp reproduce SOURCE                            re-run saved jobs and compare their numbers
     gain-exp bench                                       step-time benchmark
     gain-exp cams RUN_DIR --split S --out DIR            CAM pseudo-masks and their seed mIoU (WSSS protocol)
+    gain-exp figure RUN_DIR [RUN_DIR ...] --out F.png    attention of several saved runs on the same images
     eval "$(gain-exp run -sc install=bash)"              tab completion for `gain-exp run`
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "bench": _tool("gain_exp.bench"),
     "evaluate": _tool("gain_exp.evaluate"),
     "cams": _tool("gain_exp.cams"),
+    "figure": _tool("gain_exp.figure"),
 }
 
 
