@@ -3,12 +3,15 @@
     python -m gain_exp.table <multirun dir or run dirs ...> [--metrics ...] [--rows k1,k2] [--csv f] [--md f]
                              [--save-spec f] [--wandb] [--plot f.png]
     python -m gain_exp.table --spec sweeps/tables/<name>.yaml [--plot f.png]
+    python -m gain_exp.table sweeps/tables/<name>.yaml <more run dirs ...> --save-spec ...   # grow a saved table
 
 Runs that differ only by ``seed`` are one row (mean ± std over seeds, n); rows are the overrides that differ
 between runs (or ``--rows``), columns the chosen metrics. Prints Markdown; writes CSV/Markdown on request, and
 beside them (or at ``--save-spec``) the table's spec: its sources, rows, metrics, every job's recipe and numbers,
 so ``--spec`` re-prints it and ``python -m gain_exp.reproduce <spec>`` re-runs and checks it on a fresh clone.
 ``--plot`` also draws the table as bar charts (gain_exp/plot.py; needs the ``plot`` extra, matplotlib).
+A spec given among the paths adds its jobs' committed numbers, so a table measured over several sessions or machines
+grows by the runs finished since (a job both in the spec and given as a run directory counts once, from its run).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from gain_exp.provenance import SOURCE_ROOT
 TEST_STATS = ("acc", "mAP", "loc_iou", "pointing_game")  # default columns, per evaluated split, when present
 NOT_ROWS = ("seed",)  # what a row averages over
 SPEC_KIND = "gain_exp.table/1"
+SPEC_SUFFIXES = (".yaml", ".yml")  # a path with one of these among the table's inputs is a table spec
 PLOT_MISSING = "--plot needs matplotlib; install it with pip install 'gain-exp[plot]' (or pip install matplotlib)."
 # Hydra overrides that only shape a sweep or place its output; a re-run of one job sets its own mode and run dir.
 SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.launcher", "hydra.sweeper", "hydra/launcher",
@@ -243,6 +247,8 @@ def optuna_notes(paths: Sequence[str | Path]) -> list[str]:
     """The best trial of each Optuna sweep below the paths (its optimization_results.yaml)."""
     notes = []
     for raw in paths:
+        if not Path(raw).is_dir():
+            continue
         for result in sorted(Path(raw).rglob("optimization_results.yaml")):
             best = _load_yaml(result) or {}
             params = ", ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
@@ -352,7 +358,8 @@ def log_to_wandb(table: Table, where: Path, project: str | None, entity: str | N
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m gain_exp.table", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", help="multirun directories or run directories")
+    parser.add_argument("paths", nargs="*", help="multirun directories, run directories or table specs (their "
+                                                 "jobs' committed numbers join the runs)")
     parser.add_argument("--metrics", nargs="+", help="columns (default: test-split accuracy and localisation)")
     parser.add_argument("--rows", help="comma-separated row keys (default: the overrides that differ between runs)")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV (mean, std, n per metric)")
@@ -397,7 +404,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def completed_runs(paths: Sequence[str | Path]) -> list[Run]:
-    """The completed runs at or below ``paths``; the others (interrupted, diverged, failed) are named and left out."""
+    """The completed runs at or below ``paths``, plus the jobs of any table spec among them; the others
+    (interrupted, diverged, failed) are named and left out. A spec's job that is also here as a run directory (same
+    directory, same overrides) is counted once, from the directory."""
+    specs = [Path(p) for p in paths if Path(p).suffix in SPEC_SUFFIXES]
+    dirs = [p for p in paths if Path(p).suffix not in SPEC_SUFFIXES]
+    runs = _live_runs(dirs) if dirs else []
+    here = {_identity(r) for r in runs}
+    for spec in specs:
+        runs += [r for r in spec_runs(read_spec(spec)) if _identity(r) not in here]
+    return runs
+
+
+def _identity(run: Run) -> tuple[Path, tuple[str, ...]]:
+    """What makes a spec's job and a run directory the same job: where it ran and its task overrides."""
+    return run.path.resolve(), tuple(run.summary.get("overrides") or run.listed)
+
+
+def _live_runs(paths: Sequence[str | Path]) -> list[Run]:
     runs = []
     for path in find_runs(paths):
         try:

@@ -181,6 +181,25 @@ def test_a_spec_is_written_beside_the_markdown_and_reprints_the_same_table(tmp_p
     assert [r["loss"] for r in rows] == ["baseline", "gain"] and rows[0]["test_unbiased/acc n"] == "2"
 
 
+def test_a_spec_among_the_paths_grows_by_new_runs_and_counts_each_job_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _spec_runs(tmp_path)
+    assert main(["m", "--rows", "loss", "--save-spec", "s.yaml"]) == 0
+    first = capsys.readouterr().out
+    assert "| gain | 2 | 0.425 ± 0.035 |" in first
+    assert main(["s.yaml", "m", "--rows", "loss"]) == 0  # the spec beside its own runs: each job once
+    assert capsys.readouterr().out == first
+    shutil.rmtree(tmp_path / "m")  # a later session: those runs are gone, their numbers live in the spec
+    make_run(tmp_path / "later" / "0", ["seed=2"], {"test_unbiased/acc": 0.5}, choices={"loss": "gain"})
+    assert main(["s.yaml", "later", "--rows", "loss", "--save-spec", "grown.yaml"]) == 0
+    grown_out = capsys.readouterr().out
+    assert "| baseline | 2 | 0.300 ± 0.071 |" in grown_out and "| gain | 3 | 0.450 ± 0.050 |" in grown_out
+    grown = yaml.safe_load((tmp_path / "grown.yaml").read_text())
+    assert len(grown["jobs"]) == 5 and grown["sources"] == [str(tmp_path / "s.yaml"), str(tmp_path / "later")]
+    assert main(["--spec", "grown.yaml"]) == 0  # the grown table stands alone
+    assert capsys.readouterr().out == grown_out
+
+
 @pytest.mark.parametrize("content,args,phrase", [
     (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
     ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
@@ -188,6 +207,7 @@ def test_a_spec_is_written_beside_the_markdown_and_reprints_the_same_table(tmp_p
      "job 0 of s.yaml lacks overrides, row, final"),
     ("kind: x\n", ["--spec", "s.yaml", "m"], "--spec s.yaml and run directories were both given"),
     (None, [], "no runs given; pass multirun or run directories, or --spec"),
+    ("kind: x\n", ["s.yaml"], "s.yaml is not a table spec (kind: gain_exp.table/1 with a list of jobs)"),
 ])
 def test_bad_specs_are_one_sentence_errors(tmp_path, monkeypatch, capsys, content, args, phrase):
     monkeypatch.chdir(tmp_path)
