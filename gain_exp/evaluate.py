@@ -56,8 +56,8 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         raise ValueError(f"--panels {panels}: give a number of attention panels >= 0 (0 writes none).")
     if sanity < 0:
         raise ValueError(f"--sanity {sanity}: give a number of images >= 0 (0 skips the randomisation check).")
-    experiment = _load(run_dir, checkpoint, overrides, device)
-    datasets = _splits(experiment, splits)
+    experiment = load_checked(run_dir, checkpoint, overrides, device)
+    datasets = choose_splits(experiment, splits)
     out_dir = Path(out) if out is not None else run_dir / "eval"
     weights = checkpoint_record(experiment.checkpoint)
     before = torch.get_num_threads()
@@ -66,7 +66,7 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
     if threads:
         torch.set_num_threads(threads)
     try:
-        evaluator = _evaluator(experiment)
+        evaluator = run_evaluator(experiment)
         results = []
         for name, dataset in datasets.items():
             # as in training: val gets the every-epoch explanation metrics, the other splits the test ones too
@@ -111,7 +111,7 @@ def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict
     return [{"reinitialised": group, "spearman": jsonable(value)} for group, value in curve]
 
 
-def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
+def load_checked(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
     """load_run, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
     from gain_exp.errors import explain
 
@@ -134,7 +134,7 @@ def _load(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], devic
         raise ValueError(sentence) from None
 
 
-def _splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, Any]:
+def choose_splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, Any]:
     """{name: dataset} of the wanted splits (default: the test splits), or one sentence naming the available ones."""
     data = experiment.data
     available = {**data.tests, "val": data.val, "train": data.train}
@@ -153,7 +153,7 @@ def _splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, A
     return chosen
 
 
-def _evaluator(experiment: Experiment) -> Evaluator:
+def run_evaluator(experiment: Experiment) -> Evaluator:
     """The Evaluator the run's Trainer built (engine.build_evaluator, from the same settings)."""
     from gain_exp.config import resolve_monitor
     from gain_exp.engine import FitConfig, build_evaluator

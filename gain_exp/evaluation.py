@@ -67,6 +67,16 @@ def explanation_metrics(cfg: EvalMetricsSchema | None, stage: str) -> set[str]:
             if getattr(cfg, m) == "epoch" or (getattr(cfg, m) == "test" and stage == "test")}
 
 
+@dataclass
+class Maps:
+    """What a run shows for a batch of images: the first map of each image (None: the image has none), its logits,
+    and the classes each map explains."""
+
+    attention: list[torch.Tensor | None]  # H x W in [0, 1] (min-max, as the evaluator scores them), on the CPU
+    logits: torch.Tensor  # B x K
+    explained: list[list[int]]  # per image: the classes its map explains
+
+
 class Evaluator:
     """Scores splits with the (unwrapped) GAIN module; ``workers`` DataLoader processes, ``progress`` bars."""
 
@@ -120,6 +130,30 @@ class Evaluator:
             return self._batch(-1, batch, [limit, 0, 0]).panels
         finally:
             self.gain.train(was_training)
+
+    @torch.no_grad()
+    def maps(self, batch: dict[str, Any], true_classes: bool = True) -> Maps:
+        """The maps ``evaluate`` scores for a batch, without scoring them: the same forward (memory format,
+        autocast, eval mode; GAIN takes Grad-CAM's gradient from a detached feature leaf) minus the mining stream,
+        explaining the true classes (``true_classes=False``: the predicted ones), min-max normalised."""
+        device = self.runtime.device
+        images = batch["image"].to(device, memory_format=self.memory_format)
+        targets = batch["target"].to(device) if true_classes else None
+        was_training = self.gain.training
+        self.gain.eval()
+        try:
+            with self._amp():
+                out = self.gain(images, targets, mining=False)
+        finally:
+            self.gain.train(was_training)
+        scored = normalise(out.attention.float(), "minmax")
+        attention: list[torch.Tensor | None] = [None] * len(images)
+        explained: list[list[int]] = [[] for _ in range(len(images))]
+        for n, b in enumerate(out.image_index.tolist()):
+            if attention[b] is None:
+                attention[b] = scored[n].cpu()
+                explained[b] = out.map_targets[n].nonzero().flatten().tolist()
+        return Maps(attention, out.logits.float().cpu(), explained)
 
     def _batch(self, index: int, batch: dict[str, Any], left: list[int], with_rows: bool = False) -> BatchResult:
         """One batch's results; ``left`` = panels still wanted (first images, positives, negatives), updated;

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,10 +28,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from gain_exp.attention import normalise
+from gain_exp.evaluation import Evaluator, Maps
 from gain_exp.experiment import Experiment
 from gain_exp.files import atomic_write, jsonable, write_json
-from gain_exp.viz import SEPARATOR_PX, _to_pil, denormalise, overlay, tile_scale, upscale
+from gain_exp.viz import SEPARATOR_PX, to_pil, denormalise, overlay, tile_scale, upscale
 
 DEFAULT_IMAGES = 8
 DEFAULT_OUT = Path("outputs/figures/attention.png")
@@ -51,23 +50,13 @@ class FigureRun:
     experiment: Experiment
 
 
-@dataclass
-class Maps:
-    """What one run shows for a batch of images: the first map of each image (None: the image has none), its logits,
-    and the classes each map explains."""
-
-    attention: list[torch.Tensor | None]  # H x W in [0, 1] (min-max, as the evaluator scores them)
-    logits: torch.Tensor  # B x K
-    explained: list[list[int]]  # per image: the classes its map explains
-
-
 # ---- runs and names ----
 
 def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None, checkpoint: str | None = None,
               device: str | None = "cpu", overrides: Sequence[str] = ()) -> list[FigureRun]:
     """The runs with their weights (``checkpoint``: best, last or a file; default: the one each run tested with),
     named by ``names`` or else by ``default_names``; errors are one sentence."""
-    from gain_exp.evaluate import _load
+    from gain_exp.evaluate import load_checked
 
     if not run_dirs:
         raise ValueError("no run directory given; pass one or more run directories written by python -m gain_exp.run.")
@@ -78,19 +67,19 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
         if not all(n.strip() for n in names):
             raise ValueError("--names holds an empty name; give one non-empty name per run directory.")
     paths = [Path(d) for d in run_dirs]
-    experiments = [_load(path, checkpoint, overrides, device) for path in paths]
+    experiments = [load_checked(path, checkpoint, overrides, device) for path in paths]
     labels = [n.strip() for n in names] if names is not None else default_names(paths)
     return [FigureRun(label, path, exp) for label, path, exp in zip(labels, paths, experiments)]
 
 
 def loss_choice(run_dir: Path) -> str | None:
     """The run's ``loss`` group choice (``gain_ext``), from summary.json or else .hydra/hydra.yaml; None if unknown."""
-    from gain_exp.table import Run, _load_yaml, load_run as load_summary
+    from gain_exp.table import Run, load_yaml, load_run as load_summary
 
     try:
         if (run_dir / "summary.json").is_file():
             return load_summary(run_dir).choices.get("loss")
-        hydra = (_load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
+        hydra = (load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
         return Run(run_dir, {}, {}, hydra=hydra).choices.get("loss")
     except (OSError, ValueError, AttributeError):
         return None
@@ -115,9 +104,9 @@ def default_names(run_dirs: Sequence[Path]) -> list[str]:
 
 def split_dataset(experiment: Experiment, split: str | None) -> tuple[str, Any]:
     """(name, dataset) of ``split`` (default: the dataset's first test split); unknown names as evaluate words them."""
-    from gain_exp.evaluate import _splits
+    from gain_exp.evaluate import choose_splits
 
-    chosen = _splits(experiment, [split] if split else None)
+    chosen = choose_splits(experiment, [split] if split else None)
     return next(iter(chosen.items()))
 
 
@@ -197,39 +186,27 @@ def _names(target: torch.Tensor, classes: Sequence[str]) -> list[str]:
 
 # ---- the maps ----
 
-def attention_maps(experiment: Experiment, batch: dict[str, Any], explain: str = "true") -> Maps:
-    """The run's maps for a batch exactly as ``Evaluator._batch`` computes what it scores: the GAIN forward on the
-    batch (the run's memory format and autocast, eval mode, no_grad: GAIN takes Grad-CAM's gradient from a detached
-    feature leaf), explaining the true classes (``predicted``: the predicted ones), min-max normalised; the first
-    map of each image."""
+def attention_maps(experiment: Experiment, batch: dict[str, Any], explain: str = "true",
+                   evaluator: Evaluator | None = None) -> Maps:
+    """The run's maps for a batch exactly as its evaluator computes what it scores (``Evaluator.maps``: the run's
+    memory format and autocast, eval mode), explaining the true classes (``predicted``: the predicted ones),
+    min-max normalised; the first map of each image."""
+    from gain_exp.evaluate import run_evaluator
+
     if explain not in EXPLAINS:
         raise ValueError(f"--class {explain}: choose true or predicted.")
-    gain, t = experiment.gain, experiment.cfg.trainer
-    device = experiment.runtime.device
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    images = batch["image"].to(device, memory_format=memory_format)
-    targets = batch["target"].to(device) if explain == "true" else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if t.amp else nullcontext()
-    gain.eval()
-    with torch.no_grad(), amp:
-        out = gain(images, targets, mining=False)
-    scored = normalise(out.attention.float(), "minmax")
-    attention: list[torch.Tensor | None] = [None] * len(images)
-    explained: list[list[int]] = [[] for _ in range(len(images))]
-    for n, b in enumerate(out.image_index.tolist()):
-        if attention[b] is None:
-            attention[b] = scored[n].cpu()
-            explained[b] = out.map_targets[n].nonzero().flatten().tolist()
-    return Maps(attention, out.logits.float().cpu(), explained)
+    return (evaluator or run_evaluator(experiment)).maps(batch, true_classes=explain == "true")
 
 
 def run_maps(run: FigureRun, samples: list[dict[str, Any]], explain: str) -> Maps:
     """``attention_maps`` over the chosen samples, in batches of the run's evaluation batch size."""
     from torch.utils.data import default_collate
 
-    t = run.experiment.cfg.trainer
-    size = max(1, t.eval_batch_size or t.batch_size)
-    parts = [attention_maps(run.experiment, default_collate(samples[s:s + size]), explain)
+    from gain_exp.evaluate import run_evaluator
+
+    evaluator = run_evaluator(run.experiment)
+    size = evaluator.batch_size
+    parts = [attention_maps(run.experiment, default_collate(samples[s:s + size]), explain, evaluator)
              for s in range(0, len(samples), size)]
     return Maps([m for p in parts for m in p.attention], torch.cat([p.logits for p in parts]),
                 [e for p in parts for e in p.explained])
@@ -316,7 +293,7 @@ def draw_grid(images: Sequence[torch.Tensor], maps: Sequence[Sequence[torch.Tens
             else:
                 attention = maps[r - 1][c]
                 tile = image * NO_MAP_DIM if attention is None else overlay(image, attention)
-            sheet.paste(_to_pil(upscale(tile, scale)), (left, top))
+            sheet.paste(to_pil(upscale(tile, scale)), (left, top))
             if r > 0 and attention is None:
                 draw.text((left + tile_w / 2, top + tile_h / 2), "no map", fill=(230, 230, 230), font=font,
                           anchor="mm")

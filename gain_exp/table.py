@@ -210,10 +210,10 @@ def load_run(path: Path) -> Run:
     hydra_dir = path / ".hydra"
     listed = summary.get("overrides") or []
     if (hydra_dir / "overrides.yaml").is_file():
-        listed = _load_yaml(hydra_dir / "overrides.yaml") or []
-    config = _load_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else {}
+        listed = load_yaml(hydra_dir / "overrides.yaml") or []
+    config = load_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else {}
     hydra_file = hydra_dir / "hydra.yaml"  # older runs keep their choices and search path only here
-    hydra = (_load_yaml(hydra_file) or {}).get("hydra", {}) if hydra_file.is_file() else {}
+    hydra = (load_yaml(hydra_file) or {}).get("hydra", {}) if hydra_file.is_file() else {}
     return Run(path, summary, _parse_overrides(listed), config, list(listed), hydra)
 
 
@@ -250,7 +250,7 @@ def optuna_notes(paths: Sequence[str | Path]) -> list[str]:
         if not Path(raw).is_dir():
             continue
         for result in sorted(Path(raw).rglob("optimization_results.yaml")):
-            best = _load_yaml(result) or {}
+            best = load_yaml(result) or {}
             params = ", ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
             notes.append(f"Optuna best in {result.parent}: {best.get('best_value')} with {params}")
     return notes
@@ -494,7 +494,7 @@ def _parse_commit(text: str | None) -> dict[str, Any]:
     return {"commit": text.removesuffix("+dirty"), "dirty": text.endswith("+dirty")}
 
 
-def _load_yaml(path: Path) -> Any:
+def load_yaml(path: Path) -> Any:
     """A YAML file as plain containers, interpolations left as written."""
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 

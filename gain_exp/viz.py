@@ -100,7 +100,7 @@ def attention_panel(
     tile_h, tile_w = tiles[0].shape[-2:]
     separator = torch.ones(3, tile_h, SEPARATOR_PX)
     strip = torch.cat([part for t in tiles for part in (t, separator)][:-1], dim=2)
-    panel = _to_pil(strip)
+    panel = to_pil(strip)
 
     font = ImageFont.load_default(size=max(12, tile_h // 12))
     if gt_mask is None:
@@ -159,7 +159,7 @@ def upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
     return t.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
-def _to_pil(t: torch.Tensor) -> Image.Image:
+def to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(t.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
 
 

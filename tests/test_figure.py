@@ -15,9 +15,9 @@ from torch.utils.data import default_collate
 
 from conftest import ROOT
 from gain_exp import cli
-from gain_exp.evaluate import _evaluator
+from gain_exp.evaluate import run_evaluator
 from gain_exp.figure import attention_grid, attention_maps, default_names, load_runs, main
-from gain_exp.viz import _to_pil, denormalise, overlay, tile_scale, upscale
+from gain_exp.viz import to_pil, denormalise, overlay, tile_scale, upscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT, N_TEST, SIZE = "test_unbiased", 8, 32
@@ -80,11 +80,11 @@ def test_the_maps_are_the_ones_the_evaluator_scores(loaded):
     for run in loaded:
         batch = _samples(run.experiment, [1, 4, 6])
         maps = attention_maps(run.experiment, batch)
-        panels = _evaluator(run.experiment).batch_panels(batch, 3)  # Evaluator._batch: what evaluate() scores
+        panels = run_evaluator(run.experiment).batch_panels(batch, 3)  # Evaluator._batch: what evaluate() scores
         assert all(torch.equal(m, p.attention) for m, p in zip(maps.attention, panels))
         truth = batch["target"].argmax(1).tolist()
         assert maps.explained == [[c] for c in truth] and not run.experiment.gain.training
-        evaluation = _evaluator(run.experiment).evaluate(run.experiment.data.tests[SPLIT], SPLIT, panels=N_TEST)
+        evaluation = run_evaluator(run.experiment).evaluate(run.experiment.data.tests[SPLIT], SPLIT, panels=N_TEST)
         whole = attention_maps(run.experiment, _samples(run.experiment, list(range(N_TEST))))
         assert all(torch.allclose(m, p.attention, atol=1e-5) for m, p in zip(whole.attention, evaluation.panels))
         predicted = attention_maps(run.experiment, batch, "predicted")
@@ -98,11 +98,11 @@ def test_the_cells_draw_each_image_and_its_map_overlaid(loaded):
     scale = tile_scale((SIZE, SIZE))
     images = [denormalise(x, first.mean, first.std) for x in batch["image"]]
     for image, cell in zip(images, record["images"]):
-        assert not ImageChops.difference(figure.crop(tuple(cell["box"])), _to_pil(upscale(image, scale))).getbbox()
+        assert not ImageChops.difference(figure.crop(tuple(cell["box"])), to_pil(upscale(image, scale))).getbbox()
     for run, row in zip(loaded, record["runs"]):
         maps = attention_maps(run.experiment, batch).attention
         for image, att, cell in zip(images, maps, row["cells"]):
-            drawn = _to_pil(upscale(overlay(image, att), scale))
+            drawn = to_pil(upscale(overlay(image, att), scale))
             assert not ImageChops.difference(figure.crop(tuple(cell["box"])), drawn).getbbox()
 
 
