@@ -1,7 +1,7 @@
 """Aggregate run directories into one paper-style table: mean ± std over seeds, n runs per row.
 
-    python -m gain_exp.table <multirun dir or run dirs ...> [--metrics ...] [--rows k1,k2] [--csv f] [--md f]
-                             [--save-spec f] [--wandb] [--plot f.png]
+    python -m gain_exp.table <multirun dir or run dirs ...> [--metrics ...] [--rows k1,k2] [--where k=v ...]
+                             [--csv f] [--md f] [--save-spec f] [--wandb] [--plot f.png]
     python -m gain_exp.table --spec sweeps/tables/<name>.yaml [--plot f.png]
     python -m gain_exp.table sweeps/tables/<name>.yaml <more run dirs ...> --save-spec ...   # grow a saved table
 
@@ -362,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  "jobs' committed numbers join the runs)")
     parser.add_argument("--metrics", nargs="+", help="columns (default: test-split accuracy and localisation)")
     parser.add_argument("--rows", help="comma-separated row keys (default: the overrides that differ between runs)")
+    parser.add_argument("--where", nargs="+", metavar="KEY=VALUE[,VALUE]", help="only the runs whose setting KEY "
+                        "(an override, group choice or config key, as --rows) is one of the values")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV (mean, std, n per metric)")
     parser.add_argument("--md", type=Path, help="also write the Markdown table to this file")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline without a login)")
@@ -383,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = completed_runs(args.paths)
         if not runs:
             raise ValueError(f"no completed runs under {', '.join(args.paths)}; finish or re-run them first.")
+        if args.where:
+            runs = select_runs(runs, args.where)
         table = build_table(runs, args.metrics, args.rows.split(",") if args.rows else None, args.digits)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -401,6 +405,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         wandb_cfg = (runs[0].config.get("logger") or {}).get("wandb") or {}
         log_to_wandb(table, Path(args.paths[0]), wandb_cfg.get("project"), wandb_cfg.get("entity"))
     return 0
+
+
+def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
+    """The runs whose value of each ``KEY=V1,V2`` is one of its values; none left is one sentence naming the values."""
+    wanted = {}
+    for item in where:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--where {item}: write KEY=VALUE or KEY=VALUE1,VALUE2 (e.g. --where loss=gain_ext).")
+        wanted[key.lstrip("+")] = values.split(",")
+    chosen = [r for r in runs if all(r.value(k) in vs for k, vs in wanted.items())]
+    if not chosen:
+        seen = "; ".join(f"{k}: {', '.join(sorted({r.value(k) for r in runs}))}" for k in wanted)
+        raise ValueError(f"--where {' '.join(where)} matches none of the {len(runs)} runs; their values are {seen}.")
+    return chosen
 
 
 def completed_runs(paths: Sequence[str | Path]) -> list[Run]:

@@ -200,6 +200,27 @@ def test_a_spec_among_the_paths_grows_by_new_runs_and_counts_each_job_once(tmp_p
     assert capsys.readouterr().out == grown_out
 
 
+def test_where_keeps_the_runs_with_the_given_values_from_run_dirs_and_specs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _spec_runs(tmp_path)
+    assert main(["m", "--rows", "loss", "--save-spec", "s.yaml"]) == 0
+    capsys.readouterr()
+    make_run(tmp_path / "later" / "0", ["seed=0", "gain.sigma=0.3"], {"test_unbiased/acc": 0.5},
+             choices={"loss": "gain"})
+    # the spec's gain jobs (sigma from their config: 0.5) next to a new sigma, the baseline left out
+    assert main(["s.yaml", "later", "--where", "loss=gain", "--rows", "gain.sigma"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.3 | 1 | 0.500 |" in out and "baseline" not in out and "| - | 2 | 0.425 ± 0.035 |" in out
+    assert main(["m", "--where", "loss=gain,baseline", "seed=1", "--rows", "loss"]) == 0
+    out = capsys.readouterr().out
+    assert "| baseline | 1 | 0.350 |" in out and "| gain | 1 | 0.450 |" in out
+    assert main(["m", "--where", "loss=rrr"]) == 2
+    err = capsys.readouterr().err
+    assert "--where loss=rrr matches none of the 4 runs; their values are loss: baseline, gain." in err
+    assert main(["m", "--where", "loss"]) == 2
+    assert "--where loss: write KEY=VALUE" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content,args,phrase", [
     (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
     ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
