@@ -60,6 +60,11 @@ class Run:
         return self.summary.get("final") or {}
 
     @property
+    def task_overrides(self) -> list[str]:
+        """The job's task overrides as given (summary provenance, else .hydra/overrides.yaml)."""
+        return list(self.summary.get("overrides") or self.listed)
+
+    @property
     def choices(self) -> dict[str, str]:
         """Hydra group choices (``loss`` -> ``gain_ext``), from summary.json or else .hydra/hydra.yaml."""
         saved = self.summary.get("choices") or (self.hydra.get("runtime") or {}).get("choices") or {}
@@ -92,7 +97,7 @@ class Run:
         hydra_overrides = (self.hydra.get("overrides") or {}).get("hydra") or []
         return {
             "name": job_name(self),
-            "overrides": list(self.summary.get("overrides") or self.listed),
+            "overrides": self.task_overrides,
             "hydra_overrides": [o for o in hydra_overrides if not o.lstrip("+~").startswith(SWEEP_ONLY)],
             "config_dirs": list(saved_dirs),
             "config_name": hydra_info.get("config_name") or (self.hydra.get("job") or {}).get("config_name")
@@ -437,7 +442,7 @@ def completed_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 def _identity(run: Run) -> tuple[Path, tuple[str, ...]]:
     """What makes a spec's job and a run directory the same job: where it ran and its task overrides."""
-    return run.path.resolve(), tuple(run.summary.get("overrides") or run.listed)
+    return run.path.resolve(), tuple(run.task_overrides)
 
 
 def _live_runs(paths: Sequence[str | Path]) -> list[Run]:
