@@ -91,6 +91,10 @@ class Evaluator:
         self.mean, self.std = mean, std
         self.memory_format = memory_format
         self._amp = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if amp else nullcontext
+        # One map per (image, true class) on multi-label data, whatever the training formulation: a batch map
+        # explains the sum of the image's classes, so scoring it against the union of their masks would measure an
+        # easier task than a per_label run's and the two formulations would not compare on equal terms.
+        self.formulation = "per_label" if data.multi_label else None
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset, split: str, panels: int = 0,
@@ -143,7 +147,7 @@ class Evaluator:
         self.gain.eval()
         try:
             with self._amp():
-                out = self.gain(images, targets, mining=False)
+                out = self.gain(images, targets, mining=False, formulation=self.formulation)
         finally:
             self.gain.train(was_training)
         scored = normalise(out.attention.float(), "minmax")
@@ -162,7 +166,7 @@ class Evaluator:
         images, targets = batch["image"].to(device, memory_format=self.memory_format), batch["target"].to(device)
         seg, has_mask = batch["seg"].to(device), batch["has_mask"].to(device)
         with self._amp():
-            out = self.gain(images, targets)  # explains the true classes
+            out = self.gain(images, targets, formulation=self.formulation)  # explains the true classes
         logits = out.logits.float()
         loss_sum = float(self.loss.classification(logits, targets)) * len(images)
         truth, valid = map_masks(out, seg)
@@ -183,9 +187,8 @@ class Evaluator:
                       valid: torch.Tensor) -> FaithfulnessMetrics:
         """The batch's ``eval_metrics``: spurious-region energy (samples that mark the region; maps without any
         attention are skipped) and deletion /
-        insertion AUC of the first ``eval_metrics.images`` images of the split. The explained class of a map is its
-        class (``per_label``, and single-label data); a multi-label ``batch`` map explains the sum of the image's
-        classes, and its curve follows the one of them the model scores highest."""
+        insertion AUC of the first ``eval_metrics.images`` images of the split, each curve following the class
+        its map explains (one per map: the evaluator explains each label of multi-label data on its own)."""
         faith = FaithfulnessMetrics()
         cfg = self.eval_metrics
         if "spurious_energy" in self._explain and "spurious" in batch:
@@ -238,11 +241,11 @@ class Evaluator:
 
         ``index`` (position in the split), ``true`` / ``pred`` class names (``pred`` as
         ``GAIN.predicted_classes``), ``probs`` (softmax, or sigmoid when multi-label, per class in class order),
-        ``score`` (the largest of them), and per map of the image (one under formulation=batch, one per true class
-        under per_label) the class(es) it ``explains``, its ``am_drop`` (true-class score drop on the masked image,
+        ``score`` (the largest of them), and per map of the image (one, or on multi-label data one per true class
+        whatever the training formulation) the class(es) it ``explains``, its ``am_drop`` (true-class score drop on the masked image,
         as the split's am_drop) and, on images with a pixel mask, its ``iou`` and ``pointing`` (0/1) scored exactly
         as the split's loc_iou / pointing_game (None where the map was not scored). ``am_drop`` / ``iou`` of the row
-        are the means over its maps (the map's own under formulation=batch).
+        are the means over its maps.
         """
         names = self.data.classes
         probs = (logits.sigmoid() if self.data.multi_label else logits.softmax(1)).cpu()

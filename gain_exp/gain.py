@@ -128,14 +128,19 @@ class GAIN(nn.Module):
         *,
         attention: bool = True,
         mining: bool = True,
+        formulation: str | None = None,
     ) -> GAINOutput:
         """Classify ``images`` and, unless switched off, compute attention, masks and the AM stream.
 
         ``targets`` (B x K, 0/1 float) are the classes to explain; without them (or in eval mode with
         none given) the predicted classes are explained. ``attention=False`` is plain classification;
-        ``mining=False`` skips the attention-mining stream (e.g. L_e only).
+        ``mining=False`` skips the attention-mining stream (e.g. L_e only). ``formulation``: this call's, instead
+        of the module's (the evaluator explains each label of multi-label data on its own, whatever the training).
         """
         self._check_inputs(images, targets)
+        formulation = formulation or self.formulation
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation={formulation!r}: choose one of {', '.join(FORMULATIONS)}.")
         if not attention:
             return GAINOutput(logits=self.model(images))
         # Outside training (or under no_grad) attention is still computed, from a detached feature
@@ -146,7 +151,8 @@ class GAIN(nn.Module):
             if targets is None:
                 targets = self.predicted_classes(logits.detach())
             targets = targets.to(logits.dtype)
-            out = self._attention(images, features, logits, targets, create_graph=track and self.grad_mode == "full")
+            out = self._attention(images, features, logits, targets, formulation,
+                                  create_graph=track and self.grad_mode == "full")
         if not track:
             out.logits, out.attention, out.mask = out.logits.detach(), out.attention.detach(), out.mask.detach()
             out.masked_images = out.masked_images.detach()
@@ -175,8 +181,8 @@ class GAIN(nn.Module):
         finally:
             handle.remove()
 
-    def _attention(self, images, features, logits, targets, create_graph: bool) -> GAINOutput:
-        if self.formulation == "batch":
+    def _attention(self, images, features, logits, targets, formulation: str, create_graph: bool) -> GAINOutput:
+        if formulation == "batch":
             cams = class_activation_maps(features, logits, targets, create_graph, self.cam)
             image_index = torch.arange(images.shape[0], device=images.device)
             class_index, map_targets = None, targets
@@ -194,7 +200,7 @@ class GAIN(nn.Module):
         attention = F.interpolate(normalise(cams, self.normalisation).unsqueeze(1), size=images.shape[-2:],
                                   mode="bilinear", align_corners=False).squeeze(1)
         mask = torch.sigmoid(self.omega * (attention - self.sigma))  # Eq. 4
-        source = images[image_index] if self.formulation == "per_label" else images
+        source = images[image_index] if formulation == "per_label" else images
         masked = source - mask.unsqueeze(1) * (source - self._fill_like(source))  # Eq. 3
         return GAINOutput(logits=logits, attention=attention, mask=mask, masked_images=masked,
                           image_index=image_index, class_index=class_index, map_targets=map_targets)

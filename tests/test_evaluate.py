@@ -224,3 +224,36 @@ def test_per_label_rows_hold_one_map_per_true_class_and_add_up_to_the_split(tmp_
     assert sum(mp["am_drop"] for mp in maps) / len(maps) == pytest.approx(m["val/am_drop"], rel=1e-5)
     two = next(r for r in rows if len(r["maps"]) == 2)
     assert two["am_drop"] == pytest.approx(sum(mp["am_drop"] for mp in two["maps"]) / 2)
+
+
+def test_multi_label_maps_are_scored_per_label_whatever_the_training_formulation(tmp_path):
+    """The two formulations compare on equal terms: the same weights trained under formulation=batch or per_label
+    get the same metrics (one map per (image, true class), scored against that class's mask), not a batch map of the
+    summed classes against the union of their masks."""
+    import copy
+
+    import timm
+    import torch
+
+    from gain_exp.data.shapes import build
+    from gain_exp.evaluation import Evaluator
+    from gain_exp.gain import GAIN
+    from gain_exp.losses import GAINLoss
+    from gain_exp.runtime import Runtime
+
+    data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
+                 mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=data.num_classes)
+    metrics = {}
+    for formulation in ("batch", "per_label"):
+        gain = GAIN(copy.deepcopy(model), grad_layer="stages.1", formulation=formulation, multi_label=True)
+        evaluator = Evaluator(gain, GAINLoss(multi_label=True), data, Runtime(torch.device("cpu")), batch_size=4,
+                              workers=0, amp=False, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
+        metrics[formulation] = evaluator.evaluate(data.val, "val").metrics
+        assert gain.formulation == formulation  # the module's own formulation is left as it was
+    pairs = sum(int(data.val[i]["target"].sum()) for i in range(len(data.val)))
+    assert pairs > len(data.val) and metrics["batch"]["val/loc_n"] == pairs
+    assert json.dumps(metrics["batch"]) == json.dumps(metrics["per_label"])
+    with pytest.raises(ValueError, match="formulation='pairs': choose one of batch, per_label"):
+        gain(data.val[0]["image"][None], formulation="pairs")
