@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import compose
 from fixtures_data import make_mask_folder, make_voc
+from gain_exp.evaluate import run_evaluator
+from gain_exp.experiment import build_experiment
 from gain_exp.run import train
+from gain_exp.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,20 +57,13 @@ def test_per_image_iou_scores_like_the_split_on_ignore_pixels(tmp_path, monkeypa
 
     monkeypatch.setattr(JsonTracker, "log_panels", keep)
     root = make_voc(tmp_path / "voc", n=16, size=48)
-    final = train(compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3",
-                                    "trainer.num_panels=64", "trainer.eval_batch_size=64"]),
-                  out_dir=tmp_path / "run")["final"]
+    cfg = compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3",
+                            "trainer.num_panels=64", "trainer.eval_batch_size=64"])
+    final = train(cfg, out_dir=tmp_path / "run")["final"]
     # A panel shows each image's first map; on multi-label data the split scores one map per (image, true class).
-    import torch
-
-    from gain_exp.evaluate import run_evaluator
-    from gain_exp.experiment import build_experiment
-    from gain_exp.runtime import Runtime
-
-    cfg = compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3"])
+    # (An in-process run saves no overrides, so load_run cannot rebuild it: the same cfg and its best weights.)
     experiment = build_experiment(cfg, Runtime(torch.device("cpu")))
-    tested = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    experiment.model.load_state_dict(torch.load(tested, map_location="cpu", weights_only=False)["model"])
+    experiment.model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt")["model"])
     rows = run_evaluator(experiment).evaluate(experiment.data.tests["val"], "val", rows=True).rows
     maps = [m["iou"] for r in rows for m in r["maps"] if m["iou"] is not None]
     assert len(maps) == final["val/loc_n"] > len(rows) // 2
