@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,5 +110,11 @@ def read_run(path: Path) -> OfflineRun:
 
 
 def offline_runs(root: Path) -> list[OfflineRun]:
-    """Every offline run under ``root`` (searched recursively), oldest first."""
+    """Every offline run under ``root`` (searched recursively), oldest first.
+
+    Tears this process's W&B service down first: ``run.finish()`` returns before wandb-core closes the run's stream,
+    so a log read straight after it can still be the bare 7-byte header (seen under load: run_id '' and no history).
+    ``wandb.teardown()`` waits until every stream is written and closed."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
     return [read_run(p) for p in sorted(Path(root).rglob("offline-run-*/run-*.wandb"))]
