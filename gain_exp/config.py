@@ -27,7 +27,8 @@ def check_config(cfg: DictConfig) -> None:
     check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
                        prefix="gain.", cam=g.cam)
     check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
-                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight, ex_loss=loss.ex_loss)
+                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight, ex_loss=loss.ex_loss,
+                       rrr_norm_stats=loss.rrr_norm_stats)
     if t.compile and loss.ex_weight > 0 and loss.ex_loss == "rrr":
         raise ValueError("trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
                          "trains through input gradients); set trainer.compile=false.")

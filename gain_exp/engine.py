@@ -28,7 +28,7 @@ from gain_exp.data.base import DataSplits
 from gain_exp.evaluation import Evaluator
 from gain_exp.files import load_state
 from gain_exp.gain import GAIN
-from gain_exp.losses import LOSS_NAMES, GAINLoss
+from gain_exp.losses import LOSS_NAMES, GAINLoss, RightReasonsInputs
 from gain_exp.runtime import Runtime
 from gain_exp.schema import EvalMetricsSchema
 from gain_exp.signals import StopSafeLoader, stop_signals
@@ -288,13 +288,21 @@ class Trainer:
             # mean is a collective even on a process whose share has no mask)
             need_attention = am_on or (ex_on and not input_grad
                                        and (self.runtime.distributed or bool(batch["use_mask"].any())))
-            if input_grad:  # RRR's L_e: input gradients of the log-probabilities, trained through (double backprop)
-                images = images.detach().requires_grad_(True)
             use_mask = batch["use_mask"].to(self.device)
+            # RRR's L_e: input gradients of the log-probabilities, trained through (double backprop): of this forward
+            # (rrr_norm_stats=through), or of the annotated images run again with its batch-norm statistics held
+            held = input_grad and self.loss.rrr_norm_stats == "held"
+            if input_grad and not held:
+                images = images.detach().requires_grad_(True)
+            inputs, input_logits = (images if input_grad and not held else None), None
+            right_reasons = RightReasonsInputs(self.gain.model) if held else nullcontext()
             with self._amp:
-                out = self.step_module(images, targets, attention=need_attention, mining=am_on)
+                with right_reasons:
+                    out = self.step_module(images, targets, attention=need_attention, mining=am_on)
+                if held and (self.runtime.distributed or bool(batch["use_mask"].any())):
+                    input_logits, inputs = right_reasons(images, use_mask)
                 terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count,
-                                  images=images if input_grad else None)
+                                  images=inputs, input_logits=input_logits)
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             parts = self.runtime.mean(terms.stacked())  # the global batch's loss terms, the same on every process

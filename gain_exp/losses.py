@@ -19,6 +19,7 @@ from gain_exp.gain import GAINOutput
 AM_SCORES = ("softmax", "sigmoid", "logit")
 EX_ON = ("attention", "mask")
 EX_LOSSES = ("mse", "gradia", "haics", "energy", "rrr")  # MAP_LOSSES' names plus rrr (input gradients, no map)
+RRR_NORM_STATS = ("through", "held")  # RRR's input gradient: through the batch-norm batch statistics, or them held
 LOSS_NAMES = ("loss", "loss_cl", "loss_am", "loss_e")  # loss_e: L_e in the form ex_loss names
 EPS = 1e-6  # HAICS: attention clamped to [EPS, 1] before the log; energy: smallest denominator
 
@@ -62,6 +63,9 @@ class GAINLoss(nn.Module):
         ex_loss: the form of L_e: ``mse`` (GAIN_ext, Eq. 7), ``gradia``, ``haics`` or ``energy`` (on the map
             ``ex_on`` names, see MAP_LOSSES), or ``rrr`` (Right for the Right Reasons: input gradients of the
             log-probabilities outside the mask, see ``right_reasons``; needs ``images`` in ``forward``).
+        rrr_norm_stats: RRR with batch norm in training mode: the input gradient of the training forward, which
+            flows ``through`` the batch's mean and variance (Ross et al.'s formula taken literally), or the annotated
+            images run again with those statistics ``held`` constant (see RightReasonsInputs).
     """
 
     def __init__(
@@ -77,10 +81,11 @@ class GAINLoss(nn.Module):
         ex_on: str = "attention",
         cl_weight: float = 1.0,
         ex_loss: str = "mse",
+        rrr_norm_stats: str = "through",
     ) -> None:
         super().__init__()
         check_options(am_weight, ex_weight, am_score, ex_on, am_start_epoch, ex_start_epoch, cl_weight=cl_weight,
-                      ex_loss=ex_loss)
+                      ex_loss=ex_loss, rrr_norm_stats=rrr_norm_stats)
         self.cl_weight = float(cl_weight)
         self.multi_label = multi_label
         self.am_weight = float(am_weight)
@@ -92,6 +97,7 @@ class GAINLoss(nn.Module):
         self.negative_class = negative_class
         self.ex_on = ex_on
         self.ex_loss = ex_loss
+        self.rrr_norm_stats = rrr_norm_stats
 
     def active(self, epoch: int) -> tuple[bool, bool]:
         """Whether (L_am, L_e) are on in this epoch: decides which GAIN streams the step must run."""
@@ -111,11 +117,14 @@ class GAINLoss(nn.Module):
         epoch: int = 0,
         count: CountReducer | None = None,
         images: torch.Tensor | None = None,
+        input_logits: torch.Tensor | None = None,
     ) -> LossTerms:
         """Weighted GAIN loss for one batch; ``seg``/``use_mask`` are the dataset's label maps and mask flags.
 
         ``count``: set when this batch is one process's share of a global batch (see CountReducer).
-        ``images``: the batch ``out`` was computed from, with requires_grad set before that forward (RRR only).
+        RRR only: ``images`` with requires_grad set before the forward that gave the logits it differentiates:
+        either the batch ``out`` was computed from (``input_logits`` None), or, as ``RightReasonsInputs`` gives
+        them (what the trainer does), the annotated rows of the batch and ``input_logits`` their logits.
         """
         cl = self.classification(out.logits, targets, count)
         am_on, ex_on = self.active(epoch)
@@ -123,10 +132,16 @@ class GAINLoss(nn.Module):
         am = self.attention_mining(out, targets, count) if am_on and out.am_logits is not None else zero
         ex = zero
         if ex_on and self.ex_loss == "rrr" and seg is not None and use_mask is not None:
-            if images is None or not images.requires_grad:
+            if (count is not None or use_mask.any()) and (images is None or not images.requires_grad):
                 raise ValueError("loss.ex_loss=rrr differentiates the log-probabilities w.r.t. the images; call "
                                  "images.requires_grad_() before the model's forward and pass images= to the loss.")
-            ex = self.right_reasons(out.logits, images, targets, seg, use_mask, count)
+            if images is None:  # no annotated image in this batch: no penalty
+                ex = zero
+            elif input_logits is None:
+                ex = self.right_reasons(out.logits, images, targets, seg, use_mask, count)
+            else:
+                rows = use_mask.to(torch.bool)
+                ex = self.right_reasons(input_logits, images, targets[rows], seg[rows], rows[rows], count)
         elif ex_on and out.attention is not None and seg is not None and use_mask is not None:
             ex = self.extra_supervision(out, seg, use_mask, count)
         total = (cl if self.cl_weight == 1.0 else self.cl_weight * cl) + self.am_weight * am + self.ex_weight * ex
@@ -208,6 +223,55 @@ class GAINLoss(nn.Module):
         return per_image.mean() if count is None else _global_mean(per_image, count)
 
 
+class RightReasonsInputs:
+    """RRR's own forward of the annotated images, each batch-norm layer's batch statistics held constant
+    (``loss.rrr_norm_stats=held``).
+
+    Wrap the training forward in ``with inputs:`` (it records every batch-norm layer's batch mean and variance),
+    then ``inputs(images, use_mask)`` gives (logits, images) of the annotated rows, images with requires_grad set,
+    normalised with those statistics as constants: the training forward's function of one image. The training
+    forward's own input gradient also flows through the batch's mean and variance, where other images' terms can
+    cancel an image's gradient (README, "Measured: which guidance wins", RRR). Only the annotated rows run again.
+    Under SyncBatchNorm the statistics held are this process's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "RightReasonsInputs":
+        self.stats = {}
+        self._handles = [m.register_forward_hook(self._record) for m in self.model.modules()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        if module not in self.stats:  # the first call: the classification stream
+            x = inputs[0].detach().float()
+            var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], unbiased=False)
+            self.stats[module] = (mean, var)
+
+    def __call__(self, images: torch.Tensor, use_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = use_mask.to(device=images.device, dtype=torch.bool)
+        inputs = images.detach()[rows].requires_grad_(True)
+        saved = {m: (m.running_mean, m.running_var) for m in self.stats}
+        try:
+            for m, (mean, var) in self.stats.items():
+                m.running_mean, m.running_var = mean, var
+                m.eval()
+            return self.model(inputs), inputs
+        finally:
+            for m, (mean, var) in saved.items():
+                m.running_mean, m.running_var = mean, var
+                m.train()
+
+
 # Per-map forms of L_e: (pred, truth, valid), each N x H x W -> (loss per map, maps kept or None for all). Means
 # run over the valid pixels (ignore pixels are left out). Sources: METHODS.md, "Peer guidance losses".
 MapLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
@@ -258,7 +322,8 @@ def _global_mean(values: torch.Tensor, count: CountReducer) -> torch.Tensor:
 
 
 def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str, am_start_epoch: int,
-                  ex_start_epoch: int, prefix: str = "", cl_weight: float = 1.0, ex_loss: str = "mse") -> None:
+                  ex_start_epoch: int, prefix: str = "", cl_weight: float = 1.0, ex_loss: str = "mse",
+                  rrr_norm_stats: str = "through") -> None:
     """Raise ValueError with one sentence for the first invalid loss option (``prefix`` names its config node)."""
     for name, value in (("cl_weight", cl_weight), ("am_weight", am_weight), ("ex_weight", ex_weight)):
         if value < 0:
@@ -273,6 +338,8 @@ def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str,
     if ex_loss not in EX_LOSSES:
         raise ValueError(f"{prefix}ex_loss='{ex_loss}' is unknown; choose one of {list(EX_LOSSES)} (mse is GAIN_ext's "
                          f"L_e, the others peer guidance losses, each with its own conf/loss/<name>.yaml).")
+    if rrr_norm_stats not in RRR_NORM_STATS:
+        raise ValueError(f"{prefix}rrr_norm_stats='{rrr_norm_stats}' is unknown; choose one of {list(RRR_NORM_STATS)}.")
 
 
 def map_masks(out: GAINOutput, seg: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

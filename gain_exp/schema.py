@@ -111,6 +111,7 @@ class LossSchema:
     am_on_all: bool = MISSING
     ex_on: str = MISSING
     ex_loss: str = MISSING  # mse | gradia | haics | energy | rrr
+    rrr_norm_stats: str = MISSING  # rrr, batch norm: input gradient through the batch statistics | held
 
 
 @dataclass

@@ -22,7 +22,7 @@ from conftest import CONF, ROOT, compose, tiny_overrides
 from gain_exp.config import check_config
 from gain_exp.data.base import IGNORE_INDEX
 from gain_exp.gain import GAIN, GAINOutput
-from gain_exp.losses import GAINLoss, check_options
+from gain_exp.losses import GAINLoss, RightReasonsInputs, check_options
 from gain_exp.run import train
 
 PEERS = ("gradia", "haics", "energy", "rrr")
@@ -148,6 +148,59 @@ def test_rrr_without_images_that_require_grad_is_one_sentence():
         loss(out, targets, seg, torch.tensor([True, True]))
 
 
+def _first_image_gradient(use_mask: torch.Tensor, held: bool) -> torch.Tensor:
+    """Input gradient, at image 0, of the summed log-probabilities of the images ``use_mask`` marks, batch norm in
+    training mode: from RightReasonsInputs (``held``), or from the training forward itself (``through``)."""
+    gain = _tiny_gain(seed=1).train()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 32, 32, generator=gen)
+    targets = torch.eye(2)[[0, 1, 0, 1]]
+    if held:
+        inputs = RightReasonsInputs(gain.model)
+        with inputs:
+            out = gain(images, targets, attention=False, mining=False)
+        logits, rows = inputs(images, use_mask)
+        assert torch.allclose(logits, out.logits[use_mask], atol=1e-5)  # the training forward's function
+        (grads,) = torch.autograd.grad(logits.log_softmax(1).sum(), rows)
+        return grads[0]
+    images.requires_grad_(True)
+    out = gain(images, targets, attention=False, mining=False)
+    (grads,) = torch.autograd.grad(out.logits.log_softmax(1)[use_mask].sum(), images)
+    return grads[0]
+
+
+def test_held_batch_statistics_give_each_image_its_own_input_gradient(one_thread):
+    """``through``: the other images' log-probabilities reach image 0's input gradient via the batch mean and
+    variance (where a model trained on decoy digits cancels its gradient on the patch, README). ``held``: annotating
+    the other images changes nothing at image 0."""
+    alone, every = torch.tensor([True, False, False, False]), torch.ones(4, dtype=torch.bool)
+    through = _first_image_gradient(alone, held=False), _first_image_gradient(every, held=False)
+    assert (through[0] - through[1]).abs().max() > 1e-3 * through[0].abs().max()
+    torch.testing.assert_close(_first_image_gradient(every, held=True), _first_image_gradient(alone, held=True))
+
+
+def test_rrr_inputs_leave_batch_norm_training_with_this_batch_in_its_running_statistics(one_thread):
+    gain = _tiny_gain().train()
+    images, targets, seg = _tiny_batch()
+    reference = _tiny_gain().train()
+    reference(images, targets, attention=False, mining=False)  # one training forward: running statistics updated once
+    inputs = RightReasonsInputs(gain.model)
+    with inputs:
+        gain(images, targets, attention=False, mining=False)
+    logits, rows = inputs(images, torch.tensor([False, True]))
+    assert rows.shape[0] == 1 and rows.requires_grad and logits.shape == (1, 2)
+    norms = [m for m in gain.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.training for m in norms) and not inputs._handles
+    for mine, theirs in zip(gain.model.state_dict().values(), reference.model.state_dict().values()):
+        torch.testing.assert_close(mine, theirs)
+    loss = GAINLoss(multi_label=False, am_weight=0.0, ex_weight=1.0, ex_loss="rrr")
+    out = gain(images, targets, attention=False, mining=False)
+    terms = loss(out, targets, seg, torch.tensor([False, True]), images=rows, input_logits=logits)
+    assert terms.ex.item() > 0  # image 1's mask leaves most of its pixels outside
+    # a batch without an annotated image: no penalty and nothing to differentiate
+    assert loss(out, targets, seg, torch.tensor([False, False])).ex.item() == 0.0
+
+
 @pytest.mark.parametrize("name", PEERS)
 @pytest.mark.parametrize("formulation", ["batch", "per_label"])
 def test_each_loss_alone_sends_gradients_to_the_model(name, formulation, one_thread):
@@ -254,6 +307,19 @@ def test_each_peer_trains_through_the_app(name, tmp_path, one_thread):
     steps = [r for r in records if "train/loss_e" in r]
     assert steps and any(r["train/loss_e"] > 0 for r in steps) and all(r["train/loss_am"] == 0 for r in steps)
     assert all(math.isfinite(r["train/loss"]) for r in steps)
+
+
+def test_rrr_with_the_batch_statistics_held_trains_through_the_app(tmp_path, one_thread):
+    summary = train(compose(tiny_overrides(tmp_path) + ["loss=rrr", "loss.rrr_norm_stats=held",
+                                                        "dataset.masks_to_use=0.5", *SMALLER]), out_dir=tmp_path / "run")
+    assert summary["status"] == "completed" and summary["final"]["train/mean_loss_e"] > 0
+
+
+def test_unknown_rrr_norm_stats_is_one_sentence(tmp_path):
+    cfg = compose(tiny_overrides(tmp_path) + ["loss=rrr", "loss.rrr_norm_stats=frozen"])
+    with pytest.raises(ValueError, match=r"^loss\.rrr_norm_stats='frozen' is unknown; choose one of "
+                                         r"\['through', 'held'\]\.$"):
+        check_config(cfg)
 
 
 def test_rrr_trains_a_vit_whose_fused_attention_has_no_double_backward(tmp_path, one_thread):
