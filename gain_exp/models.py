@@ -12,16 +12,26 @@ from timm.models import register_model
 from torch import nn
 
 
+NORMS = ("batch", "group", "none")  # SmallCNN's normalisation layers: BatchNorm2d, GroupNorm (8 groups), none
+
+
 class SmallCNN(nn.Module):
-    """Conv-BN-ReLU blocks with 2x2 max-pooling after all but the last, global average pool, linear head."""
+    """Conv-norm-ReLU blocks with 2x2 max-pooling after all but the last, global average pool, linear head.
+
+    ``norm``: ``batch`` (default), ``group`` (GroupNorm, 8 groups: no statistics shared between images, e.g. for input
+    gradient losses such as RRR) or ``none``; choose it with ``+backbone.kwargs.norm=group``.
+    """
 
     def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64), num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, **_: object) -> None:
+                 drop_rate: float = 0.0, norm: str = "batch", **_: object) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"backbone.kwargs.norm={norm!r} is unknown for gain_cnn4; choose one of {list(NORMS)}.")
         layers: list[nn.Module] = []
         prev = in_chans
         for i, width in enumerate(widths):
-            layers += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(prev, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
+                       nn.ReLU(inplace=True)]
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             prev = width
@@ -45,6 +55,12 @@ class SmallCNN(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes)
+
+
+def _norm(norm: str, width: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(width)
+    return nn.GroupNorm(8, width) if norm == "group" else nn.Identity()
 
 
 def _no_weights(name: str, pretrained: bool) -> None:
