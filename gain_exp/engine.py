@@ -286,8 +286,8 @@ class Trainer:
             targets = batch["target"].to(self.device)
             # host tensor: no device sync; under several processes every one runs the same streams (L_e's global
             # mean is a collective even on a process whose share has no mask)
-            need_attention = am_on or (ex_on and not input_grad
-                                       and (self.runtime.distributed or bool(batch["use_mask"].any())))
+            has_masks = self.runtime.distributed or bool(batch["use_mask"].any())
+            need_attention = am_on or (ex_on and not input_grad and has_masks)
             use_mask = batch["use_mask"].to(self.device)
             # RRR's L_e: input gradients of the log-probabilities, trained through (double backprop): of this forward
             # (rrr_norm_stats=through), or of the annotated images run again with its batch-norm statistics held
@@ -299,7 +299,7 @@ class Trainer:
             with self._amp:
                 with right_reasons:
                     out = self.step_module(images, targets, attention=need_attention, mining=am_on)
-                if held and (self.runtime.distributed or bool(batch["use_mask"].any())):
+                if held and has_masks:
                     input_logits, inputs = right_reasons(images, use_mask)
                 terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count,
                                   images=inputs, input_logits=input_logits)

@@ -126,9 +126,6 @@ def test_wandb_flag_logs_the_table_offline(tmp_path, monkeypatch, capsys):
     for i in range(2):
         make_run(tmp_path / "sweep" / str(i), [f"loss={['gain', 'baseline'][i]}"], {"val/acc": 0.5})
     assert main([str(tmp_path / "sweep"), "--wandb"]) == 0
-    import wandb
-
-    wandb.teardown()
     assert "wandb sync" in capsys.readouterr().out
     [run] = offline_runs(tmp_path / "sweep" / "wandb")
     assert run.group == "sweep" and run.job_type == "table" and "results/nrows" in run.history_keys()

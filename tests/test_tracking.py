@@ -44,13 +44,10 @@ def _one_epoch(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_path, monkeypatch, capsys):
-    import wandb
-
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = tmp_path / "run"
     summary = app.train(compose(_one_epoch(tmp_path, "logger=wandb", "logger.wandb.mode=offline",
                                            "logger.wandb.log_checkpoint=true", "logger.wandb.tags=[paper]")), out_dir=out)
-    wandb.teardown()
     assert "wandb sync " + str(out / "wandb") in capsys.readouterr().out
 
     [run] = offline_runs(out / "wandb")
@@ -91,15 +88,12 @@ def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_
 
 def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(tmp_path, hydra_sweep_runner,
                                                                           hydra_restore_singletons):
-    import wandb
-
     sweep_dir = tmp_path / "my_sweep"
     overrides = _one_epoch(tmp_path, "logger=wandb", "seed=0,1")
     runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
                                 task_function=app.task, config_path="../conf", config_name="config",
                                 overrides=overrides, temp_dir=sweep_dir)
     with runner:  # the runner deletes its sweep dir on exit
-        wandb.teardown()
         runs = offline_runs(sweep_dir)
         assert len(runs) == 2 and runs[0].run_id != runs[1].run_id
         assert {r.group for r in runs} == {"my_sweep"}
@@ -118,10 +112,7 @@ def _epoch_record(epoch: int, acc: float, loss_cl: float) -> dict[str, float]:
 
 
 def _read_back(out: Path):
-    import wandb
-
-    wandb.teardown()  # flushes the .wandb file
-    return offline_runs(out)
+    return offline_runs(out)  # tears W&B down first: flushes the .wandb file
 
 
 def test_wandb_charts_epoch_metrics_on_epochs_and_summarises_each_by_its_best_epoch(tmp_path):
