@@ -25,9 +25,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from gain_exp.attention import CAM_METHODS
-from gain_exp.gain import GAIN, GRAD_MODES, compile_model
-from gain_exp.losses import GAINLoss
+from gain_exp.core.attention import CAM_METHODS
+from gain_exp.core.gain import GAIN, GRAD_MODES, compile_model
+from gain_exp.core.losses import GAINLoss
 
 VARIANTS = ("plain", "batch", "per_label", "reference")
 DECODERS = ("pil", "torchvision")

@@ -41,10 +41,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from gain_exp.attention import normalise
+from gain_exp.core.attention import normalise
 from gain_exp.data.base import IGNORE_INDEX, DataSplits
-from gain_exp.files import atomic_write, jsonable, write_json
-from gain_exp.gain import GAIN
+from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.core.gain import GAIN
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
 
@@ -401,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         options = _options(args)
-        from gain_exp.config import resolve_workers
-        from gain_exp.experiment import load_run
+        from gain_exp.config.checks import resolve_workers
+        from gain_exp.train.experiment import load_run
 
         experiment = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
         trainer = experiment.cfg.trainer

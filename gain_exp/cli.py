@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gain_exp.paths import SWEEPS_DIR
+from gain_exp.config.paths import SWEEPS_DIR
 
 
 def run(argv: Sequence[str]) -> None:

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from gain_exp.evaluation import Evaluation, Evaluator
-from gain_exp.experiment import CHECKPOINT_INSTEAD, Experiment, load_run
-from gain_exp.files import atomic_write, jsonable, write_json
+from gain_exp.train.evaluation import Evaluation, Evaluator
+from gain_exp.train.experiment import CHECKPOINT_INSTEAD, Experiment, load_run
+from gain_exp.output.files import atomic_write, jsonable, write_json
 
 SHOWN_DIGITS = 4
 
@@ -103,7 +103,7 @@ def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict
     explaining their true classes: [{"reinitialised": group, "spearman": mean similarity}, ...], top layer first."""
     from torch.utils.data import default_collate
 
-    from gain_exp.faithfulness import randomisation_check
+    from gain_exp.core.faithfulness import randomisation_check
 
     batch = default_collate([dataset[i] for i in range(min(images, len(dataset)))])
     device = experiment.runtime.device
@@ -113,7 +113,7 @@ def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict
 
 def load_checked(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
     """load_run, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
-    from gain_exp.errors import explain
+    from gain_exp.config.errors import explain
 
     try:
         return load_run(run_dir, checkpoint, overrides, device)
@@ -155,8 +155,8 @@ def choose_splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[
 
 def run_evaluator(experiment: Experiment) -> Evaluator:
     """The Evaluator the run's Trainer built (engine.build_evaluator, from the same settings)."""
-    from gain_exp.config import resolve_monitor
-    from gain_exp.engine import FitConfig, build_evaluator
+    from gain_exp.config.checks import resolve_monitor
+    from gain_exp.train.engine import FitConfig, build_evaluator
 
     cfg, device = experiment.cfg, experiment.runtime.device
     fit = FitConfig.from_config(cfg, resolve_monitor(cfg.trainer.monitor, experiment.data.multi_label), device)
@@ -167,7 +167,7 @@ def run_evaluator(experiment: Experiment) -> Evaluator:
 def checkpoint_record(path: Path) -> dict[str, Any]:
     """Which weights: the file, its name, the last finished epoch (0-based, as summary.json's ``tested_on``) and the
     optimisation step; ``batch_in_epoch`` > 0 marks weights saved mid-epoch (then ``epoch`` is the unfinished one)."""
-    from gain_exp.checkpoints import read_checkpoint
+    from gain_exp.train.checkpoints import read_checkpoint
 
     state = read_checkpoint(path, "cpu", mmap=True, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
     mid = int(state.get("batch_in_epoch") or 0)
@@ -182,7 +182,7 @@ def checkpoint_record(path: Path) -> dict[str, Any]:
 
 def write_split(out_dir: Path, record: dict[str, Any], evaluation: Evaluation) -> list[Path]:
     """``<split>.json``, ``<split>_images.jsonl`` and (with panels) ``attention/<split>.png``, each atomically."""
-    from gain_exp.viz import save_panels
+    from gain_exp.output.panels import save_panels
 
     split = record["split"]
     summary, images = out_dir / f"{split}.json", out_dir / f"{split}_images.jsonl"
@@ -234,7 +234,7 @@ def log_to_run_wandb(run_dir: Path, experiment: Experiment, results: Sequence[Sp
 
 def _wandb_state(run_dir: Path) -> dict[str, Any]:
     """The run's W&B state (run id, last step and epoch): summary.json's, else its last checkpoint's."""
-    from gain_exp.checkpoints import saved_tracking
+    from gain_exp.train.checkpoints import saved_tracking
 
     try:
         saved = json.loads((run_dir / "summary.json").read_text()).get("tracking") or {}

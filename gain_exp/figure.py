@@ -8,7 +8,7 @@ Row 0 shows the images (denormalised), then one row per run with its attention m
 the attention panels of gain_exp.evaluate); a column per image, captioned with its index and true class, each run's
 cell captioned with the run's predicted class and probability (green when right, red when wrong; ``--no-pred`` drops
 it). A row is named by ``--names``, else by the run's ``loss`` choice (with the run directory's name, or a number,
-added when two are equal). The maps are the ones the evaluator scores (gain_exp.evaluation): the run's GAIN
+added when two are equal). The maps are the ones the evaluator scores (gain_exp.train.evaluation): the run's GAIN
 explaining the true classes (``--class predicted``: the predicted ones), min-max normalised, the first map of each
 image. Every run must show the same images: the split's length and the chosen images (with each run's normalisation
 undone) and their true classes are compared. ``key=value`` overrides apply to every run (e.g. ``dataset.root=...``).
@@ -28,10 +28,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from gain_exp.evaluation import Evaluator, Maps
-from gain_exp.experiment import Experiment
-from gain_exp.files import atomic_write, jsonable, write_json
-from gain_exp.viz import SEPARATOR_PX, to_pil, denormalise, overlay, tile_scale, upscale
+from gain_exp.train.evaluation import Evaluator, Maps
+from gain_exp.train.experiment import Experiment
+from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.panels import SEPARATOR_PX, to_pil, denormalise, overlay, tile_scale, upscale
 
 DEFAULT_IMAGES = 8
 DEFAULT_OUT = Path("outputs/figures/attention.png")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import gain_exp
-from gain_exp.files import jsonable, write_json
+from gain_exp.output.files import jsonable, write_json
 from gain_exp.table import (Row, Run, Table, build_table, completed_runs, load_run, local, read_spec,
                             spec_runs)
 

@@ -22,16 +22,16 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gain_exp.config import (check_config, check_data, check_metric_names, check_panels,
+from gain_exp.config.checks import (check_config, check_data, check_metric_names, check_panels,
                              resolve_device, resolve_monitor)
-from gain_exp.checkpoints import saved_tracking
-from gain_exp.engine import Diverged, FitConfig, Interrupted, Trainer
-from gain_exp.errors import explain
-from gain_exp.experiment import USER_ERRORS, build_experiment
-from gain_exp.files import jsonable, remove_stale_temps, write_json
-from gain_exp.paths import CONF_DIR
-from gain_exp.provenance import resolved, run_record
-from gain_exp.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
+from gain_exp.train.checkpoints import saved_tracking
+from gain_exp.train.engine import Diverged, FitConfig, Interrupted, Trainer
+from gain_exp.config.errors import explain
+from gain_exp.train.experiment import USER_ERRORS, build_experiment
+from gain_exp.output.files import jsonable, remove_stale_temps, write_json
+from gain_exp.config.paths import CONF_DIR
+from gain_exp.train.provenance import resolved, run_record
+from gain_exp.train.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
 from gain_exp.tracking import Trackers, build_tracker
 
 log = logging.getLogger("gain_exp")

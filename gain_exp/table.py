@@ -9,7 +9,7 @@ Runs that differ only by ``seed`` are one row (mean ± std over seeds, n); rows 
 between runs (or ``--rows``), columns the chosen metrics. Prints Markdown; writes CSV/Markdown on request, and
 beside them (or at ``--save-spec``) the table's spec: its sources, rows, metrics, every job's recipe and numbers,
 so ``--spec`` re-prints it and ``python -m gain_exp.reproduce <spec>`` re-runs and checks it on a fresh clone.
-``--plot`` also draws the table as bar charts (gain_exp/plot.py; needs the ``plot`` extra, matplotlib).
+``--plot`` also draws the table as bar charts (gain_exp/runs/plot.py; needs the ``plot`` extra, matplotlib).
 A spec given among the paths adds its jobs' committed numbers, so a table measured over several sessions or machines
 grows by the runs finished since (a job both in the spec and given as a run directory counts once, from its run).
 """
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import yaml
 from omegaconf import OmegaConf
 
-from gain_exp.provenance import SOURCE_ROOT
+from gain_exp.train.provenance import SOURCE_ROOT
 
 TEST_STATS = ("acc", "mAP", "loc_iou", "pointing_game")  # default columns, per evaluated split, when present
 NOT_ROWS = ("seed",)  # what a row averages over
@@ -482,7 +482,7 @@ def _emit(table: Table, args: argparse.Namespace) -> int:
     if args.csv:
         _write(args.csv, table.csv())
     if args.plot:
-        from gain_exp.plot import plot_table  # matplotlib only when asked for
+        from gain_exp.runs.plot import plot_table  # matplotlib only when asked for
 
         try:
             plot_table(table, args.plot)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gain_exp  # noqa: F401  registers the config schemas (gain_exp/schema.py) that conf/ refers to
+import gain_exp  # noqa: F401  registers the config schemas (gain_exp/config/schema.py) that conf/ refers to
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -8,9 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from gain_exp.attention import CAM_METHODS, FeatureExtractor, cam_map, class_activation_maps
-from gain_exp.gain import GAIN, check_options
-from gain_exp.losses import GAINLoss
+from gain_exp.core.attention import CAM_METHODS, FeatureExtractor, cam_map, class_activation_maps
+from gain_exp.core.gain import GAIN, check_options
+from gain_exp.core.losses import GAINLoss
 
 pytest.importorskip("pytorch_grad_cam")  # the test extra pins grad-cam (the independent oracle)
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM  # noqa: E402

@@ -44,8 +44,8 @@ def _inputs():
 def _setup(formulation: str, grad_mode: str):
     import timm
 
-    from gain_exp.gain import GAIN
-    from gain_exp.losses import GAINLoss
+    from gain_exp.core.gain import GAIN
+    from gain_exp.core.losses import GAINLoss
 
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=K)  # LayerNorm: no batch statistics
@@ -69,7 +69,7 @@ def _step(module, loss, optimizer, images, targets, seg, use_mask, count=None):
 def _eval_split(runtime, root: Path):
     """convnext_atto with fixed weights on 17 shapes images, eval batches of 4: metrics and panel indices."""
     from gain_exp.data.shapes import build
-    from gain_exp.evaluation import Evaluator
+    from gain_exp.train.evaluation import Evaluator
 
     gain, loss, _ = _setup("per_label", "features")
     data = build(root=str(root), image_size=SIZE, n_train=8, n_val=17,
@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, port: int, out: str, tmp: str) -> None:
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
-    from gain_exp.runtime import close_runtime, init_runtime
+    from gain_exp.train.runtime import close_runtime, init_runtime
 
     runtime = init_runtime(torch.device("cpu"))
     images, targets, seg, use_mask = _inputs()
@@ -136,7 +136,7 @@ def test_one_ddp_step_equals_one_process_on_the_global_batch(two_processes, form
 
 
 def test_evaluation_under_two_processes_equals_one_exactly(two_processes):
-    from gain_exp.runtime import Runtime
+    from gain_exp.train.runtime import Runtime
 
     metrics, panels = _eval_split(Runtime(torch.device("cpu")), two_processes["tmp"] / "shapes_one")
     ddp_metrics, ddp_panels = two_processes["eval"]
@@ -260,10 +260,10 @@ def test_trainer_refuses_batches_and_splits_that_cannot_be_shared_by_the_process
     import timm
 
     from gain_exp.data.base import DataSplits
-    from gain_exp.engine import FitConfig, Trainer
-    from gain_exp.gain import GAIN
-    from gain_exp.losses import GAINLoss
-    from gain_exp.runtime import Runtime
+    from gain_exp.train.engine import FitConfig, Trainer
+    from gain_exp.core.gain import GAIN
+    from gain_exp.core.losses import GAINLoss
+    from gain_exp.train.runtime import Runtime
     from gain_exp.tracking import Trackers
 
     cfg = compose(tiny + ["trainer.batch_size=7"])

@@ -1,4 +1,4 @@
-"""Composition errors as one sentence (gain_exp/errors.py) and the app's exit status 2 for them (run.main)."""
+"""Composition errors as one sentence (gain_exp/config/errors.py) and the app's exit status 2 for them (run.main)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, compose
 from gain_exp import run as app
-from gain_exp.errors import explain
+from gain_exp.config.errors import explain
 
 
 def _sentence(overrides: list[str]) -> str:

@@ -197,10 +197,10 @@ def test_per_label_rows_hold_one_map_per_true_class_and_add_up_to_the_split(tmp_
     import torch
 
     from gain_exp.data.shapes import build
-    from gain_exp.evaluation import Evaluator
-    from gain_exp.gain import GAIN
-    from gain_exp.losses import GAINLoss
-    from gain_exp.runtime import Runtime
+    from gain_exp.train.evaluation import Evaluator
+    from gain_exp.core.gain import GAIN
+    from gain_exp.core.losses import GAINLoss
+    from gain_exp.train.runtime import Runtime
 
     data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
                  mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)
@@ -236,10 +236,10 @@ def test_multi_label_maps_are_scored_per_label_whatever_the_training_formulation
     import torch
 
     from gain_exp.data.shapes import build
-    from gain_exp.evaluation import Evaluator
-    from gain_exp.gain import GAIN
-    from gain_exp.losses import GAINLoss
-    from gain_exp.runtime import Runtime
+    from gain_exp.train.evaluation import Evaluator
+    from gain_exp.core.gain import GAIN
+    from gain_exp.core.losses import GAINLoss
+    from gain_exp.train.runtime import Runtime
 
     data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
                  mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_overrides
-from gain_exp.experiment import load_run, run_config
+from gain_exp.train.experiment import load_run, run_config
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
 from conftest import compose, tiny_overrides
-from gain_exp.attention import normalise
-from gain_exp.evaluation import Evaluator
-from gain_exp.experiment import build_experiment
-from gain_exp.faithfulness import deletion_insertion
-from gain_exp.losses import map_masks
+from gain_exp.core.attention import normalise
+from gain_exp.train.evaluation import Evaluator
+from gain_exp.train.experiment import build_experiment
+from gain_exp.core.faithfulness import deletion_insertion
+from gain_exp.core.losses import map_masks
 from gain_exp.run import train
-from gain_exp.runtime import Runtime
+from gain_exp.train.runtime import Runtime
 
 
 def test_spurious_energy_every_epoch_deletion_insertion_at_test(tmp_path, tiny):

@@ -7,10 +7,10 @@ import timm
 import torch
 import torchvision.transforms.functional as TF
 
-import gain_exp.models  # noqa: F401  registers gain_cnn4
-from gain_exp.faithfulness import (FaithfulnessMetrics, average_ranks, deletion_insertion, deletion_insertion_curves,
+import gain_exp.core.models  # noqa: F401  registers gain_cnn4
+from gain_exp.core.faithfulness import (FaithfulnessMetrics, average_ranks, deletion_insertion, deletion_insertion_curves,
                                    randomisation_check, randomisation_groups, spearman, spurious_energy)
-from gain_exp.gain import GAIN
+from gain_exp.core.gain import GAIN
 
 
 def linear_model(weights: torch.Tensor):

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from conftest import ROOT, compose, tiny_overrides
-from gain_exp.files import TEMP_GLOB
+from gain_exp.output.files import TEMP_GLOB
 from gain_exp.run import train
 
 SEED = int(os.environ.get("GAIN_EXP_FAULT_SEED", "0"))

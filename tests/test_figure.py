@@ -17,7 +17,7 @@ from conftest import ROOT
 from gain_exp import cli
 from gain_exp.evaluate import run_evaluator
 from gain_exp.figure import attention_grid, attention_maps, default_names, load_runs, main
-from gain_exp.viz import to_pil, denormalise, overlay, tile_scale, upscale
+from gain_exp.output.panels import to_pil, denormalise, overlay, tile_scale, upscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT, N_TEST, SIZE = "test_unbiased", 8, 32

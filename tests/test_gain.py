@@ -8,9 +8,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from gain_exp.backbones import create_backbone
-from gain_exp.gain import GAIN
-from gain_exp.losses import GAINLoss
+from gain_exp.core.backbones import create_backbone
+from gain_exp.core.gain import GAIN
+from gain_exp.core.losses import GAINLoss
 
 
 def _model(name: str = "resnet18", k: int = 5, seed: int = 0) -> torch.nn.Module:

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from gain_exp.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
+from gain_exp.core.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
 
 CLASSES = ["cat", "dog/wolf", "big bird"]  # '/' and ' ' must survive into the keys
 

@@ -1,11 +1,11 @@
-"""gain_exp.models: the small CNNs' normalisation choice (backbone.kwargs.norm)."""
+"""gain_exp.core.models: the small CNNs' normalisation choice (backbone.kwargs.norm)."""
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 
-import gain_exp.models  # noqa: F401 - registers gain_cnn4 with timm
+import gain_exp.core.models  # noqa: F401 - registers gain_cnn4 with timm
 
 
 @pytest.mark.parametrize("norm,shared", [("batch", True), ("group", False), ("none", False)])

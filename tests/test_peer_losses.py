@@ -19,10 +19,10 @@ import timm
 import torch
 
 from conftest import CONF, ROOT, compose, tiny_overrides
-from gain_exp.config import check_config
+from gain_exp.config.checks import check_config
 from gain_exp.data.base import IGNORE_INDEX
-from gain_exp.gain import GAIN, GAINOutput
-from gain_exp.losses import GAINLoss, RightReasonsInputs, check_options
+from gain_exp.core.gain import GAIN, GAINOutput
+from gain_exp.core.losses import GAINLoss, RightReasonsInputs, check_options
 from gain_exp.run import train
 
 PEERS = ("gradia", "haics", "energy", "rrr")

@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.container import BarContainer  # noqa: E402
 
-from gain_exp.plot import DPI, HATCHES, plot_table  # noqa: E402
+from gain_exp.runs.plot import DPI, HATCHES, plot_table  # noqa: E402
 
 MISSING = "error: --plot needs matplotlib; install it with pip install 'gain-exp[plot]' (or pip install matplotlib).\n"
 METRICS = ["test_unbiased/acc", "test_unbiased/loc_iou", "val/acc"]
@@ -175,7 +175,7 @@ def test_importing_the_table_module_does_not_import_matplotlib(monkeypatch):
     table_module = sys.modules["gain_exp.table"]
     monkeypatch.setattr(gain_exp, "table", table_module)  # both put back afterwards
     monkeypatch.delitem(sys.modules, "gain_exp.table")
-    monkeypatch.delitem(sys.modules, "gain_exp.plot", raising=False)  # imported afresh if table.py imports it
+    monkeypatch.delitem(sys.modules, "gain_exp.runs.plot", raising=False)  # imported afresh if table.py imports it
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    fresh = importlib.import_module("gain_exp.table")  # ImportError if it imported matplotlib or gain_exp.plot
+    fresh = importlib.import_module("gain_exp.table")  # ImportError if it imported matplotlib or gain_exp.runs.plot
     assert fresh is not table_module and hasattr(fresh, "main")

@@ -20,7 +20,7 @@ from fixtures_data import make_voc, voc_has_mask, voc_palette
 from gain_exp import cli
 from gain_exp.cams import (ThresholdSweep, class_maps, confusion_matrix, main, mean_iou, parse_scales,
                            parse_thresholds, plain_palette, pseudo_label)
-from gain_exp.gain import GAIN
+from gain_exp.core.gain import GAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +197,7 @@ def _iou_oracle(preds: list[np.ndarray], gts: list[np.ndarray], labels: int) -> 
 
 
 def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, capsys):
-    from gain_exp.experiment import load_run
+    from gain_exp.train.experiment import load_run
 
     out = tmp_path / "out"
     assert main([str(voc_run), "--split", "val", "--out", str(out), "--thresholds", "0.1:0.9:0.1"]) == 0

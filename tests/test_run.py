@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CONF, ROOT, compose, tiny_overrides
-from gain_exp.engine import Diverged, Interrupted
+from gain_exp.train.engine import Diverged, Interrupted
 from gain_exp.run import train
 from gain_exp.tracking import Tracker
 
@@ -236,8 +236,8 @@ def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step
 
 
 def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path):
-    # a fresh process: the file mode is taken from the umask when gain_exp.files is imported
-    code = ("import os, sys; os.umask(0o022); from gain_exp.files import atomic_write\n"
+    # a fresh process: the file mode is taken from the umask when gain_exp.output.files is imported
+    code = ("import os, sys; os.umask(0o022); from gain_exp.output.files import atomic_write\n"
             "with atomic_write(sys.argv[1]) as f: f.write(b'1')")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.bin")], check=True, env={**os.environ,
                    "PYTHONPATH": str(ROOT)})
@@ -297,7 +297,7 @@ def test_a_failed_start_never_clobbers_a_finished_run_and_a_crash_says_failed(tm
         train(compose(tiny + ["trainer.epochs=1", "trainer.resume=auto"]), out_dir=out)
     assert json.loads((out / "summary.json").read_text())["final"] == json.loads(json.dumps(done["final"]))
 
-    from gain_exp.engine import Trainer
+    from gain_exp.train.engine import Trainer
 
     def crash(self, *args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access")
@@ -432,7 +432,7 @@ def test_compile_refuses_what_it_cannot_run_in_one_sentence(tmp_path, tiny, over
 
 
 def test_workers_auto_is_none_on_cpu_and_a_share_of_the_cores_per_gpu_process(monkeypatch):
-    from gain_exp.config import resolve_workers
+    from gain_exp.config.checks import resolve_workers
 
     assert resolve_workers("auto", torch.device("cpu")) == 0
     assert resolve_workers(3, torch.device("cpu")) == 3

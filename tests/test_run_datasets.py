@@ -7,9 +7,9 @@ import torch
 from conftest import compose
 from fixtures_data import make_mask_folder, make_voc
 from gain_exp.evaluate import run_evaluator
-from gain_exp.experiment import build_experiment
+from gain_exp.train.experiment import build_experiment
 from gain_exp.run import train
-from gain_exp.runtime import Runtime
+from gain_exp.train.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,8 +22,8 @@ def _records(run_dir):
 def test_cl_weight_scales_the_classification_term_and_zero_leaves_it_out_of_the_gradient():
     import timm
 
-    from gain_exp.gain import GAIN
-    from gain_exp.losses import GAINLoss
+    from gain_exp.core.gain import GAIN
+    from gain_exp.core.losses import GAINLoss
 
     torch.manual_seed(0)
     gain = GAIN(timm.create_model("test_resnet", pretrained=False, num_classes=3))
@@ -108,7 +108,7 @@ def test_positive_and_negative_panel_counts_on_binary_data(tmp_path, tiny, monke
     ("loss.cl_weight=-1", "loss.cl_weight=-1"),
 ])
 def test_the_new_keys_out_of_range_are_one_sentence(override, phrase):
-    from gain_exp.config import check_config
+    from gain_exp.config.checks import check_config
 
     with pytest.raises(ValueError) as err:
         check_config(compose([override]))

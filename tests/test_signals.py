@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 from torch.utils.data._utils import signal_handling
 
-from gain_exp.signals import StopSafeLoader, blocked, stop_signals
+from gain_exp.train.signals import StopSafeLoader, blocked, stop_signals
 
 
 def _signalled_right_after_torch_setup(monkeypatch):

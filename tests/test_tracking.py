@@ -197,7 +197,7 @@ def _agent_env(monkeypatch, tmp_path: Path, params: dict[str, object], run_id: s
 def test_a_wandb_sweep_parameter_naming_a_config_section_does_not_clobber_it(tmp_path, monkeypatch, caplog):
     import wandb
 
-    from gain_exp.provenance import resolved
+    from gain_exp.train.provenance import resolved
 
     run_config = {**resolved(compose(["loss=gain", "loss.am_weight=2.5"])), "choices": {"loss": "gain"}}
     _agent_env(monkeypatch, tmp_path, {"loss": "gain", "loss.am_weight": 2.5}, "agentrun1")
@@ -376,7 +376,7 @@ class Recording(Tracker):
 
 
 def test_an_interrupted_then_resumed_app_run_is_one_wandb_run_with_a_continuous_history(tmp_path):
-    from gain_exp.engine import Interrupted
+    from gain_exp.train.engine import Interrupted
 
     out = tmp_path / "run"
     args = tiny_overrides(tmp_path) + ["logger=wandb", "logger.wandb.mode=offline"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gain_exp.viz import (
+from gain_exp.output.panels import (
     JET_LUT,
     SEPARATOR_PX,
     attention_panel,

@@ -1,7 +1,7 @@
 """The contract every dataset follows: how it is built, what one sample holds and what a built dataset exposes.
 
 A dataset is one module with a ``build`` function, named by ``_target_`` in its conf/dataset/<name>.yaml (typed by
-its schema in gain_exp/schema.py). ``build`` takes that YAML's keys as keyword arguments plus the runtime arguments
+its schema in gain_exp/config/schema.py). ``build`` takes that YAML's keys as keyword arguments plus the runtime arguments
 the app passes to every builder (RUNTIME_ARGS, keyword-only; a builder that does not use one still accepts it) and
 returns a DataSplits. run.py calls ``instantiate(cfg.dataset, **runtime)`` with exactly these, no signature inspection.
 """

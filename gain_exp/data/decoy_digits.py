@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, derive_seed, mask_count
-from gain_exp.files import CorruptFile, atomic_write, load_state
+from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
 

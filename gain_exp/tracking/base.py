@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from gain_exp.viz import Panel
+from gain_exp.output.panels import Panel
 
 log = logging.getLogger("gain_exp.tracking")
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from gain_exp.files import jsonable
+from gain_exp.output.files import jsonable
 from gain_exp.tracking.base import Tracker
-from gain_exp.viz import Panel, save_panels
+from gain_exp.output.panels import Panel, save_panels
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from gain_exp.metrics import LOC_THRESHOLD
+from gain_exp.core.metrics import LOC_THRESHOLD
 from gain_exp.tracking.base import PanelSchedule, Tracker
-from gain_exp.viz import Panel, overlay, tile_scale, upscale
+from gain_exp.output.panels import Panel, overlay, tile_scale, upscale
 
 log = logging.getLogger("gain_exp.tracking")
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from gain_exp.signals import blocked
+from gain_exp.train.signals import blocked
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from gain_exp.files import atomic_write, jsonable
+from gain_exp.output.files import atomic_write, jsonable
 
 SEPARATOR_PX = 2
 MIN_TILE_PX = 128  # auto-scaling target: 64 px images are unreadable at their own size

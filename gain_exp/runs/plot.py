@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from gain_exp.files import atomic_write
+from gain_exp.output.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -13,9 +13,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gain_exp.backbones import create_backbone
-from gain_exp.gain import check_options as check_gain_options
-from gain_exp.losses import check_options as check_loss_options
+from gain_exp.core.backbones import create_backbone
+from gain_exp.core.gain import check_options as check_gain_options
+from gain_exp.core.losses import check_options as check_loss_options
 
 
 def check_config(cfg: DictConfig) -> None:

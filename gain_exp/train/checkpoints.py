@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gain_exp.files import CorruptFile, atomic_write, load_state
+from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 # Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
 MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "dataset", "gain.formulation",

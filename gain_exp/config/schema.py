@@ -18,7 +18,7 @@ PREFIX = "gain_exp_schema_"  # ConfigStore names: <PREFIX><name>, referenced as 
 
 @dataclass
 class GainSchema:
-    """conf/config.yaml ``gain`` (gain_exp.gain.GAIN); grad_mode/ and formulation/ fill two keys."""
+    """conf/config.yaml ``gain`` (gain_exp.core.gain.GAIN); grad_mode/ and formulation/ fill two keys."""
 
     _target_: str = MISSING
     sigma: float = MISSING
@@ -99,7 +99,7 @@ class TrainerSchema:
 
 @dataclass
 class LossSchema:
-    """conf/loss/*.yaml (gain_exp.losses.GAINLoss)."""
+    """conf/loss/*.yaml (gain_exp.core.losses.GAINLoss)."""
 
     _target_: str = MISSING
     cl_weight: float = MISSING

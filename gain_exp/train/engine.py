@@ -1,7 +1,7 @@
 """The training loop: GAIN steps, an evaluation per epoch, best/last checkpoints, resume, signals.
 
-Evaluation (metrics, panels) lives in gain_exp/evaluation.py, checkpoint files and RNG state in
-gain_exp/checkpoints.py, and everything that depends on how many processes run in gain_exp/runtime.py.
+Evaluation (metrics, panels) lives in gain_exp/train/evaluation.py, checkpoint files and RNG state in
+gain_exp/train/checkpoints.py, and everything that depends on how many processes run in gain_exp/train/runtime.py.
 """
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gain_exp.checkpoints import (apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint,
+from gain_exp.train.checkpoints import (apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint,
                                   restore_rng, rng_state, save_checkpoint)
 from gain_exp.data.base import DataSplits
-from gain_exp.evaluation import Evaluator
-from gain_exp.files import load_state
-from gain_exp.gain import GAIN
-from gain_exp.losses import LOSS_NAMES, GAINLoss, RightReasonsInputs
-from gain_exp.runtime import Runtime
-from gain_exp.schema import EvalMetricsSchema
-from gain_exp.signals import StopSafeLoader, stop_signals
+from gain_exp.train.evaluation import Evaluator
+from gain_exp.output.files import load_state
+from gain_exp.core.gain import GAIN
+from gain_exp.core.losses import LOSS_NAMES, GAINLoss, RightReasonsInputs
+from gain_exp.train.runtime import Runtime
+from gain_exp.config.schema import EvalMetricsSchema
+from gain_exp.train.signals import StopSafeLoader, stop_signals
 from gain_exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class FitConfig:
     """The trainer/ config group's loop settings plus the run's seed and resolved monitor.
 
     No defaults on purpose: conf/trainer/default.yaml holds them (with comments), so they cannot drift; each field
-    has the type of its key in gain_exp.schema.TrainerSchema (tests/test_schema.py checks both).
+    has the type of its key in gain_exp.config.schema.TrainerSchema (tests/test_schema.py checks both).
     """
 
     epochs: int
@@ -89,7 +89,7 @@ class FitConfig:
         """A composed config's loop settings: its trainer/ keys, seed, resolved ``monitor`` and worker count."""
         from omegaconf import OmegaConf
 
-        from gain_exp.config import resolve_workers
+        from gain_exp.config.checks import resolve_workers
 
         t = cfg.trainer
         return cls(seed=cfg.seed, monitor=monitor, workers=resolve_workers(t.workers, device),

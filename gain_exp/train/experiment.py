@@ -18,14 +18,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gain_exp.backbones import create_backbone
-from gain_exp.checkpoints import read_checkpoint
-from gain_exp.config import backbone_normalisation, check_config, resolve_device
+from gain_exp.core.backbones import create_backbone
+from gain_exp.train.checkpoints import read_checkpoint
+from gain_exp.config.checks import backbone_normalisation, check_config, resolve_device
 from gain_exp.data.base import DataSplits
-from gain_exp.gain import GAIN, compile_gain
-from gain_exp.losses import GAINLoss
-from gain_exp.paths import CONF_DIR
-from gain_exp.runtime import Runtime
+from gain_exp.core.gain import GAIN, compile_gain
+from gain_exp.core.losses import GAINLoss
+from gain_exp.config.paths import CONF_DIR
+from gain_exp.train.runtime import Runtime
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 CHECKPOINT_INSTEAD = "use best, last or another .ckpt file the run wrote"  # a --checkpoint that cannot be read

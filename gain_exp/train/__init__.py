@@ -1,0 +1,1 @@
+"""Training machinery: build the experiment, the loop, evaluation, checkpoints, processes, signals, provenance."""
