@@ -1,14 +1,16 @@
 # Quick start: `make run` (train + evaluate the default experiment), `make test` (the test suite).
+# The edit loop: `make test-fast`, `make lint`, `make docs`.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision are pinned to the builds this project is tested with (a local copy on our machines)
 TORCH := torch==2.14.1 torchvision==0.29.1
+PYTEST_JOBS ?=
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) -e '.[test]'
+	$(BIN)/pip install -q $(TORCH) -e '.[test,dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -16,8 +18,25 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/python -m gain_exp.run $(ARGS)
 
+# the whole suite (slow and gpu tiers included; gpu tests skip without a CUDA device): what CI runs
 test: install
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest $(PYTEST_JOBS) $(ARGS)
+
+# the edit loop: everything not marked slow (subprocess, multi-process and multi-minute tests)
+test-fast: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# ruff lint + format check (ruff format . and ruff check --fix . repair what they can)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# the docs site (docs/, mkdocs.yml): docs-build checks every link, docs serves it at http://127.0.0.1:8000
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs: install
+	$(BIN)/mkdocs serve
 
 bench: install
 	$(BIN)/python -m gain_exp.bench $(ARGS)
@@ -36,4 +55,4 @@ bench-gpu:
 	    $(PYTHON) -m gain_exp.bench --backbone $$b $(BENCH_GPU) $$flags >> outputs/bench_gpu/$$b.md; \
 	  done; cat outputs/bench_gpu/$$b.md; done
 
-.PHONY: install run test bench bench-gpu
+.PHONY: install run test test-fast lint docs docs-build bench bench-gpu

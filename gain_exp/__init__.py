@@ -1,8 +1,8 @@
 """gain-exp: Hydra-configured experiments for GAIN (Guided Attention Inference Network)."""
 from importlib.metadata import PackageNotFoundError, version
 
-from gain_exp.core import models as _models  # noqa: F401  registers the small CNNs with timm
 from gain_exp.config import schema as _schema  # noqa: F401  registers the config schemas that conf/ refers to
+from gain_exp.core import models as _models  # noqa: F401  registers the small CNNs with timm
 
 try:
     __version__ = version("gain-exp")

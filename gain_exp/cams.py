@@ -4,7 +4,7 @@
         [--thresholds 0.05:0.95:0.05 | 0.2,0.3] [--threshold T] [--scales 1.0 | 0.5,1.0,1.5,2.0] [--flip]
         [--limit N] [--masked-only] [--batch-size B] [--device D] [key=value overrides ...]
 
-The protocol (METHODS.md, "CAM seeds on VOC"; IRN, Ahn et al. CVPR 2019): for every image and every class present in
+The protocol (docs/methods.md, "CAM seeds on VOC"; IRN, Ahn et al. CVPR 2019): for every image and every class present in
 its image-level labels, the class's CAM at each scale (and of the horizontally flipped image, flipped back) is resized
 to the image and summed; ReLU; divided by its maximum. The background score is a constant threshold t and each
 pixel's label is argmax over [t, CAM_1, ..., CAM_P] (ties go to the background). mIoU is computed from one confusion
@@ -42,9 +42,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from gain_exp.core.attention import normalise
-from gain_exp.data.base import IGNORE_INDEX, DataSplits
-from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.core.gain import GAIN
+from gain_exp.data.base import IGNORE_INDEX, DataSplits
+from gain_exp.data.voc import VOC_CLASSES
+from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.runs.reload import load_experiment
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
 
@@ -256,7 +258,6 @@ def plain_palette(num_classes: int) -> list[int]:
 
 
 def palette_for(classes: Sequence[str]) -> list[int]:
-    from gain_exp.data.voc import VOC_CLASSES
 
     return voc_palette() if tuple(classes) == VOC_CLASSES else plain_palette(len(classes))
 
@@ -401,13 +402,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         options = _options(args)
-        from gain_exp.config.checks import resolve_workers
-        from gain_exp.train.experiment import load_run
-
-        experiment = load_run(args.run_dir, args.checkpoint, args.overrides, args.device)
-        trainer = experiment.cfg.trainer
+        experiment = load_experiment(args.run_dir, args.checkpoint, args.overrides, args.device)
+        trainer = experiment.plan.trainer
         options.batch_size = args.batch_size or trainer.eval_batch_size or trainer.batch_size
-        options.workers = resolve_workers(trainer.workers, experiment.runtime.device)
+        options.workers = trainer.workers
         options.progress = sys.stderr.isatty()
         record = export(experiment.gain, experiment.data, options, experiment.runtime.device)
     except (ValueError, FileNotFoundError) as err:

@@ -11,82 +11,23 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Sequence
-
-from gain_exp.config.paths import SWEEPS_DIR
-
-
-def run(argv: Sequence[str]) -> None:
-    """The Hydra app with ``argv`` as its command line (after the fixes in ``app_argv``)."""
-    from gain_exp.run import main
-
-    sys.argv = [sys.argv[0], *app_argv(argv)]
-    main()
-
-
-def app_argv(argv: Sequence[str]) -> list[str]:
-    """The command line Hydra should see.
-
-    - ``--config-path`` relative to the working directory (Hydra resolves it against the package otherwise).
-    - The sweep recipes (``+sweep=``, ``+launcher=``, ``+setting=``) are found from any directory: without a
-      ``--config-dir`` the package's ``sweeps/`` is added (``--config-dir sweeps`` as in the README still works).
-    """
-    args = _saved_run(list(argv))
-    for flag in ("--config-path", "-cp"):
-        for i, arg in enumerate(args):
-            value = None
-            if arg == flag and i + 1 < len(args):
-                value, at = args[i + 1], i + 1
-            elif arg.startswith(flag + "="):
-                value, at = arg.split("=", 1)[1], i
-            if value is not None and not os.path.isabs(value) and not value.startswith("pkg://"):
-                absolute = str(Path(value).resolve())
-                args[at] = absolute if at != i else f"{flag}={absolute}"
-    has_dir = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd=")) for a in args)
-    if not has_dir and SWEEPS_DIR.is_dir():
-        args = ["--config-dir", str(SWEEPS_DIR), *args]
-    return args
-
-
-def _saved_run(args: list[str]) -> list[str]:
-    """``--config-path <run>/.hydra --config-name config [overrides]`` -> that run's saved job plus the overrides.
-
-    Hydra would compose the saved config.yaml on its own, losing the group choices (run names, summary, W&B) and the
-    hydra: block; the saved overrides recompose the job exactly (what ``gain-exp reproduce`` runs too).
-    """
-    value, drop = None, set()
-    for i, arg in enumerate(args):
-        for flag in ("--config-path", "-cp", "--config-name", "-cn"):
-            if arg == flag and i + 1 < len(args):
-                drop |= {i, i + 1}
-                if flag in ("--config-path", "-cp"):
-                    value = args[i + 1]
-            elif arg.startswith(flag + "="):
-                drop.add(i)
-                if flag in ("--config-path", "-cp"):
-                    value = arg.split("=", 1)[1]
-    saved = Path(value) if value else None
-    if saved is None or not (saved / "hydra.yaml").is_file() or not (saved / "overrides.yaml").is_file():
-        return args
-    from gain_exp.reproduce import saved_job
-
-    job = saved_job(saved.resolve().parent)
-    print(f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "
-          f"{saved.parent}` also compares the numbers)", file=sys.stderr)
-    return job.app_args([a for i, a in enumerate(args) if i not in drop])
 
 
 def _tool(module: str) -> Callable[[Sequence[str]], None]:
     def call(argv: Sequence[str]) -> None:
-        import importlib
-
         status = importlib.import_module(module).main(list(argv))
         sys.exit(status or 0)
 
     return call
+
+
+def run(argv: Sequence[str]) -> None:
+    """``gain-exp run ...``: the Hydra app (imported only when asked for, so ``gain-exp --help`` stays instant)."""
+    importlib.import_module("gain_exp.run").run_command(argv)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {

@@ -14,7 +14,6 @@ run's own test metrics in summary.json exactly.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -26,9 +25,14 @@ from typing import Any, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from gain_exp.train.evaluation import Evaluation, Evaluator
-from gain_exp.train.experiment import CHECKPOINT_INSTEAD, Experiment, load_run
+from gain_exp.core.faithfulness import randomisation_check
 from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.panels import save_panels
+from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, run_evaluator
+from gain_exp.runs.rundir import wandb_state, run_threads
+from gain_exp.tracking.wandb import wandb_mode
+from gain_exp.train.evaluation import Evaluation
+from gain_exp.train.experiment import Experiment
 
 SHOWN_DIGITS = 4
 
@@ -103,87 +107,14 @@ def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict
     explaining their true classes: [{"reinitialised": group, "spearman": mean similarity}, ...], top layer first."""
     from torch.utils.data import default_collate
 
-    from gain_exp.core.faithfulness import randomisation_check
-
     batch = default_collate([dataset[i] for i in range(min(images, len(dataset)))])
     device = experiment.runtime.device
     curve = randomisation_check(experiment.gain, batch["image"].to(device), batch["target"].to(device))
     return [{"reinitialised": group, "spearman": jsonable(value)} for group, value in curve]
 
 
-def load_checked(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
-    """load_run, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
-    from gain_exp.config.errors import explain
-
-    try:
-        return load_run(run_dir, checkpoint, overrides, device)
-    except (FileNotFoundError, ValueError):  # already one sentence
-        raise
-    except RuntimeError as err:
-        if "state_dict" not in str(err):
-            raise
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        first = next((line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))),
-                     lines[0]).rstrip(":. ")
-        raise ValueError(f"the checkpoint does not fit the model this config builds ({first[:160]}); overrides may "
-                         f"point at other data with the same classes, not change the backbone or classes.") from None
-    except Exception as err:
-        sentence = explain(err)
-        if sentence is None:
-            raise
-        raise ValueError(sentence) from None
-
-
-def choose_splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[str, Any]:
-    """{name: dataset} of the wanted splits (default: the test splits), or one sentence naming the available ones."""
-    data = experiment.data
-    available = {**data.tests, "val": data.val, "train": data.train}
-    if not wanted:
-        if not data.tests:
-            raise ValueError("this run's dataset has no test split; name one with --split (val or train).")
-        return dict(data.tests)
-    chosen = {}
-    for name in wanted:
-        if name not in available:
-            close = difflib.get_close_matches(name, available, n=2)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"--split {name}: this run's dataset has no split '{name}'{hint}; choose from "
-                             f"{', '.join(available)}.")
-        chosen[name] = available[name]
-    return chosen
-
-
-def run_evaluator(experiment: Experiment) -> Evaluator:
-    """The Evaluator the run's Trainer built (engine.build_evaluator, from the same settings)."""
-    from gain_exp.config.checks import resolve_monitor
-    from gain_exp.train.engine import FitConfig, build_evaluator
-
-    cfg, device = experiment.cfg, experiment.runtime.device
-    fit = FitConfig.from_config(cfg, resolve_monitor(cfg.trainer.monitor, experiment.data.multi_label), device)
-    return build_evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime, fit,
-                           experiment.mean, experiment.std)
-
-
-def checkpoint_record(path: Path) -> dict[str, Any]:
-    """Which weights: the file, its name, the last finished epoch (0-based, as summary.json's ``tested_on``) and the
-    optimisation step; ``batch_in_epoch`` > 0 marks weights saved mid-epoch (then ``epoch`` is the unfinished one)."""
-    from gain_exp.train.checkpoints import read_checkpoint
-
-    state = read_checkpoint(path, "cpu", mmap=True, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
-    mid = int(state.get("batch_in_epoch") or 0)
-    epoch, step = state.get("epoch"), state.get("step")  # a weights-only file (e.g. exported) has neither
-    record = {"path": str(path.resolve()), "name": path.stem,
-              "epoch": None if epoch is None else int(epoch) - (0 if mid else 1),
-              "step": None if step is None else int(step)}
-    if mid:
-        record["batch_in_epoch"] = mid
-    return record
-
-
 def write_split(out_dir: Path, record: dict[str, Any], evaluation: Evaluation) -> list[Path]:
     """``<split>.json``, ``<split>_images.jsonl`` and (with panels) ``attention/<split>.png``, each atomically."""
-    from gain_exp.output.panels import save_panels
-
     split = record["split"]
     summary, images = out_dir / f"{split}.json", out_dir / f"{split}_images.jsonl"
     with atomic_write(images) as f:
@@ -201,11 +132,9 @@ def log_to_run_wandb(run_dir: Path, experiment: Experiment, results: Sequence[Sp
     """The metrics as ``eval/<split>/<metric>`` in the run's own W&B run (resumed by id, in the mode its
     ``logger.wandb`` gives, files under the run directory), after the last step it logged; returns the run id, or
     None when the run has no W&B run. W&B trouble is a warning: the JSON files are already written."""
-    state = _wandb_state(run_dir)
+    state = wandb_state(run_dir)
     if not state.get("run_id"):
         return None
-    from gain_exp.tracking.wandb import wandb_mode
-
     node = (experiment.cfg.get("logger") or {}).get("wandb") or {}
     mode = wandb_mode(node.get("mode", "auto"), run_dir / "wandb")
     if mode == "disabled":
@@ -230,28 +159,6 @@ def log_to_run_wandb(run_dir: Path, experiment: Experiment, results: Sequence[Sp
     if mode == "offline":
         print(f"W&B: logged offline to run {state['run_id']}; upload with: wandb sync {Path(run.dir).parent}")
     return state["run_id"]
-
-
-def _wandb_state(run_dir: Path) -> dict[str, Any]:
-    """The run's W&B state (run id, last step and epoch): summary.json's, else its last checkpoint's."""
-    from gain_exp.train.checkpoints import saved_tracking
-
-    try:
-        saved = json.loads((run_dir / "summary.json").read_text()).get("tracking") or {}
-    except (OSError, ValueError):
-        saved = {}
-    if not saved.get("wandb") and (run_dir / "checkpoints" / "last.ckpt").is_file():
-        saved = saved_tracking(run_dir, run_dir) or {}
-    return saved.get("wandb") or {}
-
-
-def run_threads(run_dir: Path) -> int | None:
-    """The torch CPU thread count the run trained with (summary.json ``threads``), if saved."""
-    try:
-        threads = json.loads((run_dir / "summary.json").read_text()).get("threads")
-    except (OSError, ValueError):
-        return None
-    return int(threads) if threads else None
 
 
 def metrics_table(results: Sequence[SplitResult]) -> str:

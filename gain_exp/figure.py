@@ -28,10 +28,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
+from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
+from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, run_evaluator
+from gain_exp.runs.rundir import Run, load_yaml, read_run
 from gain_exp.train.evaluation import Evaluator, Maps
 from gain_exp.train.experiment import Experiment
-from gain_exp.output.files import atomic_write, jsonable, write_json
-from gain_exp.output.panels import SEPARATOR_PX, to_pil, denormalise, overlay, tile_scale, upscale
 
 DEFAULT_IMAGES = 8
 DEFAULT_OUT = Path("outputs/figures/attention.png")
@@ -56,8 +58,6 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
               device: str | None = "cpu", overrides: Sequence[str] = ()) -> list[FigureRun]:
     """The runs with their weights (``checkpoint``: best, last or a file; default: the one each run tested with),
     named by ``names`` or else by ``default_names``; errors are one sentence."""
-    from gain_exp.evaluate import load_checked
-
     if not run_dirs:
         raise ValueError("no run directory given; pass one or more run directories written by python -m gain_exp.run.")
     if names is not None:
@@ -74,11 +74,9 @@ def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None
 
 def loss_choice(run_dir: Path) -> str | None:
     """The run's ``loss`` group choice (``gain_ext``), from summary.json or else .hydra/hydra.yaml; None if unknown."""
-    from gain_exp.table import Run, load_yaml, load_run as load_summary
-
     try:
         if (run_dir / "summary.json").is_file():
-            return load_summary(run_dir).choices.get("loss")
+            return read_run(run_dir).choices.get("loss")
         hydra = (load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
         return Run(run_dir, {}, {}, hydra=hydra).choices.get("loss")
     except (OSError, ValueError, AttributeError):
@@ -104,8 +102,6 @@ def default_names(run_dirs: Sequence[Path]) -> list[str]:
 
 def split_dataset(experiment: Experiment, split: str | None) -> tuple[str, Any]:
     """(name, dataset) of ``split`` (default: the dataset's first test split); unknown names as evaluate words them."""
-    from gain_exp.evaluate import choose_splits
-
     chosen = choose_splits(experiment, [split] if split else None)
     return next(iter(chosen.items()))
 
@@ -191,8 +187,6 @@ def attention_maps(experiment: Experiment, batch: dict[str, Any], explain: str =
     """The run's maps for a batch exactly as its evaluator computes what it scores (``Evaluator.maps``: the run's
     memory format and autocast, eval mode), explaining the true classes (``predicted``: the predicted ones),
     min-max normalised; the first map of each image."""
-    from gain_exp.evaluate import run_evaluator
-
     if explain not in EXPLAINS:
         raise ValueError(f"--class {explain}: choose true or predicted.")
     return (evaluator or run_evaluator(experiment)).maps(batch, true_classes=explain == "true")
@@ -201,8 +195,6 @@ def attention_maps(experiment: Experiment, batch: dict[str, Any], explain: str =
 def run_maps(run: FigureRun, samples: list[dict[str, Any]], explain: str) -> Maps:
     """``attention_maps`` over the chosen samples, in batches of the run's evaluation batch size."""
     from torch.utils.data import default_collate
-
-    from gain_exp.evaluate import run_evaluator
 
     evaluator = run_evaluator(run.experiment)
     size = evaluator.batch_size
@@ -252,8 +244,6 @@ def attention_grid(runs: Sequence[FigureRun], split: str | None, indices: Sequen
 
 
 def _run_record(run: FigureRun, cells: list[dict[str, Any]], boxes: list[list[int]]) -> dict[str, Any]:
-    from gain_exp.evaluate import checkpoint_record
-
     exp = run.experiment
     return {"name": run.name, "run_dir": str(run.run_dir.resolve()), "loss": loss_choice(run.run_dir),
             "checkpoint": checkpoint_record(exp.checkpoint), "device": str(exp.runtime.device),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -25,115 +24,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-import gain_exp
 from gain_exp.output.files import jsonable, write_json
-from gain_exp.table import (Row, Run, Table, build_table, completed_runs, load_run, local, read_spec,
-                            spec_runs)
+from gain_exp.runs.rundir import (
+    Job,
+    read_run,
+    sweeps_dir,
+)
+from gain_exp.runs.tables import Row, Run, Table, build_table, completed_runs, read_spec, spec_runs
 
 TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
-PATH_KEYS = ("root", "dir", "path", "file", "resume", "checkpoint", "weights_file")
-SAFE_VALUE = re.compile(r"[\w./@:+-]+")  # what Hydra's override grammar takes unquoted
-
-
-def package_root() -> Path:
-    """The checkout (or install) this module runs from: its conf/ and sweeps/ are what jobs compose."""
-    return Path(gain_exp.__file__).resolve().parent.parent
-
-
-def sweeps_dir() -> Path:
-    """The package's own sweep recipes, used when a job's saved --config-dir no longer exists."""
-    return package_root() / "sweeps"
-
-
-def config_dir(saved: str) -> Path:
-    """A job's saved ``--config-dir`` here, or the package's sweeps/ when that is gone (moved, another clone)."""
-    path = local(saved)
-    return path if path.is_dir() else sweeps_dir()
-
-
-@dataclass
-class Job:
-    """One saved job: everything needed to run it again."""
-
-    name: str  # destination below the output root: <run dir name> or <sweep dir name>/<job subdir>
-    overrides: list[str]  # Hydra task overrides, as saved
-    hydra_overrides: list[str] = field(default_factory=list)  # hydra.* overrides that shape composition
-    config_dirs: list[str] = field(default_factory=list)
-    config_name: str = "config"
-    cwd: str | None = None  # where the job was launched: relative paths in overrides are relative to it
-    threads: int | None = None  # torch threads: results are bit-identical only at a fixed count
-    git: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None
-
-    @classmethod
-    def from_recipe(cls, recipe: dict[str, Any]) -> Job:
-        """A job from ``Run.recipe()`` or a spec's job entry (extra keys ignored)."""
-        keys = cls.__dataclass_fields__
-        job = cls(**{k: v for k, v in recipe.items() if k in keys and v is not None})
-        job.threads = int(job.threads) if job.threads else None
-        return job
-
-    def app_args(self, extra_overrides: Sequence[str] = ()) -> list[str]:
-        """The app's command line for this job: config dir and name, saved overrides, then ``extra_overrides``."""
-        argv: list[str] = []
-        if len(self.config_dirs) > 1:
-            raise ValueError(f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
-                             f"--config-dir; pass the extra ones as hydra.searchpath overrides.")
-        argv += [arg for d in self.config_dirs for arg in ("--config-dir", str(config_dir(d)))]
-        if self.config_name != "config":
-            argv += ["--config-name", self.config_name]
-        cwd = local(self.cwd) if self.cwd else None
-        argv += [resolve_override(item, cwd) for item in self.overrides]
-        # hydra.mode=RUN: a job of a +launcher=... or +sweep=... recipe would otherwise start a sweep of one job
-        return [*argv, *self.hydra_overrides, *extra_overrides, "hydra.mode=RUN"]
-
-    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-        """(argv, environment) that run this job again with its results in ``dest``."""
-        argv = [sys.executable, "-m", "gain_exp.run", *self.app_args(extra_overrides),
-                f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
-        env = dict(os.environ)
-        # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
-        paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-        if self.threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-        return argv, env
-
-
-def saved_job(run_dir: str | os.PathLike) -> Job:
-    """The job a run directory (summary.json and/or .hydra/) saved."""
-    path = Path(run_dir)
-    if (path / "summary.json").is_file():
-        return Job.from_recipe(load_run(path).recipe())
-    hydra_file = path / ".hydra" / "hydra.yaml"
-    if not hydra_file.is_file():
-        raise FileNotFoundError(f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
-                                f"written by python -m gain_exp.run.")
-    from omegaconf import OmegaConf  # a run that died before summary.json: Hydra's own record is all there is
-
-    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
-    return Job.from_recipe(Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra).recipe())
-
-
-def job_command(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) that re-run the job saved in ``run_dir`` with its results in ``out_dir``."""
-    return saved_job(run_dir).command(out_dir, extra_overrides)
-
-
-def resolve_override(item: str, cwd: Path | None) -> str:
-    """``key=relative/path`` -> ``key=<cwd>/relative/path``, so the job reads the same files from any directory."""
-    if cwd is None or "=" not in item or item.startswith("~"):
-        return item
-    key, value = item.split("=", 1)
-    name = key.lstrip("+")
-    if "." not in name or name.startswith("hydra"):  # group choices (loss=gain) and Hydra's own keys
-        return item
-    if not SAFE_VALUE.fullmatch(value) or value.startswith(("/", "~")) or ":" in value:
-        return item
-    last = name.rsplit(".", 1)[-1]
-    pathlike = "/" in value or ((last in PATH_KEYS or last.endswith(PATH_KEYS)) and (cwd / value).exists())
-    return f"{key}={_quote(str(cwd / value))}" if pathlike else item
 
 
 @dataclass
@@ -179,7 +78,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = F
         dest = out / job.name
         if resume and (dest / "summary.json").is_file():
             print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
-            return load_run(dest) if _summary_status(dest) == "completed" else None
+            return read_run(dest) if _summary_status(dest) == "completed" else None
         argv, env = job.command(dest)
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
@@ -188,7 +87,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = F
         done = code == 0 and (dest / "summary.json").is_file()
         outcome = "done" if done else f"failed (exit {code}), see {dest / 'reproduce.log'}"
         print(f"[{i + 1}/{len(jobs)}] {job.name}: {outcome} in {time.time() - started:.1f} s", file=sys.stderr)
-        return load_run(dest) if done else None
+        return read_run(dest) if done else None
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         return list(pool.map(one, enumerate(jobs)))
@@ -342,11 +241,6 @@ def _stats_text(stats: Stats, digits: int) -> str:
         return "-"
     text = f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
     return f"{text} (n={n})"
-
-
-def _quote(value: str) -> str:
-    """A value as Hydra's override grammar reads it back unchanged."""
-    return value if SAFE_VALUE.fullmatch(value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 if __name__ == "__main__":

@@ -11,101 +11,110 @@ import os
 import random
 import signal
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from gain_exp.config.checks import (check_config, check_data, check_metric_names, check_panels,
-                             resolve_device, resolve_monitor)
-from gain_exp.train.checkpoints import saved_tracking
-from gain_exp.train.engine import Diverged, FitConfig, Interrupted, Trainer
 from gain_exp.config.errors import explain
+from gain_exp.config.paths import CONF_DIR, SWEEPS_DIR
+from gain_exp.config.plan import make_plan
+from gain_exp.output.files import remove_stale_temps
+from gain_exp.runs.rundir import saved_job
+from gain_exp.tracking import Trackers, build_tracker
+from gain_exp.train.checkpoints import saved_tracking
+from gain_exp.train.engine import Diverged, Interrupted, Trainer
 from gain_exp.train.experiment import USER_ERRORS, build_experiment
-from gain_exp.output.files import jsonable, remove_stale_temps, write_json
-from gain_exp.config.paths import CONF_DIR
 from gain_exp.train.provenance import resolved, run_record
 from gain_exp.train.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
-from gain_exp.tracking import Trackers, build_tracker
+from gain_exp.train.summary import RunSummary
 
 log = logging.getLogger("gain_exp")
 
 
 
-def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run one experiment from a composed config; returns the summary that is also written to summary.json.
+def run_command(argv: Sequence[str]) -> None:
+    """The Hydra app with ``argv`` as its command line (after the fixes in ``app_argv``): ``gain-exp run`` and
+    ``python -m gain_exp.run``."""
+    sys.argv = [sys.argv[0], *app_argv(argv)]
+    main()
 
-    summary.json only ever moves forward: "completed", "interrupted" (checkpoint saved), "diverged" or "failed" (with
-    the reason), and a run that fails before training starts (e.g. an unreadable resume checkpoint) leaves an
-    existing summary.json as it was.
+
+def app_argv(argv: Sequence[str]) -> list[str]:
+    """The command line Hydra should see.
+
+    - ``--config-path`` relative to the working directory (Hydra resolves it against the package otherwise).
+    - The sweep recipes (``+sweep=``, ``+launcher=``, ``+setting=``) are found from any directory: without a
+      ``--config-dir`` the package's ``sweeps/`` is added (``--config-dir sweeps`` as in the docs still works).
     """
-    started = time.time()
+    args = _saved_run(list(argv))
+    for flag in ("--config-path", "-cp"):
+        for i, arg in enumerate(args):
+            value = None
+            if arg == flag and i + 1 < len(args):
+                value, at = args[i + 1], i + 1
+            elif arg.startswith(flag + "="):
+                value, at = arg.split("=", 1)[1], i
+            if value is not None and not os.path.isabs(value) and not value.startswith("pkg://"):
+                absolute = str(Path(value).resolve())
+                args[at] = absolute if at != i else f"{flag}={absolute}"
+    has_dir = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd=")) for a in args)
+    if not has_dir and SWEEPS_DIR.is_dir():
+        args = ["--config-dir", str(SWEEPS_DIR), *args]
+    return args
+
+
+def _saved_run(args: list[str]) -> list[str]:
+    """``--config-path <run>/.hydra --config-name config [overrides]`` -> that run's saved job plus the overrides.
+
+    Hydra would compose the saved config.yaml on its own, losing the group choices (run names, summary, W&B) and the
+    hydra: block; the saved overrides recompose the job exactly (what ``gain-exp reproduce`` runs too).
+    """
+    value, drop = None, set()
+    for i, arg in enumerate(args):
+        for flag in ("--config-path", "-cp", "--config-name", "-cn"):
+            if arg == flag and i + 1 < len(args):
+                drop |= {i, i + 1}
+                if flag in ("--config-path", "-cp"):
+                    value = args[i + 1]
+            elif arg.startswith(flag + "="):
+                drop.add(i)
+                if flag in ("--config-path", "-cp"):
+                    value = arg.split("=", 1)[1]
+    saved = Path(value) if value else None
+    if saved is None or not (saved / "hydra.yaml").is_file() or not (saved / "overrides.yaml").is_file():
+        return args
+    job = saved_job(saved.resolve().parent)
+    print(f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "
+          f"{saved.parent}` also compares the numbers)", file=sys.stderr)
+    return job.app_args([a for i, a in enumerate(args) if i not in drop])
+
+
+def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns the summary that is also written to summary.json
+    (``RunSummary`` keeps it right whichever way the run ends)."""
     out_dir = Path(out_dir or HydraConfig.get().runtime.output_dir)
-    summary: dict[str, Any] | None = None
-    trainer: Trainer | None = None
-    tracker = None
-    record: dict[str, Any] = {}
-    try:
-        check_config(cfg)
-        runtime = init_runtime(resolve_device(cfg.trainer.device))
-        device = runtime.device
+    with RunSummary(out_dir, cfg) as run:
+        plan = make_plan(cfg)  # every check that needs no data, every auto resolved: one sentence if anything is off
+        runtime = init_runtime(plan.device)
         if not runtime.is_main:  # progress is the main process's to report; warnings and errors still show
             log.setLevel(logging.WARNING)
         if runtime.is_main:
             for stale in remove_stale_temps(out_dir / "checkpoints"):
                 log.info("removed %s, a partial checkpoint from a killed run", stale)
-        seed_everything(cfg.seed)
-
-        experiment = build_experiment(cfg, runtime, lambda m: sync_batch_norm(m, cfg.trainer.sync_bn, runtime))
-        data, gain, loss, mean, std = (experiment.data, experiment.gain, experiment.loss, experiment.mean,
-                                       experiment.std)
-        model = gain.model
-        optimizer = instantiate(cfg.trainer.optimizer)(params=model.parameters())
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.trainer.epochs)
-                     if cfg.trainer.scheduler == "cosine" else None)
-
-        check_data(cfg, data)
-        check_panels(cfg, data)
-        monitor = resolve_monitor(cfg.trainer.monitor, data.multi_label)
-        check_metric_names(cfg, monitor, data)
-        fit_cfg = FitConfig.from_config(cfg, monitor, device)
-        record = run_record(cfg)
+        seed_everything(plan.seed)
+        experiment = build_experiment(plan, runtime, lambda m: sync_batch_norm(m, plan.trainer.sync_bn, runtime))
+        run.record = record = run_record(cfg)
         run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
                       "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
-        tracker = (build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(cfg.trainer.resume, out_dir))
-                   if runtime.is_main else Trackers([]))  # one record of the run, by the main process
-        trainer = Trainer(gain, loss, optimizer, scheduler, data, fit_cfg, out_dir, tracker, runtime, mean, std,
-                          record={**record, "config": resolved(cfg)}, val_metric_names=val_metric_names(cfg, monitor))
-        final = trainer.fit()
-        summary = _summary(cfg, record, final, trainer, monitor, started, "completed")
-        return summary
-    except Interrupted:
-        summary = _summary(cfg, record, trainer.history[-1] if trainer.history else {}, trainer, monitor, started,
-                           "interrupted")
-        raise
-    except BaseException as err:
-        status = "diverged" if isinstance(err, Diverged) else "failed"
-        reason = str(err) if isinstance(err, (Diverged, *USER_ERRORS)) else f"{type(err).__name__}: {err}"
-        if trainer is not None:
-            summary = _summary(cfg, record, trainer.history[-1] if trainer.history else {}, trainer, monitor,
-                               started, status)
-        else:
-            summary = {"status": status, **record}
-        summary["error"] = reason.splitlines()[0] if reason else type(err).__name__
-        raise
-    finally:
-        path = out_dir / "summary.json"
-        main = trainer is None or trainer.runtime.is_main
-        if main and summary is not None and (trainer is not None and trainer.started or not path.exists()):
-            write_json(path, summary)
-        if tracker is not None:
-            tracker.finish(summary or {"status": "failed"})
+        run.tracker = (build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(plan.trainer.resume, out_dir))
+                       if runtime.is_main else Trackers([]))  # one record of the run, by the main process
+        run.trainer = Trainer(experiment, out_dir, run.tracker, record={**record, "config": resolved(cfg)})
+        return run.completed(run.trainer.fit())
 
 
 def sync_batch_norm(model: torch.nn.Module, wanted: bool, runtime: Runtime) -> torch.nn.Module:
@@ -119,14 +128,6 @@ def sync_batch_norm(model: torch.nn.Module, wanted: bool, runtime: Runtime) -> t
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def val_metric_names(cfg: DictConfig, monitor: str) -> dict[str, str]:
-    """Config keys that name a validation metric, checked against the real names after the first epoch."""
-    names = {"trainer.monitor": monitor}
-    if str(cfg.optimize_metric).startswith("val/"):
-        names["optimize_metric"] = cfg.optimize_metric
-    return names
-
-
 def seed_everything(seed: int) -> None:
     """Python, NumPy (if present) and torch RNGs from one seed."""
     random.seed(seed)
@@ -137,31 +138,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:
         pass
-
-
-def _summary(cfg: DictConfig, record: dict, final: dict, trainer: Trainer, monitor: str, started: float,
-             status: str) -> dict:
-    """summary.json: status and metrics first, then everything needed to re-run the job (run_record, config)."""
-    metric = monitor if cfg.optimize_metric == "auto" else cfg.optimize_metric
-    git = record["git"]
-    return {
-        "status": status,
-        "final": {k: jsonable(v) for k, v in final.items()},
-        "best": trainer.best,
-        "tested_on": trainer.tested_on,
-        "before_training": trainer.before_training,  # trainer.test_first: metrics of the initial weights
-        "speed": trainer.speed,  # the last epoch's training images/s over all processes and data-wait share
-        "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
-        "optimize_metric": metric,
-        "epochs_completed": trainer.epoch,
-        "wall_time_s": round(time.time() - started, 2),
-        "device": str(trainer.device),
-        "git_commit": None if git["commit"] is None else git["commit"] + ("+dirty" if git["dirty"] else ""),
-        **record,
-        "tracking": trainer.tracker.state(),
-        "data": trainer.data.extras,  # e.g. masks in the L_e budget, files skipped as unreadable
-        "config": resolved(cfg),
-    }
 
 
 def task(cfg: DictConfig) -> float | None:
@@ -228,6 +204,4 @@ def _main() -> float | None:
 
 
 if __name__ == "__main__":
-    from gain_exp.cli import run
-
-    run(sys.argv[1:])  # the same command-line fixes as `gain-exp run` (relative --config-path, sweep recipes)
+    run_command(sys.argv[1:])  # the same command-line fixes as `gain-exp run` (relative --config-path, sweep recipes)

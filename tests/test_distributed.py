@@ -256,28 +256,30 @@ def test_slurm_path_two_tasks_preempted_requeue_and_resume(tmp_path):
 
 def test_trainer_refuses_batches_and_splits_that_cannot_be_shared_by_the_processes(tmp_path, tiny):
     import dataclasses
+    from types import SimpleNamespace
 
     import timm
 
-    from gain_exp.data.base import DataSplits
-    from gain_exp.train.engine import FitConfig, Trainer
+    from gain_exp.config.plan import make_plan
     from gain_exp.core.gain import GAIN
     from gain_exp.core.losses import GAINLoss
-    from gain_exp.train.runtime import Runtime
+    from gain_exp.data.base import DataSplits
     from gain_exp.tracking import Trackers
+    from gain_exp.train.engine import Trainer
+    from gain_exp.train.experiment import Experiment
+    from gain_exp.train.runtime import Runtime
 
-    cfg = compose(tiny + ["trainer.batch_size=7"])
-    fit = FitConfig(seed=0, monitor="val/acc", **{k: v for k, v in cfg.trainer.items()
-                                                  if k in FitConfig.__dataclass_fields__ and k != "monitor"})
+    plan = make_plan(compose(tiny + ["trainer.batch_size=7"])).with_data(SimpleNamespace(multi_label=False), False)
     gain = GAIN(timm.create_model("test_resnet", pretrained=False, num_classes=2))
     two = Runtime(torch.device("cpu"), rank=0, world_size=2)  # no process group needed: both checks come first
 
-    def trainer(fit, n_train):
+    def trainer(plan, n_train):
         data = DataSplits(train=list(range(n_train)), val=[], tests={}, classes=["a", "b"], multi_label=False)
-        return Trainer(gain, GAINLoss(multi_label=False), torch.optim.SGD(gain.parameters(), lr=0.1), None, data,
-                       fit, tmp_path, Trackers([]), two, (0.5,) * 3, (0.25,) * 3)
+        optimizer = torch.optim.SGD(gain.parameters(), lr=0.1)
+        experiment = Experiment(plan, two, data, gain, GAINLoss(multi_label=False), optimizer, None)
+        return Trainer(experiment, tmp_path, Trackers([]))
 
     with pytest.raises(ValueError, match=r"^trainer\.batch_size=7 is the global batch and must split evenly over 2 "):
-        trainer(fit, 10)
+        trainer(plan, 10)
     with pytest.raises(ValueError, match=r"^the train split has 1 images, fewer than the 2 processes"):
-        trainer(dataclasses.replace(fit, batch_size=8), 1)
+        trainer(dataclasses.replace(plan, trainer=dataclasses.replace(plan.trainer, batch_size=8)), 1)

@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from conftest import compose, tiny_overrides
 from gain_exp.core.attention import normalise
 from gain_exp.train.evaluation import Evaluator
+from gain_exp.config.plan import make_plan
 from gain_exp.train.experiment import build_experiment
 from gain_exp.core.faithfulness import deletion_insertion
 from gain_exp.core.losses import map_masks
@@ -37,7 +38,7 @@ def test_the_evaluator_scores_the_maps_it_shows(tmp_path):
     # deletion / insertion is the mean over the first `images` maps, each computed here by hand from the same maps
     cfg = compose(tiny_overrides(tmp_path) + ["backbone.name=gain_cnn4", "trainer.eval_metrics.images=3",
                                               "trainer.eval_metrics.steps=4"])
-    exp = build_experiment(cfg, Runtime(torch.device("cpu")))
+    exp = build_experiment(make_plan(cfg), Runtime(torch.device("cpu")))
     settings = OmegaConf.to_object(cfg.trainer.eval_metrics)
     evaluator = Evaluator(exp.gain, exp.loss, exp.data, exp.runtime, batch_size=8, workers=0, amp=False,
                           mean=exp.mean, std=exp.std, progress=False, eval_metrics=settings)

@@ -15,7 +15,7 @@ from torch.utils.data import default_collate
 
 from conftest import ROOT
 from gain_exp import cli
-from gain_exp.evaluate import run_evaluator
+from gain_exp.runs.reload import run_evaluator
 from gain_exp.figure import attention_grid, attention_maps, default_names, load_runs, main
 from gain_exp.output.panels import to_pil, denormalise, overlay, tile_scale, upscale
 

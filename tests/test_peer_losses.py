@@ -171,7 +171,7 @@ def _first_image_gradient(use_mask: torch.Tensor, held: bool) -> torch.Tensor:
 
 def test_held_batch_statistics_give_each_image_its_own_input_gradient(one_thread):
     """``through``: the other images' log-probabilities reach image 0's input gradient via the batch mean and
-    variance (where a model trained on decoy digits cancels its gradient on the patch, README). ``held``: annotating
+    variance (where a model trained on decoy digits cancels its gradient on the patch, docs/results/methods-table.md). ``held``: annotating
     the other images changes nothing at image 0."""
     alone, every = torch.tensor([True, False, False, False]), torch.ones(4, dtype=torch.bool)
     through = _first_image_gradient(alone, held=False), _first_image_gradient(every, held=False)

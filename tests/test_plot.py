@@ -13,7 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from gain_exp.table import build_table, completed_runs, main
+from gain_exp.runs.tables import build_table, completed_runs
+from gain_exp.table import main
 
 pytest.importorskip("matplotlib")
 

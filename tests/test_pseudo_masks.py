@@ -197,7 +197,7 @@ def _iou_oracle(preds: list[np.ndarray], gts: list[np.ndarray], labels: int) -> 
 
 
 def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, capsys):
-    from gain_exp.train.experiment import load_run
+    from gain_exp.runs.reload import load_experiment as load_run
 
     out = tmp_path / "out"
     assert main([str(voc_run), "--split", "val", "--out", str(out), "--thresholds", "0.1:0.9:0.1"]) == 0

@@ -14,7 +14,9 @@ from conftest import ROOT, tiny_overrides
 
 from gain_exp import reproduce
 from gain_exp import table as table_tool
-from gain_exp.reproduce import Job, job_command, main, resolve_override, saved_job, sweeps_dir, verdict
+from gain_exp.reproduce import main, verdict
+from gain_exp.runs import rundir
+from gain_exp.runs.rundir import Job, job_command, resolve_override, saved_job, sweeps_dir
 
 SWEEPS = ROOT / "sweeps"
 
@@ -156,7 +158,7 @@ def test_an_old_run_without_provenance_keys_is_read_from_hydra_yaml(originals, t
     assert job.config_dirs == [str(SWEEPS)] and job.cwd == str(originals) and job.name == "moved/1"
     argv, _ = job_command(old, tmp_path / "again", ["trainer.epochs=1"])
     assert argv[-3:] == ["trainer.epochs=1", "hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'again'}"]
-    assert table_tool.load_run(old).value("loss") == "gain_ext"  # a group choice, not the loss config as JSON
+    assert rundir.read_run(old).value("loss") == "gain_ext"  # a group choice, not the loss config as JSON
 
 
 def test_relative_paths_in_overrides_resolve_against_the_original_cwd(tmp_path):
@@ -175,7 +177,7 @@ def test_a_config_dir_that_is_gone_falls_back_to_the_package_sweeps(tmp_path):
     argv, env = job.command(tmp_path / "dest")
     assert argv[argv.index("--config-dir") + 1] == str(sweeps_dir()) == str(SWEEPS)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(reproduce.package_root())
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(rundir.package_root())
 
 
 @pytest.mark.parametrize("original,again,expected", [

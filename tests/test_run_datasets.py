@@ -6,7 +6,8 @@ import torch
 
 from conftest import compose
 from fixtures_data import make_mask_folder, make_voc
-from gain_exp.evaluate import run_evaluator
+from gain_exp.runs.reload import run_evaluator
+from gain_exp.config.plan import make_plan
 from gain_exp.train.experiment import build_experiment
 from gain_exp.run import train
 from gain_exp.train.runtime import Runtime
@@ -61,8 +62,8 @@ def test_per_image_iou_scores_like_the_split_on_ignore_pixels(tmp_path, monkeypa
                             "trainer.num_panels=64", "trainer.eval_batch_size=64"])
     final = train(cfg, out_dir=tmp_path / "run")["final"]
     # A panel shows each image's first map; on multi-label data the split scores one map per (image, true class).
-    # (An in-process run saves no overrides, so load_run cannot rebuild it: the same cfg and its best weights.)
-    experiment = build_experiment(cfg, Runtime(torch.device("cpu")))
+    # (An in-process run saves no overrides, so load_experiment cannot rebuild it: the same cfg and its best weights.)
+    experiment = build_experiment(make_plan(cfg), Runtime(torch.device("cpu")))
     experiment.model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt")["model"])
     rows = run_evaluator(experiment).evaluate(experiment.data.tests["val"], "val", rows=True).rows
     maps = [m["iou"] for r in rows for m in r["maps"] if m["iou"] is not None]

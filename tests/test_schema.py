@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import typing
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from conftest import CONF, compose
 from gain_exp.config import schema
 from gain_exp.data.base import RUNTIME_ARGS
-from gain_exp.train.engine import FitConfig
+from gain_exp.config.plan import make_plan
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -34,9 +35,11 @@ RUNTIME = {
 
 # Intentional differences between a YAML value and the target's Python default: (target, key) -> why.
 ALLOWED_DIFFERENCES = {
-    # The app's default is max (min-max hid a uniform, cue-driven rise of the map from L_e on shapes, README);
+    # The app's default is max (min-max hid a uniform, cue-driven rise of the map from L_e on shapes, docs/results/shapes.md);
     # the Python API keeps the public implementations' min-max (GAIN docstring).
     ("gain_exp.core.gain.GAIN", "normalisation"): "app: max; API: minmax",
+    # the cosine schedule's length is the run's epochs (torch requires T_max; the YAML interpolates it)
+    ("torch.optim.lr_scheduler.CosineAnnealingLR", "T_max"): "app: ${trainer.epochs}; torch: required",
     # From scratch, frozen AM-stream BN collapsed eval accuracy on shapes (conf/config.yaml); the API keeps the
     # seed's choice for pretrained backbones, which the pretrained experiments set explicitly.
     ("gain_exp.core.gain.GAIN", "freeze_am_bn"): "app: false; API: true",
@@ -140,18 +143,30 @@ def _split(node: DictConfig, dotted: str) -> tuple[DictConfig, str]:
     return node, last
 
 
-def test_fit_config_has_no_defaults_and_the_trainer_schema_types():
-    fields = {f.name: f for f in dataclasses.fields(FitConfig)}
-    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields.values())
-    fit_types = typing.get_type_hints(FitConfig)
-    schema_types = typing.get_type_hints(schema.TrainerSchema)
-    for name in set(fields) - {"seed"}:  # seed is the top-level key, typed by AppSchema
-        assert name in schema_types, f"FitConfig.{name} is not a trainer key"
-        if name == "workers":  # auto or a count in the YAML; FitConfig holds the resolved count
-            assert (schema_types[name], fit_types[name]) == (typing.Any, int)
-            continue
-        assert fit_types[name] == schema_types[name], f"FitConfig.{name}: {fit_types[name]} vs {schema_types[name]}"
-    assert fit_types["seed"] == typing.get_type_hints(schema.AppSchema)["seed"]
+def test_the_plan_gives_the_loop_the_typed_trainer_settings_with_every_auto_resolved(tmp_path):
+    # one place types the trainer's keys (TrainerSchema) and the loop takes that object, resolved
+    plan = make_plan(compose([f"dataset.root={tmp_path}"]))
+    assert isinstance(plan.trainer, schema.TrainerSchema)
+    assert isinstance(plan.trainer.eval_metrics, schema.EvalMetricsSchema)
+    assert plan.trainer.workers == 0 and plan.device == torch.device("cpu")  # auto on a CPU machine
+    assert plan.trainer.monitor == "auto" and plan.optimize_metric == "auto"  # resolved once the data exists
+    resolved = plan.with_data(SimpleNamespace(multi_label=True), training=False)
+    assert resolved.monitor == "val/mAP" and resolved.optimize_metric == "val/mAP"
+    keys = set(compose([]).trainer.keys())
+    assert keys == {f.name for f in dataclasses.fields(schema.TrainerSchema)}
+
+
+@pytest.mark.parametrize("override, sentence", [
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1."),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be >= 1."),
+    ("trainer.eval_metrics.steps=0", "trainer.eval_metrics.steps=0 must be >= 1."),
+    ("trainer.scheduler._target_=torch.optim.lr_scheduler.NoSuchLR", "trainer.scheduler._target_=torch.optim."),
+    ("trainer.scheduler._partial_=false", "trainer.scheduler needs _partial_: true"),
+])
+def test_the_trainer_ranges_are_checked_where_the_keys_are_typed(override, sentence):
+    with pytest.raises(ValueError) as err:
+        make_plan(compose([override]))
+    assert str(err.value).startswith(sentence) and "\n" not in str(err.value)
 
 
 def test_schemas_are_not_group_options_or_choices():

@@ -1,5 +1,5 @@
 """The seed repository's remaining switches: loss.cl_weight, trainer.test_first, checkpoint_every, training panels,
-positive/negative panel counts, steps_per_epoch (README: "Coming from the seed repository")."""
+positive/negative panel counts, steps_per_epoch (docs/seed.md)."""
 from __future__ import annotations
 
 import json

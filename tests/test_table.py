@@ -13,7 +13,9 @@ import yaml
 
 from conftest import ROOT, tiny_overrides
 from gain_exp import run as app
-from gain_exp.table import build_table, completed_runs, find_runs, load_run, main
+from gain_exp.runs.rundir import find_runs, read_run
+from gain_exp.runs.tables import build_table, completed_runs
+from gain_exp.table import main
 
 
 def make_run(path: Path, overrides: list[str], final: dict, status: str = "completed",
@@ -80,7 +82,7 @@ def test_rows_fall_back_to_group_choices_and_config_values(tmp_path):
                  config={"gain": {"sigma": 0.5}})
     b = make_run(tmp_path / "b", ["loss=gain", "gain.sigma=0.3"], {"val/acc": 0.6}, choices={"loss": "gain"},
                  config={"gain": {"sigma": 0.3}})
-    runs = [load_run(p) for p in find_runs([a, b])]
+    runs = [read_run(p) for p in find_runs([a, b])]
     table = build_table(runs)
     assert table.row_keys == ["loss", "gain.sigma"] and table.metrics == ["val/acc"]  # no test split: val
     assert [row.values for row in table.rows] == [("gain_ext", "0.5"), ("gain", "0.3")]
@@ -238,7 +240,7 @@ def test_bad_specs_are_one_sentence_errors(tmp_path, monkeypatch, capsys, conten
 
 @pytest.mark.parametrize("spec_file", sorted((ROOT / "sweeps" / "tables").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_reprints_its_committed_cells(spec_file):
-    from gain_exp.table import read_spec, table_from_spec
+    from gain_exp.runs.tables import read_spec, table_from_spec
 
     spec = read_spec(spec_file)
     table, _ = table_from_spec(spec)

@@ -9,10 +9,11 @@ import os
 from typing import Any
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from gain_exp.config.schema import TrainerSchema
 from gain_exp.core.backbones import create_backbone
 from gain_exp.core.gain import check_options as check_gain_options
 from gain_exp.core.losses import check_options as check_loss_options
@@ -32,42 +33,42 @@ def check_config(cfg: DictConfig) -> None:
     if t.compile and loss.ex_weight > 0 and loss.ex_loss == "rrr":
         raise ValueError("trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
                          "trains through input gradients); set trainer.compile=false.")
-    checks = [
-        (t.epochs >= 1, f"trainer.epochs={t.epochs} must be >= 1"),
-        (t.batch_size >= 1, f"trainer.batch_size={t.batch_size} must be >= 1"),
-        (t.eval_batch_size is None or t.eval_batch_size >= 1, f"trainer.eval_batch_size={t.eval_batch_size} must be >= 1 or null"),
-        (t.optimizer.lr > 0, f"trainer.optimizer.lr={t.optimizer.lr} must be > 0"),
-        (t.scheduler in ("cosine", "none", None), f"trainer.scheduler={t.scheduler} is unknown; use cosine or none"),
-        (t.monitor_mode in ("max", "min"), f"trainer.monitor_mode={t.monitor_mode} must be max or min"),
-        (t.test_on in ("best", "last"), f"trainer.test_on={t.test_on} is unknown; use best or last"),
-        (t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
-         f"trainer.device={t.device} is unknown; use auto, cpu or cuda"),
-        (t.workers == "auto" or (isinstance(t.workers, int) and not isinstance(t.workers, bool) and t.workers >= 0),
-         f"trainer.workers={t.workers} must be auto or a count >= 0"),
-        (t.grad_clip is None or t.grad_clip > 0,
-         f"trainer.grad_clip={t.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping"),
-        (t.num_panels >= 0, f"trainer.num_panels={t.num_panels} must be >= 0"),
-        (t.train_panels >= 1, f"trainer.train_panels={t.train_panels} must be >= 1"),
-        *((v is None or v >= 1, f"trainer.{k}={v} must be >= 1 or null") for k, v in (
-            ("train_panels_every", t.train_panels_every), ("checkpoint_every", t.checkpoint_every),
-            ("steps_per_epoch", t.steps_per_epoch))),
-        *((getattr(t.eval_metrics, m) in ("epoch", "test", "off"),
-           f"trainer.eval_metrics.{m}={getattr(t.eval_metrics, m)} is unknown; use epoch, test or off")
-          for m in ("spurious_energy", "deletion_insertion")),
-        (t.eval_metrics.steps >= 1, f"trainer.eval_metrics.steps={t.eval_metrics.steps} must be >= 1"),
-        (t.eval_metrics.baseline in ("blur", "mean", "zero"),
-         f"trainer.eval_metrics.baseline={t.eval_metrics.baseline} is unknown; use blur, mean or zero"),
-        (t.eval_metrics.images is None or t.eval_metrics.images >= 1,
-         f"trainer.eval_metrics.images={t.eval_metrics.images} must be >= 1 or null"),
-        *((v is None or v >= 0, f"trainer.{k}={v} must be >= 0 or null") for k, v in (
-            ("panel_positives", t.panel_positives), ("panel_negatives", t.panel_negatives))),
-    ]
-    for ok, sentence in checks:
-        if not ok:
-            raise ValueError(sentence + ".")
+    trainer_settings(cfg.trainer)  # the range checks live beside the types (TrainerSchema)
     check_optimizer_keys(t.optimizer)
+    check_scheduler(t.scheduler)
     if not timm.is_model(cfg.backbone.name):
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
+
+
+def trainer_settings(node: DictConfig) -> TrainerSchema:
+    """The trainer/ node as the typed object the loop takes; its ranges are checked on the way (TrainerSchema)."""
+    settings = OmegaConf.to_object(node)
+    if not isinstance(settings, TrainerSchema):  # a node composed without the schema (hand-built in a script)
+        settings = TrainerSchema(**{k: node[k] for k in node})
+    return settings
+
+
+def check_scheduler(node: Any) -> None:
+    """trainer.scheduler is null or a node naming a learning-rate scheduler class (or factory) by ``_target_``."""
+    if node is None:
+        return
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ValueError(f"trainer.scheduler={node} is not a scheduler node; give one with a _target_ such as "
+                         f"torch.optim.lr_scheduler.CosineAnnealingLR (the default in conf/trainer/default.yaml), "
+                         f"or trainer.scheduler=null for a constant learning rate.")
+    _import_target(node._target_, "trainer.scheduler._target_",
+                   "name a torch.optim.lr_scheduler class such as torch.optim.lr_scheduler.CosineAnnealingLR")
+    if not node.get("_partial_"):
+        raise ValueError("trainer.scheduler needs _partial_: true (the app passes the optimizer when it builds it); "
+                         "add +trainer.scheduler._partial_=true or copy the default node in conf/trainer/default.yaml.")
+
+
+def _import_target(target: Any, key: str, how: str) -> Any:
+    module, _, name = str(target).rpartition(".")
+    try:  # importlib, not hydra.utils.get_class: that one also logs its own multi-line error
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"{key}={target} is not importable; {how}.") from None
 
 
 def check_data(cfg: DictConfig, data: Any) -> None:
@@ -118,12 +119,8 @@ def check_optimizer_keys(node: DictConfig) -> None:
     """Every trainer.optimizer key is an argument of its class: the node is open (keys vary by class), so the
     schema cannot catch a misspelt one."""
     target = node._target_
-    module, _, name = str(target).rpartition(".")
-    try:  # importlib, not hydra.utils.get_class: that one also logs its own multi-line error
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"trainer.optimizer._target_={target} is not an importable class; name a torch.optim class "
-                         f"such as torch.optim.AdamW or torch.optim.SGD.") from None
+    cls = _import_target(target, "trainer.optimizer._target_",
+                         "name a torch.optim class such as torch.optim.AdamW or torch.optim.SGD")
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return

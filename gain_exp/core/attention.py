@@ -199,7 +199,7 @@ def _suggest_layers(model: nn.Module, limit: int = 12) -> list[str]:
 
 # CAM methods: each maps (feature map A, gradient g = dS/dA), both ... x C x h x w, to the weights w that form the map
 # ReLU(sum_k w_k * A_k); w is ... x C x 1 x 1 (channel weights) or ... x C x h x w (element-wise weights). The
-# formulas and constants follow pytorch-grad-cam 1.5 (see METHODS.md); all are plain torch ops, so with
+# formulas and constants follow pytorch-grad-cam 1.5 (see docs/methods.md, "CAM methods"); all are plain torch ops, so with
 # grad_mode=full (create_graph) the loss differentiates through g (second order through the layers after A) and
 # through every use of A inside the weights.
 

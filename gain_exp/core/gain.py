@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gain_exp.core.attention import (CAM_METHODS, NORMALISATIONS, FeatureExtractor, class_activation_maps, normalise,
-                                unfuse_attention_after)
+from gain_exp.core.attention import (
+    CAM_METHODS,
+    NORMALISATIONS,
+    FeatureExtractor,
+    class_activation_maps,
+    normalise,
+    unfuse_attention_after,
+)
 
 FORMULATIONS = ("batch", "per_label")
 GRAD_MODES = ("full", "features", "frozen")
@@ -67,7 +73,7 @@ class GAIN(nn.Module):
         sigma, omega: threshold and scale of the soft mask T(A) = sigmoid(omega (A - sigma)).
         normalisation: ``minmax`` (public implementations), ``max`` or ``none``, applied per map before
             thresholding and L_e. Min-max hides a uniform rise of the map (a cue spread over the image) from
-            L_e; on the built-in shapes ``max`` lifted GAIN_ext's unbiased accuracy 0.50 -> 0.76 (README).
+            L_e; on the built-in shapes ``max`` lifted GAIN_ext's unbiased accuracy 0.50 -> 0.76 (docs/results/shapes.md).
         fill: what erased pixels become: ``zero`` (I - T I on the input tensor, the paper's formula),
             ``mean`` (each image's mean colour) or an RGB triple in [0, 1] pixel units.
         am_grad_scale: factor on the gradient flowing back through the AM stream's input.

@@ -2,19 +2,19 @@
 
 L_e takes one of five forms (``ex_loss``), all supervised by the pixel masks H of the annotated images: GAIN_ext's
 MSE (Eq. 7) and four peer guidance losses, three on GAIN's attention map (GRADIA, HAICS, energy) and one on input
-gradients (RRR). METHODS.md, "Peer guidance losses", gives their sources.
+gradients (RRR). docs/methods.md, "Peer guidance losses", gives their sources.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gain_exp.data.base import IGNORE_INDEX
 from gain_exp.core.gain import GAINOutput
+from gain_exp.data.base import IGNORE_INDEX
 
 AM_SCORES = ("softmax", "sigmoid", "logit")
 EX_ON = ("attention", "mask")
@@ -44,6 +44,55 @@ class LossTerms:
 
     def as_dict(self) -> dict[str, float]:
         return dict(zip(LOSS_NAMES, self.stacked().tolist()))
+
+
+@dataclass(frozen=True)
+class StepNeeds:
+    """What a training step must give GAINLoss in one epoch (``GAINLoss.step_needs``), besides the batch."""
+
+    mining: bool  # the attention-mining stream (L_am is on)
+    maps: bool  # attention maps for L_e (a map form of L_e is on): only a batch with masks needs them
+    input_gradients: bool  # images with requires_grad before the forward: L_e differentiates the logits (RRR)
+    held_norm_stats: bool  # those input gradients from the annotated images run again, batch norm held (StepInputs)
+
+    def attention(self, has_masks: bool) -> bool:
+        """Whether the step runs the attention stream, for a batch with (``has_masks``) or without annotated images."""
+        return self.mining or (self.maps and has_masks)
+
+
+class StepInputs:
+    """One training step's inputs as GAINLoss needs them (``GAINLoss.step_inputs``).
+
+    Run the model's forward on ``images`` inside ``with step:``, then pass ``**step.loss_inputs()`` to the loss. RRR
+    (input gradients, trained through by double backprop): ``images`` have requires_grad set, and the loss
+    differentiates this forward's logits (``rrr_norm_stats=through``); or, with the statistics ``held``, the
+    forward records each batch-norm layer's batch statistics and the annotated images run again with them
+    (RightReasonsInputs). Any other loss: the images as given, nothing else for the loss.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, needs: StepNeeds,
+                 has_masks: bool = True) -> None:
+        through = needs.input_gradients and not needs.held_norm_stats
+        self.images = images.detach().requires_grad_(True) if through else images
+        self.use_mask, self.has_masks = use_mask, has_masks
+        self._inputs = self.images if through else None
+        self.recorder = RightReasonsInputs(model) if needs.input_gradients and needs.held_norm_stats else None
+
+    def __enter__(self) -> StepInputs:
+        if self.recorder is not None:
+            self.recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(*exc)
+
+    def loss_inputs(self) -> dict[str, Any]:
+        """GAINLoss.forward's ``images`` and ``input_logits`` for this step (after the forward)."""
+        if self.recorder is not None and self.has_masks:
+            input_logits, inputs = self.recorder(self.images, self.use_mask)
+            return {"images": inputs, "input_logits": input_logits}
+        return {"images": self._inputs, "input_logits": None}
 
 
 class GAINLoss(nn.Module):
@@ -107,6 +156,31 @@ class GAINLoss(nn.Module):
     def input_gradients(self, epoch: int) -> bool:
         """Whether this epoch's step must pass ``images`` with requires_grad (RRR's L_e), instead of attention."""
         return self.ex_loss == "rrr" and self.active(epoch)[1]
+
+    def step_needs(self, epoch: int) -> StepNeeds:
+        """What this epoch's training step must give the loss: which GAIN streams to run, and input gradients."""
+        am_on, ex_on = self.active(epoch)
+        input_grad = self.input_gradients(epoch)
+        return StepNeeds(mining=am_on, maps=ex_on and not input_grad, input_gradients=input_grad,
+                         held_norm_stats=input_grad and self.rrr_norm_stats == "held")
+
+    def prepare(self, model: nn.Module, epoch: int) -> None:
+        """Set ``model`` up for this epoch's training steps, before the first.
+
+        Input gradients (RRR): the double backward runs through every layer, and fused attention kernels (timm's
+        ViT, Swin: ``fused_attn``) have none, so those modules switch to the unfused path, for good (evaluation then
+        runs the path training does).
+        """
+        if self.input_gradients(epoch):
+            for module in model.modules():
+                if getattr(module, "fused_attn", False):
+                    module.fused_attn = False
+
+    def step_inputs(self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, epoch: int,
+                    has_masks: bool = True) -> StepInputs:
+        """This epoch's step inputs for one batch (see StepInputs); ``has_masks``: any image of the batch annotated
+        (under several processes always True: every process runs what the loss's collectives need)."""
+        return StepInputs(model, images, use_mask, self.step_needs(epoch), has_masks)
 
     def forward(
         self,
@@ -231,7 +305,7 @@ class RightReasonsInputs:
     then ``inputs(images, use_mask)`` gives (logits, images) of the annotated rows, images with requires_grad set,
     normalised with those statistics as constants: the training forward's function of one image. The training
     forward's own input gradient also flows through the batch's mean and variance, where other images' terms can
-    cancel an image's gradient (README, "Measured: which guidance wins", RRR). Only the annotated rows run again.
+    cancel an image's gradient (docs/results/methods-table.md, RRR). Only the annotated rows run again.
     Under SyncBatchNorm the statistics held are this process's.
     """
 
@@ -240,7 +314,7 @@ class RightReasonsInputs:
         self.stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> "RightReasonsInputs":
+    def __enter__(self) -> RightReasonsInputs:
         self.stats = {}
         self._handles = [m.register_forward_hook(self._record) for m in self.model.modules()
                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
@@ -273,7 +347,7 @@ class RightReasonsInputs:
 
 
 # Per-map forms of L_e: (pred, truth, valid), each N x H x W -> (loss per map, maps kept or None for all). Means
-# run over the valid pixels (ignore pixels are left out). Sources: METHODS.md, "Peer guidance losses".
+# run over the valid pixels (ignore pixels are left out). Sources: docs/methods.md, "Peer guidance losses".
 MapLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 

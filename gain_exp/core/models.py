@@ -11,7 +11,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model
 from torch import nn
 
-
 NORMS = ("batch", "group", "none")  # SmallCNN's normalisation layers: BatchNorm2d, GroupNorm (8 groups), none
 
 

@@ -1,6 +1,6 @@
 """Built-in "decoy digits": real handwritten digit scans with a corner patch whose colour is a spurious label cue.
 
-The Decoy MNIST protocol of Ross et al. (IJCAI 2017, "Right for the Right Reasons"; METHODS.md "Protocols") on the
+The Decoy MNIST protocol of Ross et al. (IJCAI 2017, "Right for the Right Reasons"; docs/methods.md, "Protocols") on the
 1,797 8 x 8 scans that ship inside scikit-learn (``sklearn.datasets.load_digits``, UCI optical digits; no download).
 Each scan (ink 0..16) is upsampled bilinearly into the centre of a black image of side ``image_size``, leaving a
 border as wide as the decoy patch, as MNIST's 20 px digit box sits inside its 28 px image. The patch is a square of
@@ -8,7 +8,7 @@ side round(image_size * patch_fraction) in a random corner of that border, so it
 names the digit c, where c is the label y with probability ``bias`` (1.0: always, as in Ross et al.) in train, val and
 test_biased, and a uniformly random digit, independent of y, in test_unbiased (Ross et al.'s test: the shade of a
 random digit). ``decoy=grey`` paints Ross et al.'s grey level 255 - 25 c; ``decoy=colour`` the hue c / 10 at full
-saturation and value, a cue a global-average-pooled CNN picks up where the grey levels are not (README).
+saturation and value, a cue a global-average-pooled CNN picks up where the grey levels are not (docs/results/methods-table.md).
 ``patch_fraction=0.142857`` (4/28) and ``decoy=grey`` is Ross et al.'s 4 x 4 swatch on 28 px MNIST.
 
 Images are RGB with the scan's grey level replicated, so ImageNet-normalised backbones apply. Pixel masks (for L_e and

@@ -44,8 +44,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Sampler
 
-from gain_exp.data.base import (IGNORE_INDEX, DataSplits, Sample, choose_masks, classes_without_images, derive_seed,
-                                describe_classes_without_images)
+from gain_exp.data.base import (
+    IGNORE_INDEX,
+    DataSplits,
+    Sample,
+    choose_masks,
+    classes_without_images,
+    derive_seed,
+    describe_classes_without_images,
+)
 from gain_exp.data.images import UnreadableFile, check_image, load_rgb, mask_array
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 

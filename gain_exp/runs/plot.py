@@ -24,7 +24,7 @@ from gain_exp.output.files import atomic_write
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from gain_exp.table import Table
+    from gain_exp.runs.tables import Table
 
 Style = tuple[tuple[float, float, float], str]  # a row's bar colour (RGB) and hatch
 

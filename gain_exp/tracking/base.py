@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,34 +106,3 @@ class Trackers(Tracker):
             self.backends.remove(backend)
             log.warning("%s failed in %s (%s: %s); it is dropped for the rest of this run, local JSON logging "
                         "continues.", type(backend).__name__, method, type(err).__name__, err)
-
-
-def build_tracker(logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[str, Any],
-                  resume: dict[str, Any] | None = None) -> Trackers:
-    """The local JSON tracker plus one backend per ``logger.<name>`` node, each built from its ``_target_``.
-
-    ``resume``: the ``Trackers.state()`` saved with the checkpoint a resumed run continues from.
-    """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    from gain_exp.tracking.json import JsonTracker
-
-    backends: list[Tracker] = [JsonTracker(out_dir, resume=(resume or {}).get("json"))]
-    names = ["json"]
-    for name, node in (logger_cfg or {}).items():
-        if node is None:  # logger.<name>=null switches a composed backend off
-            continue
-        if not hasattr(node, "get") or not node.get("_target_"):
-            raise ValueError(f"logger.{name} has no _target_; each logger.<name> entry is a backend config such as "
-                             f"conf/logger/wandb.yaml (pick one with logger=wandb, logger=tensorboard or logger=json).")
-        try:
-            # partial first: instantiate would also try to build the _target_ nodes inside run_config
-            make = instantiate(node, _partial_=True, _convert_="all")
-        except InstantiationException as err:
-            if isinstance(err.__cause__, (ValueError, ImportError)):
-                raise err.__cause__ from None
-            raise
-        backends.append(make(out_dir=Path(out_dir), run_config=run_config, resume=(resume or {}).get(name)))
-        names.append(name)
-    return Trackers(backends, names)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gain_exp.output.files import jsonable
-from gain_exp.tracking.base import Tracker
 from gain_exp.output.panels import Panel, save_panels
+from gain_exp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
 

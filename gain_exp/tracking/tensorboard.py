@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from gain_exp.output.files import jsonable
-from gain_exp.tracking.base import PanelSchedule, Tracker
 from gain_exp.output.panels import Panel
+from gain_exp.tracking.base import PanelSchedule, Tracker
 
 
 class TensorboardTracker(Tracker):

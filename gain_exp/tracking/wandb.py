@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 import torch
 
 from gain_exp.core.metrics import LOC_THRESHOLD
-from gain_exp.tracking.base import PanelSchedule, Tracker
 from gain_exp.output.panels import Panel, overlay, tile_scale, upscale
+from gain_exp.tracking.base import PanelSchedule, Tracker
 
 log = logging.getLogger("gain_exp.tracking")
 

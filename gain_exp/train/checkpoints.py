@@ -1,5 +1,5 @@
-"""Checkpoints: writing them atomically, the RNG state they carry, where they are, reading them safely, and what
-may differ on resume.
+"""Checkpoints: which files an epoch gets (CheckpointPolicy), writing them atomically, the RNG state they carry,
+where they are, reading them safely, and what may differ on resume.
 
 A checkpoint stores the config it was made with (``run.config``). On resume, settings that define the experiment
 (backbone, classes, dataset, formulation, optimizer and schedule type) must match; the others (epochs, learning rate
@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 # Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
 MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "dataset", "gain.formulation",
-              "trainer.optimizer._target_", "trainer.scheduler")
+              "trainer.optimizer._target_", "trainer.scheduler._target_")
 # Within those, keys that only locate or read the same data.
 MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
 # What the resumed run would not notice, so there is nothing to note.
@@ -32,6 +33,68 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     with atomic_write(path) as f:
         torch.save(state, f)
     return path
+
+
+class CheckpointPolicy:
+    """Which checkpoint files each epoch gets, written from one serialisation, and the best epoch so far (the role of
+    timm's CheckpointSaver).
+
+    After an epoch, in this order: ``best.ckpt`` when the monitored val metric improved, ``last.ckpt`` always,
+    ``epoch_NNN.ckpt`` (NNN: epochs done) every ``every`` epochs. They hold one state, resuming at the next epoch: it
+    is serialised once, into the first, and the others are byte copies of that file, each written atomically.
+
+    Args:
+        folder: the run's ``checkpoints`` directory.
+        monitor: the val metric that picks the best epoch; ``mode``: ``max`` or ``min`` is better.
+        every: ``trainer.checkpoint_every`` (None or 0: no ``epoch_NNN`` copies).
+    """
+
+    def __init__(self, folder: str | os.PathLike, monitor: str, mode: str = "max", every: int | None = None) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"trainer.monitor_mode={mode} must be max or min")
+        self.folder, self.monitor, self.mode, self.every = Path(folder), monitor, mode, every
+        self.best: dict[str, Any] = {"metric": monitor, "value": None, "epoch": None}  # saved, resumed, summarised
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.ckpt"
+
+    def improves(self, value: Any) -> bool:
+        """Whether ``value`` of the monitor beats the best so far (a missing or NaN value never does)."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        best = self.best["value"]
+        return best is None or (value > best if self.mode == "max" else value < best)
+
+    def after_epoch(self, epoch: int, metrics: dict[str, Any],
+                    state: Callable[[], dict[str, Any] | None]) -> dict[str, Path]:
+        """Epoch ``epoch`` (0-based) ended with val ``metrics``: update the best, then write this epoch's files from
+        one call of ``state`` (after the update: best.ckpt records itself as the best). Returns {name: path}."""
+        names = []
+        value = metrics.get(self.monitor)
+        if self.improves(value):
+            self.best = {"metric": self.monitor, "value": value, "epoch": epoch}
+            names.append("best")
+        names.append("last")
+        if self.every and (epoch + 1) % self.every == 0:
+            names.append(f"epoch_{epoch + 1:03d}")
+        return self.write(names, state)
+
+    def write(self, names: list[str], state: Callable[[], dict[str, Any] | None]) -> dict[str, Path]:
+        """Write checkpoints ``names`` (in order) from one call of ``state``; returns {name: path}.
+
+        Every process calls this alike: ``state`` may be a collective (it gathers every process's RNG streams) and
+        returns None where nothing is written (processes other than the main one).
+        """
+        paths = {name: self.path(name) for name in names}
+        snapshot = state()
+        if snapshot is None or not paths:
+            return paths
+        first, *copies = paths.values()
+        save_checkpoint(first, snapshot)
+        for path in copies:
+            with open(first, "rb") as src, atomic_write(path) as dst:
+                shutil.copyfileobj(src, dst)
+        return paths
 
 
 def rng_state() -> dict[str, Any]:
@@ -95,7 +158,7 @@ def read_checkpoint(path: Path, device: Any, mmap: bool = False, option: str = "
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     """{dotted key: [checkpoint value, new value]} of settings that changed; ValueError if one may not."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = _flatten(_legacy_scheduler(saved, new)), _flatten(new)
     changed = {k: [old_flat.get(k), new_flat.get(k)] for k in sorted(old_flat.keys() | new_flat.keys())
                if old_flat.get(k) != new_flat.get(k) and not _under(k, IGNORED)}
     fixed = [k for k in changed if _under(k, MUST_MATCH) and not _under(k, MAY_DIFFER)]
@@ -127,6 +190,17 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, opti
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # the closed form at the current epoch
             group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _legacy_scheduler(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints made before trainer.scheduler became a ``_target_`` node named it ``cosine`` or ``none``."""
+    trainer = saved.get("trainer") or {}
+    old = trainer.get("scheduler")
+    if not isinstance(old, str):
+        return saved
+    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True,
+              "T_max": trainer.get("epochs")}
+    return {**saved, "trainer": {**trainer, "scheduler": cosine if old == "cosine" else None}}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,17 +22,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from gain_exp.train.checkpoints import (apply_hyperparameters, config_changes, read_checkpoint, resolve_checkpoint,
-                                  restore_rng, rng_state, save_checkpoint)
-from gain_exp.data.base import DataSplits
-from gain_exp.train.evaluation import Evaluator
+from gain_exp.core.losses import LOSS_NAMES
 from gain_exp.output.files import load_state
-from gain_exp.core.gain import GAIN
-from gain_exp.core.losses import LOSS_NAMES, GAINLoss, RightReasonsInputs
-from gain_exp.train.runtime import Runtime
-from gain_exp.config.schema import EvalMetricsSchema
-from gain_exp.train.signals import StopSafeLoader, stop_signals
 from gain_exp.tracking import Tracker
+from gain_exp.train.checkpoints import (
+    CheckpointPolicy,
+    apply_hyperparameters,
+    config_changes,
+    read_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    rng_state,
+)
+from gain_exp.train.evaluation import Evaluator
+from gain_exp.train.experiment import Experiment
+from gain_exp.train.signals import StopSafeLoader, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -50,63 +54,16 @@ class Interrupted(Exception):
         self.signum = signum  # the signal that stopped the run (None: trainer.interrupt_after_steps)
 
 
-@dataclass
-class FitConfig:
-    """The trainer/ config group's loop settings plus the run's seed and resolved monitor.
-
-    No defaults on purpose: conf/trainer/default.yaml holds them (with comments), so they cannot drift; each field
-    has the type of its key in gain_exp.config.schema.TrainerSchema (tests/test_schema.py checks both).
-    """
-
-    epochs: int
-    batch_size: int
-    eval_batch_size: int | None
-    workers: int
-    amp: bool
-    channels_last: bool
-    grad_clip: float | None
-    seed: int
-    monitor: str  # resolved: never "auto"
-    monitor_mode: str
-    num_panels: int
-    eval_metrics: EvalMetricsSchema
-    panel_positives: int | None
-    panel_negatives: int | None
-    train_panels_every: int | None
-    train_panels: int
-    test_first: bool
-    checkpoint_every: int | None
-    steps_per_epoch: int | None
-    table_images: int
-    log_every_n_steps: int
-    resume: str | None
-    interrupt_after_steps: int | None
-    progress: bool | None
-    test_on: str
-
-    @classmethod
-    def from_config(cls, cfg: Any, monitor: str, device: torch.device) -> FitConfig:
-        """A composed config's loop settings: its trainer/ keys, seed, resolved ``monitor`` and worker count."""
-        from omegaconf import OmegaConf
-
-        from gain_exp.config.checks import resolve_workers
-
-        t = cfg.trainer
-        return cls(seed=cfg.seed, monitor=monitor, workers=resolve_workers(t.workers, device),
-                   eval_metrics=OmegaConf.to_object(t.eval_metrics),
-                   **{k: v for k, v in t.items() if k in cls.__dataclass_fields__
-                      and k not in ("monitor", "workers", "eval_metrics")})
-
-
-def build_evaluator(gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, cfg: FitConfig,
-                    mean: tuple[float, ...], std: tuple[float, ...]) -> Evaluator:
-    """The Evaluator a run's settings describe: eval batch size, workers, precision, memory format, progress and
+def build_evaluator(experiment: Experiment) -> Evaluator:
+    """The Evaluator an experiment's plan describes: eval batch size, workers, precision, memory format, progress and
     explanation metrics. The Trainer's, and gain_exp.evaluate's when it scores a saved run again."""
-    return Evaluator(gain, loss, data, runtime, batch_size=cfg.eval_batch_size or cfg.batch_size,
-                     workers=cfg.workers, amp=cfg.amp, mean=mean, std=std,
-                     progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
-                     memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format,
-                     eval_metrics=cfg.eval_metrics)
+    t = experiment.plan.trainer
+    return Evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime,
+                     batch_size=t.eval_batch_size or t.batch_size, workers=t.workers, amp=t.amp,
+                     mean=experiment.mean, std=experiment.std,
+                     progress=sys.stderr.isatty() if t.progress is None else t.progress,
+                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+                     eval_metrics=t.eval_metrics)
 
 
 class Trainer:
@@ -114,28 +71,23 @@ class Trainer:
 
     def __init__(
         self,
-        gain: GAIN,
-        loss: GAINLoss,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        data: DataSplits,
-        cfg: FitConfig,
+        experiment: Experiment,
         out_dir: str | os.PathLike,
         tracker: Tracker,
-        runtime: Runtime | torch.device,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
         record: dict[str, Any] | None = None,
-        val_metric_names: dict[str, str] | None = None,
     ) -> None:
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(torch.device(runtime))
+        self.experiment, self.plan = experiment, experiment.plan
+        self.runtime = experiment.runtime
         self.device = self.runtime.device
-        self.gain, self.loss, self.optimizer, self.scheduler = gain, loss, optimizer, scheduler
-        self.data, self.cfg, self.tracker = data, cfg, tracker
+        self.gain, self.loss = experiment.gain, experiment.loss
+        self.optimizer, self.scheduler = experiment.optimizer, experiment.scheduler
+        self.data, self.tracker = experiment.data, tracker
+        self.cfg, self.seed = self.plan.trainer, self.plan.seed  # the typed trainer settings (config.schema)
+        cfg, data, gain = self.cfg, self.data, self.gain
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.mean, self.std = mean, std
-        self.val_metric_names = val_metric_names or {"trainer.monitor": cfg.monitor}  # config key -> metric name
+        self.mean, self.std = experiment.mean, experiment.std
+        self.val_metric_names = self.plan.val_metric_names()  # config key -> metric name
         self.record = record or {}  # provenance + resolved config, saved in every checkpoint
         self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
         self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume
@@ -169,7 +121,7 @@ class Trainer:
             self.step_module = DistributedDataParallel(gain, device_ids=[self.device] if self.device.type == "cuda"
                                                        else None)
             self._count = self.runtime.mean_count
-        self.evaluator = build_evaluator(gain, loss, data, self.runtime, cfg, mean, std)
+        self.evaluator = build_evaluator(experiment)
 
     # ----------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
@@ -193,10 +145,9 @@ class Trainer:
                 self.history.append(record)
                 self.tracker.log_metrics(record, self.step)
                 finished, self.epoch, self.batch_in_epoch = self.epoch, self.epoch + 1, 0
-                self._update_best(val, finished)  # best.ckpt, like last.ckpt, resumes at the next epoch
-                self.save_checkpoint("last")
-                if self.cfg.checkpoint_every and self.epoch % self.cfg.checkpoint_every == 0:
-                    self.save_checkpoint(f"epoch_{self.epoch:03d}")  # resumes at epoch self.epoch, like last.ckpt
+                saved = self.checkpoints.after_epoch(finished, val, self._state)  # each resumes at the next epoch
+                if "best" in saved:
+                    self.tracker.log_checkpoint(saved["best"], "best")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
             tests: dict[str, float] = {}
             if self.data.tests:
@@ -248,7 +199,7 @@ class Trainer:
 
     def _load_test_weights(self) -> None:
         """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
-        best = self.ckpt_dir / "best.ckpt"
+        best = self.checkpoints.path("best")
         self.runtime.barrier()  # the main process has written best.ckpt
         if self.cfg.test_on == "best" and self.best.get("epoch") is not None and best.is_file():
             self.gain.model.load_state_dict(load_state(best, map_location=self.device)["model"])
@@ -265,14 +216,10 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
         self.gain.train()
-        _seed_epoch(self.cfg.seed, epoch, self.runtime.rank)
+        _seed_epoch(self.seed, epoch, self.runtime.rank)
         loader = self._train_loader(epoch)
-        am_on, ex_on = self.loss.active(epoch)
-        input_grad = self.loss.input_gradients(epoch)
-        if input_grad:  # RRR's double backward runs through every layer; fused attention kernels have none (ViT, Swin)
-            for module in self.gain.model.modules():
-                if getattr(module, "fused_attn", False):
-                    module.fused_attn = False
+        needs = self.loss.step_needs(epoch)  # which GAIN streams each step runs, and what else the loss takes
+        self.loss.prepare(self.gain.model, epoch)
         # loss sums over every step of the epoch (kept on device: no sync per step); they are saved in
         # checkpoints so the epoch means of a resumed run match an uninterrupted one
         sums, n = self._epoch_sums if self.batch_in_epoch else (None, 0)
@@ -287,22 +234,14 @@ class Trainer:
             # host tensor: no device sync; under several processes every one runs the same streams (L_e's global
             # mean is a collective even on a process whose share has no mask)
             has_masks = self.runtime.distributed or bool(batch["use_mask"].any())
-            need_attention = am_on or (ex_on and not input_grad and has_masks)
             use_mask = batch["use_mask"].to(self.device)
-            # RRR's L_e: input gradients of the log-probabilities, trained through (double backprop): of this forward
-            # (rrr_norm_stats=through), or of the annotated images run again with its batch-norm statistics held
-            held = input_grad and self.loss.rrr_norm_stats == "held"
-            if input_grad and not held:
-                images = images.detach().requires_grad_(True)
-            inputs, input_logits = (images if input_grad and not held else None), None
-            right_reasons = RightReasonsInputs(self.gain.model) if held else nullcontext()
+            inputs = self.loss.step_inputs(self.gain.model, images, use_mask, epoch, has_masks)  # as the loss needs
             with self._amp:
-                with right_reasons:
-                    out = self.step_module(images, targets, attention=need_attention, mining=am_on)
-                if held and has_masks:
-                    input_logits, inputs = right_reasons(images, use_mask)
+                with inputs:
+                    out = self.step_module(inputs.images, targets, attention=needs.attention(has_masks),
+                                           mining=needs.mining)
                 terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count,
-                                  images=inputs, input_logits=input_logits)
+                                  **inputs.loss_inputs())
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             parts = self.runtime.mean(terms.stacked())  # the global batch's loss terms, the same on every process
@@ -363,13 +302,30 @@ class Trainer:
         return result.metrics
 
     # --------------------------------------------------------------------------- checkpoints
+    @cached_property
+    def checkpoints(self) -> CheckpointPolicy:
+        """Which checkpoint files each epoch gets, and the best epoch so far (made when __init__ sets ``best``)."""
+        return CheckpointPolicy(self.ckpt_dir, self.cfg.monitor, self.cfg.monitor_mode, self.cfg.checkpoint_every)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The best epoch so far, {"metric", "value", "epoch"}: the checkpoint policy's (saved, resumed, summarised)."""
+        return self.checkpoints.best
+
+    @best.setter
+    def best(self, value: dict[str, Any]) -> None:
+        self.checkpoints.best = value
+
     def save_checkpoint(self, name: str) -> Path:
-        """Write ``checkpoints/<name>.ckpt`` atomically (main process only); returns its path."""
-        path = self.ckpt_dir / f"{name}.ckpt"
+        """Write ``checkpoints/<name>.ckpt`` atomically (main process only; every process calls it); returns its path."""
+        return self.checkpoints.write([name], self._state)[name]
+
+    def _state(self) -> dict[str, Any] | None:
+        """What a checkpoint holds; None on processes other than the main one (every process calls it: a collective)."""
         rngs = self.runtime.gather(rng_state())  # every process's streams, so a mid-epoch resume continues each
         if not self.runtime.is_main:
-            return path
-        return save_checkpoint(path, {
+            return None
+        return {
             "model": self.gain.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -383,7 +339,7 @@ class Trainer:
             "rng_ranks": rngs,
             "tracking": self.tracker.state(),  # e.g. the W&B run id, so a resumed run continues the same record
             "run": self.record,  # config, choices, overrides, git commit, versions: the checkpoint explains itself
-        })
+        }
 
     def load_checkpoint(self, where: str | os.PathLike) -> None:
         """Restore model, optimiser, scheduler, position and RNG from a checkpoint file or run directory."""
@@ -406,7 +362,8 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if new_cfg:
-            apply_hyperparameters(self.optimizer, self.scheduler, new_cfg["trainer"]["optimizer"], self.cfg.epochs)
+            length = (new_cfg["trainer"].get("scheduler") or {}).get("T_max", self.cfg.epochs)  # cosine's length
+            apply_hyperparameters(self.optimizer, self.scheduler, new_cfg["trainer"]["optimizer"], length)
         for key, (old, new) in (self.resumed or {}).get("changed", {}).items():
             log.warning("resume: %s changed from %s to %s (applied)", key, old, new)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -420,7 +377,7 @@ class Trainer:
     def _train_loader(self, epoch: int) -> DataLoader:
         data = self.data.train
         sampler = self.data.train_sampler
-        order = torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch))
+        order = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         bs = self.cfg.batch_size  # the global batch: each of W processes takes a contiguous 1/W of it
         wanted = self.cfg.steps_per_epoch * bs if self.cfg.steps_per_epoch else 0
         indices: list[int] = []
@@ -443,18 +400,8 @@ class Trainer:
         rt = self.runtime
         shards = [_shard(batch, rt.rank, rt.world_size) for batch in batches]
         return StopSafeLoader(data, batch_sampler=shards, num_workers=self.cfg.workers,
-                              generator=torch.Generator().manual_seed(_epoch_seed(self.cfg.seed, epoch)),
+                              generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch)),
                               persistent_workers=False, pin_memory=self.device.type == "cuda")
-
-    def _update_best(self, metrics: dict[str, float], epoch: int) -> None:
-        value = metrics.get(self.cfg.monitor)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return
-        better = self.best["value"] is None or (
-            value > self.best["value"] if self.cfg.monitor_mode == "max" else value < self.best["value"])
-        if better:
-            self.best = {"metric": self.cfg.monitor, "value": value, "epoch": epoch}
-            self.tracker.log_checkpoint(self.save_checkpoint("best"), "best")
 
     @contextmanager
     def _signals(self) -> Iterator[None]:

@@ -15,17 +15,17 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from gain_exp.config.schema import EvalMetricsSchema
 from gain_exp.core.attention import normalise
-from gain_exp.data.base import DataSplits
-from gain_exp.output.files import jsonable
+from gain_exp.core.faithfulness import FaithfulnessMetrics, deletion_insertion, spurious_energy
 from gain_exp.core.gain import GAIN
 from gain_exp.core.losses import GAINLoss, map_masks
 from gain_exp.core.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
-from gain_exp.core.faithfulness import FaithfulnessMetrics, deletion_insertion, spurious_energy
-from gain_exp.train.runtime import Runtime
-from gain_exp.config.schema import EvalMetricsSchema
-from gain_exp.train.signals import StopSafeLoader
+from gain_exp.data.base import DataSplits
+from gain_exp.output.files import jsonable
 from gain_exp.output.panels import Panel, denormalise
+from gain_exp.train.runtime import Runtime
+from gain_exp.train.signals import StopSafeLoader
 
 
 @dataclass

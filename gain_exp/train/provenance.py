@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gain_exp import __version__
+
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,8 +58,6 @@ def versions() -> dict[str, str]:
     """Versions of the interpreter and of the libraries that change numbers."""
     import timm
     import torch
-
-    from gain_exp import __version__
 
     return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
             "gain_exp": __version__}

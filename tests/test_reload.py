@@ -1,4 +1,4 @@
-"""load_run: a finished run's config and weights back from its directory, with new overrides on top."""
+"""load_experiment: a finished run's config and weights back from its directory, with new overrides on top."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_overrides
-from gain_exp.train.experiment import load_run, run_config
+from gain_exp.runs.reload import load_experiment, run_config
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,12 @@ def test_the_saved_config_comes_back_with_new_overrides_on_top(finished):
 
 
 def test_the_weights_are_the_checkpoint_the_run_tested_with(finished):
-    experiment = load_run(finished)
+    experiment = load_experiment(finished)
     assert experiment.checkpoint == finished / "checkpoints" / "best.ckpt"
     saved = torch.load(experiment.checkpoint, weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in experiment.model.state_dict().items())
     assert not experiment.gain.training
-    assert load_run(finished, "last").checkpoint == finished / "checkpoints" / "last.ckpt"
+    assert load_experiment(finished, "last").checkpoint == finished / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.parametrize("where,checkpoint,phrase", [
@@ -48,4 +48,4 @@ def test_the_weights_are_the_checkpoint_the_run_tested_with(finished):
 ])
 def test_bad_run_dir_or_checkpoint_is_one_sentence(finished, where, checkpoint, phrase):
     with pytest.raises(FileNotFoundError, match=phrase):
-        load_run(finished / where if where != "." else finished, checkpoint)
+        load_experiment(finished / where if where != "." else finished, checkpoint)

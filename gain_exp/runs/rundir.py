@@ -1,0 +1,341 @@
+"""A run directory as data: its summary, saved job (overrides, config dirs, threads), checkpoint choice.
+
+Everything that reads the run-directory format (summary.json, .hydra/, checkpoints/) lives here, so the format has one
+reader; tables, reproduce, evaluate, figure and cams build on it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+import gain_exp
+from gain_exp.train.checkpoints import saved_tracking
+from gain_exp.train.provenance import SOURCE_ROOT
+
+# Hydra overrides that only shape a sweep or place its output; a re-run of one job sets its own mode and run dir.
+SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.launcher", "hydra.sweeper", "hydra/launcher",
+              "hydra/sweeper", "hydra.job.num", "hydra.job.id")
+
+
+@dataclass
+class Run:
+    """One finished job as the table sees it."""
+
+    path: Path
+    summary: dict[str, Any]
+    overrides: dict[str, str]  # key (without +/++) -> value, from .hydra/overrides.yaml
+    config: dict[str, Any] = field(default_factory=dict)
+    listed: list[str] = field(default_factory=list)  # the task overrides as Hydra saved them
+    hydra: dict[str, Any] = field(default_factory=dict)  # .hydra/hydra.yaml (for runs older than summary provenance)
+    fixed: dict[str, str] = field(default_factory=dict)  # row values a spec committed, when there is no run dir
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.summary.get("final") or {}
+
+    @property
+    def task_overrides(self) -> list[str]:
+        """The job's task overrides as given (summary provenance, else .hydra/overrides.yaml)."""
+        return list(self.summary.get("overrides") or self.listed)
+
+    @property
+    def choices(self) -> dict[str, str]:
+        """Hydra group choices (``loss`` -> ``gain_ext``), from summary.json or else .hydra/hydra.yaml."""
+        saved = self.summary.get("choices") or (self.hydra.get("runtime") or {}).get("choices") or {}
+        return {k: str(v) for k, v in saved.items() if not k.startswith("hydra/") and v is not None}
+
+    def value(self, key: str) -> str:
+        """The run's setting for ``key``: its override, else its group choice, else its config value."""
+        if key in self.fixed:
+            return self.fixed[key]
+        if key in self.overrides:
+            return self.overrides[key]
+        choices = self.choices
+        if key in choices:
+            return str(choices[key])
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return "-"
+            node = node[part]
+        return json.dumps(node) if isinstance(node, (dict, list)) else str(node)
+
+    def recipe(self) -> dict[str, Any]:
+        """How to run this job again: name, task/hydra overrides, config dirs, cwd, threads, git, seed."""
+        hydra_info = self.summary.get("hydra") or {}
+        runtime = self.hydra.get("runtime") or {}
+        saved_dirs = hydra_info.get("config_dirs")
+        if saved_dirs is None:  # older runs: the --config-dir entries of Hydra's search path
+            saved_dirs = [s["path"] for s in runtime.get("config_sources") or []
+                          if s.get("provider") == "command-line" and s.get("schema") == "file"]
+        hydra_overrides = (self.hydra.get("overrides") or {}).get("hydra") or []
+        return {
+            "name": job_name(self),
+            "overrides": self.task_overrides,
+            "hydra_overrides": [o for o in hydra_overrides if not o.lstrip("+~").startswith(SWEEP_ONLY)],
+            "config_dirs": list(saved_dirs),
+            "config_name": hydra_info.get("config_name") or (self.hydra.get("job") or {}).get("config_name")
+            or "config",
+            "cwd": hydra_info.get("cwd") or runtime.get("cwd"),
+            "threads": self.summary.get("threads"),
+            "git": self.summary.get("git") or _parse_commit(self.summary.get("git_commit")),
+            "seed": self.summary.get("seed", self.config.get("seed")),
+        }
+
+
+def job_name(run: Run) -> str:
+    """Where the job lives relative to its output root: ``<sweep dir name>/<job subdir>`` or ``<run dir name>``."""
+    hydra_info = run.summary.get("hydra") or {}
+    multirun = hydra_info.get("job_num") is not None or run.hydra.get("mode") == "MULTIRUN"
+    if not multirun:
+        return run.path.name
+    sweep = hydra_info.get("sweep_dir") or (run.hydra.get("sweep") or {}).get("dir")
+    cwd = hydra_info.get("cwd") or (run.hydra.get("runtime") or {}).get("cwd")
+    if sweep and "${" not in str(sweep):
+        sweep_dir = Path(sweep) if Path(sweep).is_absolute() or not cwd else Path(cwd) / sweep
+        try:
+            return f"{sweep_dir.name}/{run.path.resolve().relative_to(sweep_dir.resolve()).as_posix()}"
+        except ValueError:  # the sweep was moved since: name it by where it is now
+            pass
+    return f"{run.path.resolve().parent.name}/{run.path.name}"
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories (holding summary.json) at or below each path, in job order."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; pass a multirun directory (outputs/multirun/<date>) "
+                                    f"or run directories written by python -m gain_exp.run.")
+        runs = [path] if (path / "summary.json").is_file() else sorted(
+            (p.parent for p in path.rglob("summary.json")), key=_natural)
+        if not runs:
+            raise FileNotFoundError(f"{path} holds no runs (no summary.json at or below it); pass a multirun "
+                                    f"directory or run directories written by python -m gain_exp.run.")
+        found += [r for r in runs if r not in found]
+    return found
+
+
+def read_run(path: Path) -> Run:
+    """summary.json plus the .hydra overrides and config a job saved."""
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path / 'summary.json'} is not valid JSON ({err}); the job was cut off while writing it "
+                         f"or the file was edited: re-run the job (gain_exp.reproduce {path}) or remove the run.") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary; re-run the "
+                         f"job or remove the run.")
+    hydra_dir = path / ".hydra"
+    listed = summary.get("overrides") or []
+    if (hydra_dir / "overrides.yaml").is_file():
+        listed = load_yaml(hydra_dir / "overrides.yaml") or []
+    config = load_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else {}
+    hydra_file = hydra_dir / "hydra.yaml"  # older runs keep their choices and search path only here
+    hydra = (load_yaml(hydra_file) or {}).get("hydra", {}) if hydra_file.is_file() else {}
+    return Run(path, summary, _parse_overrides(listed), config, list(listed), hydra)
+
+
+def portable(path: str | Path) -> str:
+    """``path`` relative to this repository when inside it (so a spec works on any clone), else absolute."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(SOURCE_ROOT).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
+def local(text: str | Path) -> Path:
+    """A path read from a spec on this machine: relative ones are relative to this repository."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else SOURCE_ROOT / path
+
+
+def _parse_commit(text: str | None) -> dict[str, Any]:
+    """``"sha+dirty"`` (summary.json's git_commit) -> ``{"commit": sha, "dirty": True}``."""
+    if not text:
+        return {"commit": None, "dirty": None}
+    return {"commit": text.removesuffix("+dirty"), "dirty": text.endswith("+dirty")}
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file as plain containers, interpolations left as written."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["+setting=gain", "seed=1"]`` -> ``{"setting": "gain", "seed": "1"}`` (deletions ``~key`` dropped)."""
+    parsed = {}
+    for item in items:
+        if "=" not in item or item.startswith("~"):
+            continue
+        key, value = item.split("=", 1)
+        parsed[key.lstrip("+")] = value
+    return parsed
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key that puts job 2 before job 10."""
+    return [int(part) if part.isdigit() else part for part in path.parts]
+
+
+PATH_KEYS = ("root", "dir", "path", "file", "resume", "checkpoint", "weights_file")
+
+
+SAFE_VALUE = re.compile(r"[\w./@:+-]+")  # what Hydra's override grammar takes unquoted
+
+
+def package_root() -> Path:
+    """The checkout (or install) this module runs from: its conf/ and sweeps/ are what jobs compose."""
+    return Path(gain_exp.__file__).resolve().parent.parent
+
+
+def sweeps_dir() -> Path:
+    """The package's own sweep recipes, used when a job's saved --config-dir no longer exists."""
+    return package_root() / "sweeps"
+
+
+def config_dir(saved: str) -> Path:
+    """A job's saved ``--config-dir`` here, or the package's sweeps/ when that is gone (moved, another clone)."""
+    path = local(saved)
+    return path if path.is_dir() else sweeps_dir()
+
+
+@dataclass
+class Job:
+    """One saved job: everything needed to run it again."""
+
+    name: str  # destination below the output root: <run dir name> or <sweep dir name>/<job subdir>
+    overrides: list[str]  # Hydra task overrides, as saved
+    hydra_overrides: list[str] = field(default_factory=list)  # hydra.* overrides that shape composition
+    config_dirs: list[str] = field(default_factory=list)
+    config_name: str = "config"
+    cwd: str | None = None  # where the job was launched: relative paths in overrides are relative to it
+    threads: int | None = None  # torch threads: results are bit-identical only at a fixed count
+    git: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any]) -> Job:
+        """A job from ``Run.recipe()`` or a spec's job entry (extra keys ignored)."""
+        keys = cls.__dataclass_fields__
+        job = cls(**{k: v for k, v in recipe.items() if k in keys and v is not None})
+        job.threads = int(job.threads) if job.threads else None
+        return job
+
+    def app_args(self, extra_overrides: Sequence[str] = ()) -> list[str]:
+        """The app's command line for this job: config dir and name, saved overrides, then ``extra_overrides``."""
+        argv: list[str] = []
+        if len(self.config_dirs) > 1:
+            raise ValueError(f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
+                             f"--config-dir; pass the extra ones as hydra.searchpath overrides.")
+        argv += [arg for d in self.config_dirs for arg in ("--config-dir", str(config_dir(d)))]
+        if self.config_name != "config":
+            argv += ["--config-name", self.config_name]
+        cwd = local(self.cwd) if self.cwd else None
+        argv += [resolve_override(item, cwd) for item in self.overrides]
+        # hydra.mode=RUN: a job of a +launcher=... or +sweep=... recipe would otherwise start a sweep of one job
+        return [*argv, *self.hydra_overrides, *extra_overrides, "hydra.mode=RUN"]
+
+    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run this job again with its results in ``dest``."""
+        argv = [sys.executable, "-m", "gain_exp.run", *self.app_args(extra_overrides),
+                f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
+        env = dict(os.environ)
+        # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
+        paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+        if self.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        return argv, env
+
+
+def saved_job(run_dir: str | os.PathLike) -> Job:
+    """The job a run directory (summary.json and/or .hydra/) saved."""
+    path = Path(run_dir)
+    if (path / "summary.json").is_file():
+        return Job.from_recipe(read_run(path).recipe())
+    hydra_file = path / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        raise FileNotFoundError(f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
+                                f"written by python -m gain_exp.run.")
+    from omegaconf import OmegaConf  # a run that died before summary.json: Hydra's own record is all there is
+
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
+    return Job.from_recipe(Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra).recipe())
+
+
+def job_command(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that re-run the job saved in ``run_dir`` with its results in ``out_dir``."""
+    return saved_job(run_dir).command(out_dir, extra_overrides)
+
+
+def resolve_override(item: str, cwd: Path | None) -> str:
+    """``key=relative/path`` -> ``key=<cwd>/relative/path``, so the job reads the same files from any directory."""
+    if cwd is None or "=" not in item or item.startswith("~"):
+        return item
+    key, value = item.split("=", 1)
+    name = key.lstrip("+")
+    if "." not in name or name.startswith("hydra"):  # group choices (loss=gain) and Hydra's own keys
+        return item
+    if not SAFE_VALUE.fullmatch(value) or value.startswith(("/", "~")) or ":" in value:
+        return item
+    last = name.rsplit(".", 1)[-1]
+    pathlike = "/" in value or ((last in PATH_KEYS or last.endswith(PATH_KEYS)) and (cwd / value).exists())
+    return f"{key}={_quote(str(cwd / value))}" if pathlike else item
+
+
+def _quote(value: str) -> str:
+    """A value as Hydra's override grammar reads it back unchanged."""
+    return value if SAFE_VALUE.fullmatch(value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def tested_on(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())["tested_on"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "best"
+
+
+def checkpoint_file(run_dir: Path, which: str) -> Path:
+    ckpts = run_dir / "checkpoints"
+    if which in ("best", "last"):
+        path = ckpts / f"{which}.ckpt"
+        if which == "best" and not path.is_file():
+            path = ckpts / "last.ckpt"  # a run whose monitor never had a value keeps only last.ckpt
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir} has no checkpoints/{which}.ckpt; the run saved none yet (it stopped "
+                                    f"before its first epoch ended), or pass --checkpoint with a file.")
+        return path
+    path = Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {which}: no checkpoint there; use best, last or a .ckpt file.")
+    return path
+
+
+def wandb_state(run_dir: Path) -> dict[str, Any]:
+    """The run's W&B state (run id, last step and epoch): summary.json's, else its last checkpoint's."""
+    try:
+        saved = json.loads((run_dir / "summary.json").read_text()).get("tracking") or {}
+    except (OSError, ValueError):
+        saved = {}
+    if not saved.get("wandb") and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        saved = saved_tracking(run_dir, run_dir) or {}
+    return saved.get("wandb") or {}
+
+
+def run_threads(run_dir: Path) -> int | None:
+    """The torch CPU thread count the run trained with (summary.json ``threads``), if saved."""
+    try:
+        threads = json.loads((run_dir / "summary.json").read_text()).get("threads")
+    except (OSError, ValueError):
+        return None
+    return int(threads) if threads else None
