@@ -1,4 +1,5 @@
 """gain-exp: Hydra-configured experiments for GAIN (Guided Attention Inference Network)."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 from gain_exp.config import schema as _schema  # noqa: F401  registers the config schemas that conf/ refers to

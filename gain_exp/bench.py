@@ -11,6 +11,7 @@ Data-loading throughput (read + decode + resize + normalise through a DataLoader
     python -m gain_exp.bench --data /tmp/synth --make-images 64 --size 224 --workers 0,2
     python -m gain_exp.bench --data VOCdevkit/VOC2012/JPEGImages --workers 0,4,8 --decode pil
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def _count_saved(counter: list[int]) -> Iterator[None]:
         yield
 
 
-def _reference_step(model, x, targets, loss_fn: GAINLoss, opt, amp: Callable[[], AbstractContextManager],
-                    sigma=0.5, omega=10.0) -> None:
+def _reference_step(
+    model, x, targets, loss_fn: GAINLoss, opt, amp: Callable[[], AbstractContextManager], sigma=0.5, omega=10.0
+) -> None:
     """GAIN as public implementations write it: a forward hook and a full .backward() for the gradients."""
     store = {}
     layer = model.layer4 if hasattr(model, "layer4") else model.stages[-1]
@@ -69,14 +71,18 @@ def _reference_step(model, x, targets, loss_fn: GAINLoss, opt, amp: Callable[[],
     with amp():
         cam = F.relu((weights * store["f"]).sum(1, keepdim=True))
         flat = cam.flatten(1)
-        cam = (cam - flat.min(1).values.view(-1, 1, 1, 1)) / (flat.max(1).values - flat.min(1).values + 1e-7).view(-1, 1, 1, 1)
+        cam = (cam - flat.min(1).values.view(-1, 1, 1, 1)) / (flat.max(1).values - flat.min(1).values + 1e-7).view(
+            -1, 1, 1, 1
+        )
         mask = torch.sigmoid(omega * (F.interpolate(cam, size=x.shape[-2:], mode="bilinear") - sigma))
         model.eval()  # same frozen-BN AM stream as ours
         try:
             am_logits = model(x - mask * x)
         finally:
             model.train()
-        loss = loss_fn.classification(logits, targets) + (am_logits.softmax(1) * targets).sum(1).div(targets.sum(1)).mean()
+        loss = (
+            loss_fn.classification(logits, targets) + (am_logits.softmax(1) * targets).sum(1).div(targets.sum(1)).mean()
+        )
     loss.backward()
     opt.step()
 
@@ -129,14 +135,32 @@ def why_not(error: BaseException) -> str:
 
 
 def _flags(amp: bool, channels_last: bool, compile: bool, backend: str) -> str:
-    used = (["amp bf16"] if amp else []) + (["channels_last"] if channels_last else []) + \
-        ([f"compile ({backend})"] if compile else [])
+    used = (
+        (["amp bf16"] if amp else [])
+        + (["channels_last"] if channels_last else [])
+        + ([f"compile ({backend})"] if compile else [])
+    )
     return ", ".join(used) if used else "none"
 
 
-def run(backbone: str, batch: int, size: int, classes: int, labels: int, device: str, warmup: int,
-        repeats: int, modes: Sequence[str], variants: Sequence[str] = VARIANTS, amp: bool = False,
-        channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor", cams: Sequence[str] = ("gradcam",), grad_layer: str | None = None) -> list[dict]:
+def run(
+    backbone: str,
+    batch: int,
+    size: int,
+    classes: int,
+    labels: int,
+    device: str,
+    warmup: int,
+    repeats: int,
+    modes: Sequence[str],
+    variants: Sequence[str] = VARIANTS,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    cams: Sequence[str] = ("gradcam",),
+    grad_layer: str | None = None,
+) -> list[dict]:
     """Time every variant and return one row per variant.
 
     A row is {variant, ms, ratio, saved, peak, graphs, breaks, na, error}: ``ms``/``ratio`` are None and ``na`` a
@@ -176,6 +200,7 @@ def run(backbone: str, batch: int, size: int, classes: int, labels: int, device:
                 loss = loss_fn(gain(x, targets), targets).total
             loss.backward()
             opt.step()
+
         return step
 
     jobs: list[tuple[str, Callable[[], None]]] = []
@@ -197,8 +222,9 @@ def run(backbone: str, batch: int, size: int, classes: int, labels: int, device:
     base = None
     with _compile_settings() if compile else nullcontext():
         for name, step in jobs:
-            row = dict(variant=name, ms=None, ratio=None, saved=None, peak=None, graphs=None, breaks=None, na=None,
-                       error=None)
+            row = dict(
+                variant=name, ms=None, ratio=None, saved=None, peak=None, graphs=None, breaks=None, na=None, error=None
+            )
             counters = _dynamo_counters() if compile else None
             try:
                 t, row["saved"], row["peak"] = _time(step, warmup, repeats, dev)
@@ -233,8 +259,10 @@ def _compile_settings() -> Iterator[None]:
     import torch._dynamo
     import torch._functorch.config
 
-    with torch._functorch.config.patch(donated_buffer=False), \
-            torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+    with (
+        torch._functorch.config.patch(donated_buffer=False),
+        torch._dynamo.config.patch(skip_nnmodule_hook_guards=False),
+    ):
         yield
 
 
@@ -325,8 +353,9 @@ class ImageFolderLoad(torch.utils.data.Dataset):
         return TF.normalize(TF.to_dtype(img, torch.float32, scale=True), mean=self.MEAN, std=self.STD)
 
 
-def run_data(paths: Sequence[Path], size: int, batch: int, workers: Sequence[int], decoders: Sequence[str],
-             passes: int) -> list[dict]:
+def run_data(
+    paths: Sequence[Path], size: int, batch: int, workers: Sequence[int], decoders: Sequence[str], passes: int
+) -> list[dict]:
     """images/s of full passes over ``paths`` through a DataLoader, median of ``passes`` (worker start included)."""
     rows = []
     for decode in decoders:
@@ -371,6 +400,7 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         if bad or not values:
             raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of {', '.join(allowed)}")
         return values
+
     return parse
 
 
@@ -384,13 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--modes", type=_choices(GRAD_MODES), default=list(GRAD_MODES),
-                        help="comma-separated grad modes (default: all)")
-    parser.add_argument("--cams", type=_choices(tuple(CAM_METHODS)), default=["gradcam"],
-                        help=f"comma-separated gain.cam methods, of {','.join(CAM_METHODS)} (default: gradcam)")
+    parser.add_argument(
+        "--modes", type=_choices(GRAD_MODES), default=list(GRAD_MODES), help="comma-separated grad modes (default: all)"
+    )
+    parser.add_argument(
+        "--cams",
+        type=_choices(tuple(CAM_METHODS)),
+        default=["gradcam"],
+        help=f"comma-separated gain.cam methods, of {','.join(CAM_METHODS)} (default: gradcam)",
+    )
     parser.add_argument("--grad-layer", help="the map layer (backbone.grad_layer); default: the family's")
-    parser.add_argument("--variants", type=_choices(VARIANTS), default=list(VARIANTS),
-                        help=f"comma-separated rows to time, of {','.join(VARIANTS)} (default: all)")
+    parser.add_argument(
+        "--variants",
+        type=_choices(VARIANTS),
+        default=list(VARIANTS),
+        help=f"comma-separated rows to time, of {','.join(VARIANTS)} (default: all)",
+    )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast around forward passes and loss")
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile forward_features and forward_head")
@@ -398,23 +437,48 @@ def main(argv: list[str] | None = None) -> int:
     data = parser.add_argument_group("data loading (--data)")
     data.add_argument("--data", type=Path, help="time reading + decoding this folder of JPEG/PNG images instead")
     data.add_argument("--workers", type=_int_list, default=[0], help="DataLoader workers, a comma list (e.g. 0,2,4)")
-    data.add_argument("--decode", type=_choices(DECODERS), default=list(DECODERS),
-                      help="pil, torchvision or both as a comma list (default: both)")
+    data.add_argument(
+        "--decode",
+        type=_choices(DECODERS),
+        default=list(DECODERS),
+        help="pil, torchvision or both as a comma list (default: both)",
+    )
     data.add_argument("--passes", type=int, default=3, help="passes over the folder, median reported")
     data.add_argument("--limit", type=int, help="use only the first N images (sorted by path)")
-    data.add_argument("--make-images", type=int, metavar="N",
-                      help="first write N synthetic 500x375 JPEGs (synthetic_00000.jpg, ...) into --data")
+    data.add_argument(
+        "--make-images",
+        type=int,
+        metavar="N",
+        help="first write N synthetic 500x375 JPEGs (synthetic_00000.jpg, ...) into --data",
+    )
     args = parser.parse_args(argv)
 
     if args.data is None:
         if args.make_images is not None:
             return _fail("--make-images N writes into the folder given by --data; add --data <folder>.")
-        rows = run(args.backbone, args.batch, args.size, args.classes, args.labels, args.device, args.warmup,
-                   args.repeats, args.modes, args.variants, args.amp, args.channels_last, args.compile,
-                   args.compile_backend, args.cams, args.grad_layer)
-        print(f"{args.backbone}, batch {args.batch}, {args.size} px, {args.device}, "
-              f"{torch.get_num_threads()} threads, median of {args.repeats}, "
-              f"flags: {_flags(args.amp, args.channels_last, args.compile, args.compile_backend)}")
+        rows = run(
+            args.backbone,
+            args.batch,
+            args.size,
+            args.classes,
+            args.labels,
+            args.device,
+            args.warmup,
+            args.repeats,
+            args.modes,
+            args.variants,
+            args.amp,
+            args.channels_last,
+            args.compile,
+            args.compile_backend,
+            args.cams,
+            args.grad_layer,
+        )
+        print(
+            f"{args.backbone}, batch {args.batch}, {args.size} px, {args.device}, "
+            f"{torch.get_num_threads()} threads, median of {args.repeats}, "
+            f"flags: {_flags(args.amp, args.channels_last, args.compile, args.compile_backend)}"
+        )
         print(format_table(rows, args.device))
         return 0
 
@@ -427,15 +491,21 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--make-images {args.make_images} must be at least 1.")
         make_images(args.data, args.make_images)
     if not args.data.is_dir():
-        return _fail(f"{args.data} is not a folder; give a folder of JPEG/PNG images "
-                     f"(or add --make-images N to write synthetic ones there).")
+        return _fail(
+            f"{args.data} is not a folder; give a folder of JPEG/PNG images "
+            f"(or add --make-images N to write synthetic ones there)."
+        )
     paths = find_images(args.data)[: args.limit]
     if not paths:
-        return _fail(f"{args.data} holds no JPEG or PNG image (searched recursively for "
-                     f"{', '.join(IMAGE_SUFFIXES)}); add --make-images N to write synthetic ones there.")
+        return _fail(
+            f"{args.data} holds no JPEG or PNG image (searched recursively for "
+            f"{', '.join(IMAGE_SUFFIXES)}); add --make-images N to write synthetic ones there."
+        )
     rows = run_data(paths, args.size, args.batch, args.workers, args.decode, args.passes)
-    print(f"data: {args.data}, {len(paths)} images, batch {args.batch}, {args.size} px, "
-          f"{torch.get_num_threads()} threads, median of {args.passes} passes (worker start included)")
+    print(
+        f"data: {args.data}, {len(paths)} images, batch {args.batch}, {args.size} px, "
+        f"{torch.get_num_threads()} threads, median of {args.passes} passes (worker start included)"
+    )
     print(format_data_table(rows))
     return 0
 

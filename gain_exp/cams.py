@@ -22,6 +22,7 @@ Writes DIR/cams/<image>.npz (``cams``: P x H x W float16 maps, ``classes``: thei
 DIR/masks/<image>.png (the pseudo-mask at the best t, or at --threshold: an indexed PNG, 0 background, c + 1 class c,
 with the VOC palette for VOC and a plain one otherwise) and DIR/miou.json (protocol, mIoU per t, best t, per-class IoU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,10 @@ DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
 
 # ---- the protocol: maps, labels, mIoU ----
 
-def class_maps(gain: GAIN, images: torch.Tensor, targets: torch.Tensor, scales: Sequence[float] = (1.0,),
-               flip: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def class_maps(
+    gain: GAIN, images: torch.Tensor, targets: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(maps N x H x W in [0, 1], image index N, class index N): one map per (image, class marked in ``targets``).
 
     map = ReLU(sum_{s in scales} sum_{f in flips} resize_HxW(f^-1(CAM(f(resize_s(image)))))) / max, with CAM the run's
@@ -68,15 +71,23 @@ def class_maps(gain: GAIN, images: torch.Tensor, targets: torch.Tensor, scales: 
     view = per_class_view(gain)
     try:
         for scale in scales:
-            scaled = images if scale == 1.0 else F.interpolate(
-                images, size=(max(1, round(height * scale)), max(1, round(width * scale))), mode="bilinear",
-                align_corners=False)
-            for flipped in ((False, True) if flip else (False,)):
+            scaled = (
+                images
+                if scale == 1.0
+                else F.interpolate(
+                    images,
+                    size=(max(1, round(height * scale)), max(1, round(width * scale))),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+            )
+            for flipped in (False, True) if flip else (False,):
                 out = view(scaled.flip(-1) if flipped else scaled, targets, mining=False)
                 maps = out.attention.flip(-1) if flipped else out.attention
                 if maps.shape[-2:] != (height, width):
-                    maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear",
-                                         align_corners=False).squeeze(1)
+                    maps = F.interpolate(
+                        maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False
+                    ).squeeze(1)
                 total = maps if total is None else total + maps
                 image_index, class_index = out.image_index, out.class_index
     finally:
@@ -108,9 +119,11 @@ def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_labels: int) -> t
     valid = gt != IGNORE_INDEX
     gt_valid, pred_valid = gt[valid].long(), pred[valid].long()
     if gt_valid.numel() and int(gt_valid.max()) >= num_labels:
-        raise ValueError(f"a ground-truth mask holds label {int(gt_valid.max())} but there are only {num_labels} "
-                         f"labels (background + classes); masks must hold 0, c + 1 for class c, or 255.")
-    return torch.bincount(gt_valid * num_labels + pred_valid, minlength=num_labels ** 2).view(num_labels, num_labels)
+        raise ValueError(
+            f"a ground-truth mask holds label {int(gt_valid.max())} but there are only {num_labels} "
+            f"labels (background + classes); masks must hold 0, c + 1 for class c, or 255."
+        )
+    return torch.bincount(gt_valid * num_labels + pred_valid, minlength=num_labels**2).view(num_labels, num_labels)
 
 
 def iou_per_label(confusion: torch.Tensor) -> torch.Tensor:
@@ -153,6 +166,7 @@ class ThresholdSweep:
 
 # ---- command-line values ----
 
+
 def parse_thresholds(text: str) -> list[float]:
     """``start:stop:step`` (stop included) or a comma list, each t in [0, 1]."""
     try:
@@ -166,8 +180,10 @@ def parse_thresholds(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or any(not 0.0 <= t <= 1.0 for t in values):
-        raise ValueError(f"--thresholds {text!r} is not valid; give start:stop:step (e.g. {DEFAULT_THRESHOLDS}) or a "
-                         f"comma list, with every t in [0, 1] (maps are normalised to a maximum of 1).")
+        raise ValueError(
+            f"--thresholds {text!r} is not valid; give start:stop:step (e.g. {DEFAULT_THRESHOLDS}) or a "
+            f"comma list, with every t in [0, 1] (maps are normalised to a maximum of 1)."
+        )
     return sorted(set(values))
 
 
@@ -178,12 +194,14 @@ def parse_scales(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or any(not s > 0 for s in values):
-        raise ValueError(f"--scales {text!r} is not valid; give a comma list of positive scales, e.g. 1.0 or "
-                         f"0.5,1.0,1.5,2.0.")
+        raise ValueError(
+            f"--scales {text!r} is not valid; give a comma list of positive scales, e.g. 1.0 or 0.5,1.0,1.5,2.0."
+        )
     return values
 
 
 # ---- data ----
+
 
 def cam_split(data: DataSplits, split: str) -> Dataset:
     """The split to compute CAMs on, read deterministically: train gets the evaluation transform of val."""
@@ -235,6 +253,7 @@ def same_size_groups(samples: list[dict[str, Any]]) -> Iterator[list[dict[str, A
 
 # ---- files ----
 
+
 def voc_palette() -> list[int]:
     """The 256-colour VOC palette, flattened RGB: colour i interleaves the bits of i over R, G, B (VOC devkit)."""
     palette = []
@@ -252,8 +271,8 @@ def plain_palette(num_classes: int) -> list[int]:
     palette = [0, 0, 0] * 256
     for c in range(num_classes):
         r, g, b = colorsys.hsv_to_rgb(c / max(1, num_classes), 0.8, 0.95)
-        palette[3 * (c + 1):3 * (c + 2)] = [round(255 * r), round(255 * g), round(255 * b)]
-    palette[3 * 255:] = [255, 255, 255]
+        palette[3 * (c + 1) : 3 * (c + 2)] = [round(255 * r), round(255 * g), round(255 * b)]
+    palette[3 * 255 :] = [255, 255, 255]
     return palette
 
 
@@ -283,6 +302,7 @@ def load_cams(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- the export ----
 
+
 @dataclass
 class CamOptions:
     split: str
@@ -304,16 +324,22 @@ def export(gain: GAIN, data: DataSplits, options: CamOptions, device: torch.devi
     names = image_names(dataset, options.split)
     indices = masked_indices(dataset) if options.masked_only else None
     indices = list(range(len(dataset))) if indices is None else indices
-    indices = indices[:options.limit] if options.limit is not None else indices
+    indices = indices[: options.limit] if options.limit is not None else indices
     if not indices:
-        raise ValueError(f"--split {options.split} has no image to process{' with a mask' * options.masked_only}; "
-                         f"pick another split{' or drop --masked-only' * options.masked_only}.")
+        raise ValueError(
+            f"--split {options.split} has no image to process{' with a mask' * options.masked_only}; "
+            f"pick another split{' or drop --masked-only' * options.masked_only}."
+        )
     # binary data: the negative class has no object to segment, so it gets no map
     excluded = [] if data.negative_class is None else [int(data.negative_class)]
     sweep = ThresholdSweep(options.thresholds, data.num_classes + 1, device)
     written, unmasked, sizes = [], 0, set()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=options.batch_size,
-                                         num_workers=options.workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        collate_fn=list,
+    )
     with torch.no_grad():
         for samples in tqdm(loader, desc=f"cams {options.split}", disable=not options.progress, leave=False):
             if options.masked_only:
@@ -348,16 +374,21 @@ def export(gain: GAIN, data: DataSplits, options: CamOptions, device: torch.devi
         "resolution": [f"{h}x{w}" for h, w in sorted(sizes)],
         "thresholds": sweep.thresholds,
         "miou": [{"threshold": t, "miou": jsonable(v)} for t, v in zip(sweep.thresholds, mious)],
-        "best": None if best < 0 else {
-            "threshold": sweep.thresholds[best], "miou": jsonable(mious[best]),
-            "iou": {n: jsonable(float(v)) for n, v in zip(labels, iou_per_label(sweep.confusion[best].cpu()))}},
+        "best": None
+        if best < 0
+        else {
+            "threshold": sweep.thresholds[best],
+            "miou": jsonable(mious[best]),
+            "iou": {n: jsonable(float(v)) for n, v in zip(labels, iou_per_label(sweep.confusion[best].cpu()))},
+        },
         "masks_threshold": mask_t,
         "excluded_classes": [data.classes[c] for c in excluded],
     }
 
 
-def _group_maps(gain: GAIN, group: list[dict[str, Any]], excluded: Sequence[int], options: CamOptions,
-                device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _group_maps(
+    gain: GAIN, group: list[dict[str, Any]], excluded: Sequence[int], options: CamOptions, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(P x H x W maps, P classes) per sample of one same-size group, the maps rounded to float16 as they are saved
     (so the scores describe the exported maps exactly)."""
     images = torch.stack([s["image"] for s in group]).to(device)
@@ -373,13 +404,16 @@ def _group_maps(gain: GAIN, group: list[dict[str, Any]], excluded: Sequence[int]
 
 # ---- command line ----
 
+
 def protocol_line(record: dict[str, Any], checkpoint: Any, threshold_text: str) -> str:
     """The one line that must travel with every number: split, images, scales, flip, thresholds, no CRF, weights."""
     scales = ",".join(f"{s:g}" for s in record["scales"])
-    return (f"CAM seeds: split={record['split']}, {record['scored']} image(s) scored ({record['skipped_without_mask']}"
-            f" without a mask skipped), scales={scales}, flip={'yes' if record['flip'] else 'no'}, "
-            f"thresholds={threshold_text} ({len(record['thresholds'])}), no CRF, cam={record['cam']}, "
-            f"at {'/'.join(record['resolution'])} (the dataset's eval transform), checkpoint={checkpoint}")
+    return (
+        f"CAM seeds: split={record['split']}, {record['scored']} image(s) scored ({record['skipped_without_mask']}"
+        f" without a mask skipped), scales={scales}, flip={'yes' if record['flip'] else 'no'}, "
+        f"thresholds={threshold_text} ({len(record['thresholds'])}), no CRF, cam={record['cam']}, "
+        f"at {'/'.join(record['resolution'])} (the dataset's eval transform), checkpoint={checkpoint}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,8 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", required=True, help="train, val or a test split of the dataset")
     parser.add_argument("--out", type=Path, required=True, help="output directory (cams/, masks/, miou.json)")
     parser.add_argument("--checkpoint", help="best, last or a .ckpt file (default: the one the run tested with)")
-    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS,
-                        help=f"background thresholds t swept: start:stop:step or a list (default {DEFAULT_THRESHOLDS})")
+    parser.add_argument(
+        "--thresholds",
+        default=DEFAULT_THRESHOLDS,
+        help=f"background thresholds t swept: start:stop:step or a list (default {DEFAULT_THRESHOLDS})",
+    )
     parser.add_argument("--threshold", type=float, help="t of the written pseudo-masks (default: the best t)")
     parser.add_argument("--scales", default="1.0", help="input scales summed, e.g. 0.5,1.0,1.5,2.0 (default 1.0)")
     parser.add_argument("--flip", action="store_true", help="also sum the maps of the flipped images")
@@ -411,8 +448,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    record = {"run_dir": str(args.run_dir), "checkpoint": str(experiment.checkpoint), **record,
-              "command": shlex.join(["python", "-m", "gain_exp.cams", *(sys.argv[1:] if argv is None else argv)])}
+    record = {
+        "run_dir": str(args.run_dir),
+        "checkpoint": str(experiment.checkpoint),
+        **record,
+        "command": shlex.join(["python", "-m", "gain_exp.cams", *(sys.argv[1:] if argv is None else argv)]),
+    }
     write_json(options.out / "miou.json", record)
     print(protocol_line(record, experiment.checkpoint, args.thresholds))
     for row in record["miou"]:
@@ -423,11 +464,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"best: t={best['threshold']:.2f}  mIoU={_number(best['miou'])}")
     if record["masks_threshold"] is None:
-        print("note: no pseudo-masks written (no t to choose without ground truth); pass --threshold T",
-              file=sys.stderr)
+        print(
+            "note: no pseudo-masks written (no t to choose without ground truth); pass --threshold T", file=sys.stderr
+        )
     else:
-        print(f"wrote {record['images']} maps to {options.out / 'cams'} and pseudo-masks at "
-              f"t={record['masks_threshold']:.2f} to {options.out / 'masks'}; numbers in {options.out / 'miou.json'}")
+        print(
+            f"wrote {record['images']} maps to {options.out / 'cams'} and pseudo-masks at "
+            f"t={record['masks_threshold']:.2f} to {options.out / 'masks'}; numbers in {options.out / 'miou.json'}"
+        )
     return 0
 
 
@@ -438,9 +482,16 @@ def _options(args: argparse.Namespace) -> CamOptions:
         raise ValueError(f"--batch-size {args.batch_size} must be at least 1; 16 is a fine start on a CPU.")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold {args.threshold} must be in [0, 1] (maps are normalised to a maximum of 1).")
-    return CamOptions(split=args.split, out=args.out, thresholds=parse_thresholds(args.thresholds),
-                      scales=parse_scales(args.scales), flip=args.flip, threshold=args.threshold, limit=args.limit,
-                      masked_only=args.masked_only)
+    return CamOptions(
+        split=args.split,
+        out=args.out,
+        thresholds=parse_thresholds(args.thresholds),
+        scales=parse_scales(args.scales),
+        flip=args.flip,
+        threshold=args.threshold,
+        limit=args.limit,
+        masked_only=args.masked_only,
+    )
 
 
 def _number(value: float | None) -> str:

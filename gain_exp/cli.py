@@ -1,14 +1,15 @@
 """``gain-exp <command>``: one console script for the app and its tools.
 
-    gain-exp run [group=option ...] [key=value ...]     train + evaluate (the Hydra app; -m for sweeps)
-    gain-exp evaluate RUN_DIR [--split NAME] [k=v ...]   score a saved run's checkpoint again (no training)
-    gain-exp table RUN_DIRS ...                          aggregate runs into a paper-style table
-    gain-exp reproduce SOURCE                            re-run saved jobs and compare their numbers
-    gain-exp bench                                       step-time benchmark
-    gain-exp cams RUN_DIR --split S --out DIR            CAM pseudo-masks and their seed mIoU (WSSS protocol)
-    gain-exp figure RUN_DIR [RUN_DIR ...] --out F.png    attention of several saved runs on the same images
-    eval "$(gain-exp run -sc install=bash)"              tab completion for `gain-exp run`
+gain-exp run [group=option ...] [key=value ...]     train + evaluate (the Hydra app; -m for sweeps)
+gain-exp evaluate RUN_DIR [--split NAME] [k=v ...]   score a saved run's checkpoint again (no training)
+gain-exp table RUN_DIRS ...                          aggregate runs into a paper-style table
+gain-exp reproduce SOURCE                            re-run saved jobs and compare their numbers
+gain-exp bench                                       step-time benchmark
+gain-exp cams RUN_DIR --split S --out DIR            CAM pseudo-masks and their seed mIoU (WSSS protocol)
+gain-exp figure RUN_DIR [RUN_DIR ...] --out F.png    attention of several saved runs on the same images
+eval "$(gain-exp run -sc install=bash)"              tab completion for `gain-exp run`
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"error: gain-exp has no command '{command}'; use one of {', '.join(COMMANDS)} "
-              f"(gain-exp --help).", file=sys.stderr)
+        print(
+            f"error: gain-exp has no command '{command}'; use one of {', '.join(COMMANDS)} (gain-exp --help).",
+            file=sys.stderr,
+        )
         sys.exit(2)
     COMMANDS[command](rest)
 

@@ -11,6 +11,7 @@ results row per image) and, with ``--panels N``, ``attention/<split>.png``. A ru
 as ``eval/<split>/<metric>`` in that run. With the run's checkpoint, config and thread count the metrics equal the
 run's own test metrics in summary.json exactly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from gain_exp.core.faithfulness import randomisation_check
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import save_panels
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, run_evaluator
-from gain_exp.runs.rundir import wandb_state, run_threads
+from gain_exp.runs.rundir import run_threads, wandb_state
 from gain_exp.tracking.wandb import wandb_mode
 from gain_exp.train.evaluation import Evaluation
 from gain_exp.train.experiment import Experiment
@@ -47,10 +48,18 @@ class SplitResult:
     files: list[Path]
 
 
-def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None, checkpoint: str | None = None,
-                 overrides: Sequence[str] = (), device: str | None = None, panels: int = 0,
-                 out: str | os.PathLike | None = None, threads: int | None = None,
-                 wandb: bool = True, sanity: int = 0) -> list[SplitResult]:
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    splits: Sequence[str] | None = None,
+    checkpoint: str | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    panels: int = 0,
+    out: str | os.PathLike | None = None,
+    threads: int | None = None,
+    wandb: bool = True,
+    sanity: int = 0,
+) -> list[SplitResult]:
     """Score ``splits`` of a saved run with one of its checkpoints and write the results under ``out``
     (default ``run_dir/eval``). ``threads``: torch's CPU thread count while scoring; None: on the CPU the run's
     own (CPU results are bit-identical only at one count), 0: as it is. ``sanity`` > 0: also the cascading
@@ -74,8 +83,9 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         results = []
         for name, dataset in datasets.items():
             # as in training: val gets the every-epoch explanation metrics, the other splits the test ones too
-            evaluation = evaluator.evaluate(dataset, name, panels=panels, rows=True,
-                                            stage="epoch" if name == "val" else "test")
+            evaluation = evaluator.evaluate(
+                dataset, name, panels=panels, rows=True, stage="epoch" if name == "val" else "test"
+            )
             record = {
                 "split": name,
                 "images": len(dataset),
@@ -92,8 +102,16 @@ def evaluate_run(run_dir: str | os.PathLike, splits: Sequence[str] | None = None
         if sanity:
             name, dataset = next(iter(datasets.items()))
             curve = sanity_check(experiment, dataset, sanity)
-            write_json(out_dir / "sanity.json", {"split": name, "images": min(sanity, len(dataset)),
-                                                  "similarity": "spearman", "checkpoint": weights, "curve": curve})
+            write_json(
+                out_dir / "sanity.json",
+                {
+                    "split": name,
+                    "images": min(sanity, len(dataset)),
+                    "similarity": "spearman",
+                    "checkpoint": weights,
+                    "curve": curve,
+                },
+            )
             results[0].files.append(out_dir / "sanity.json")
     finally:
         torch.set_num_threads(before)
@@ -142,19 +160,29 @@ def log_to_run_wandb(run_dir: Path, experiment: Experiment, results: Sequence[Sp
     try:
         import wandb
 
-        run = wandb.init(id=state["run_id"], resume="allow", mode=mode, dir=str(run_dir),
-                         project=node.get("project") or "gain-exp", entity=node.get("entity"),
-                         reinit="finish_previous")
+        run = wandb.init(
+            id=state["run_id"],
+            resume="allow",
+            mode=mode,
+            dir=str(run_dir),
+            project=node.get("project") or "gain-exp",
+            entity=node.get("entity"),
+            reinit="finish_previous",
+        )
         step = max(int(state.get("step", -1)) + 1, int(getattr(run, "starting_step", 0) or 0))
-        values = {f"eval/{k}": v for r in results for k, v in r.evaluation.metrics.items()
-                  if isinstance(v, (int, float))}
+        values = {
+            f"eval/{k}": v for r in results for k, v in r.evaluation.metrics.items() if isinstance(v, (int, float))
+        }
         run.log(values, step=step)
         for r in results:
             run.summary[f"eval/{r.split}/checkpoint"] = r.record["checkpoint"]["name"]
         run.finish()
     except Exception as err:  # noqa: BLE001 - the evaluation's files are its record; W&B is a copy
-        print(f"warning: could not log to the run's W&B run {state['run_id']} ({type(err).__name__}: {err}); the "
-              f"results are in the JSON files.", file=sys.stderr)
+        print(
+            f"warning: could not log to the run's W&B run {state['run_id']} ({type(err).__name__}: {err}); the "
+            f"results are in the JSON files.",
+            file=sys.stderr,
+        )
         return None
     if mode == "offline":
         print(f"W&B: logged offline to run {state['run_id']}; upload with: wandb sync {Path(run.dir).parent}")
@@ -172,8 +200,10 @@ def metrics_table(results: Sequence[SplitResult]) -> str:
     head = ["metric", *(r.split for r in results)]
     rows = [[name, *(_show(r.evaluation.metrics.get(f"{r.split}/{name}")) for r in results)] for name in names]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                               enumerate(zip(row, widths))) for row in [head, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in [head, *rows]
+    )
 
 
 def _show(value: Any) -> str:
@@ -189,32 +219,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gain_exp.evaluate", description=description)
     parser.add_argument("run_dir", type=Path, help="a run directory written by python -m gain_exp.run")
     parser.add_argument("overrides", nargs="*", help="config overrides on top of the run's own (e.g. dataset.root=...)")
-    parser.add_argument("--split", action="append", default=None, metavar="NAME",
-                        help="a split to score (repeat, or comma-separate); default: the dataset's test splits")
-    parser.add_argument("--checkpoint", default=None, metavar="best|last|FILE",
-                        help="the weights (default: the checkpoint the run's tests used)")
-    parser.add_argument("--device", default=None, metavar="D",
-                        help="cpu, cuda, cuda:1, ... (default: the run's trainer.device)")
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a split to score (repeat, or comma-separate); default: the dataset's test splits",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="best|last|FILE",
+        help="the weights (default: the checkpoint the run's tests used)",
+    )
+    parser.add_argument(
+        "--device", default=None, metavar="D", help="cpu, cuda, cuda:1, ... (default: the run's trainer.device)"
+    )
     parser.add_argument("--panels", type=int, default=0, metavar="N", help="attention panels of the first N images")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="where the results go (default: RUN_DIR/eval)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default on the CPU: the run's own count, so the numbers match it; "
-                             "0: torch's)")
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="where the results go (default: RUN_DIR/eval)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default on the CPU: the run's own count, so the numbers match it; 0: torch's)",
+    )
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
-    parser.add_argument("--sanity", type=int, default=0, metavar="N",
-                        help="also the cascading randomisation check (Adebayo et al. 2018) on the first N images of "
-                             "the first split: Spearman similarity of the maps as layers are re-initialised from the "
-                             "top (sanity.json)")
+    parser.add_argument(
+        "--sanity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the cascading randomisation check (Adebayo et al. 2018) on the first N images of "
+        "the first split: Spearman similarity of the maps as layers are re-initialised from the "
+        "top (sanity.json)",
+    )
     args = parser.parse_intermixed_args(argv)
     splits = [s for item in args.split or [] for s in item.split(",") if s] or None
     bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
     try:
         if bad:
-            raise ValueError(f"{bad[0]}: not an override; give overrides as key=value after the run directory "
-                             f"(e.g. dataset.root=/other/folder).")
-        results = evaluate_run(args.run_dir, splits, args.checkpoint, args.overrides, args.device, args.panels,
-                               args.out, args.threads, wandb=not args.no_wandb, sanity=args.sanity)
+            raise ValueError(
+                f"{bad[0]}: not an override; give overrides as key=value after the run directory "
+                f"(e.g. dataset.root=/other/folder)."
+            )
+        results = evaluate_run(
+            args.run_dir,
+            splits,
+            args.checkpoint,
+            args.overrides,
+            args.device,
+            args.panels,
+            args.out,
+            args.threads,
+            wandb=not args.no_wandb,
+            sanity=args.sanity,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -224,8 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(metrics_table(results))
     if args.sanity:
         curve = json.loads((results[0].files[-1]).read_text())["curve"]
-        print("randomisation check (Spearman similarity to the trained model's maps, layers re-initialised from the "
-              "top): " + ", ".join(f"{c['reinitialised']} {c['spearman']:.3f}" for c in curve))
+        print(
+            "randomisation check (Spearman similarity to the trained model's maps, layers re-initialised from the "
+            "top): " + ", ".join(f"{c['reinitialised']} {c['spearman']:.3f}" for c in curve)
+        )
     print(f"results in {results[0].files[0].parent}")
     return 0
 

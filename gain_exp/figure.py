@@ -15,6 +15,7 @@ undone) and their true classes are compared. ``key=value`` overrides apply to ev
 Beside the PNG goes ``<stem>.json``: the run directories, checkpoints, split, image indices and every cell's
 predicted class and probability, so the figure can be made again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,16 +55,24 @@ class FigureRun:
 
 # ---- runs and names ----
 
-def load_runs(run_dirs: Sequence[str | Path], names: Sequence[str] | None = None, checkpoint: str | None = None,
-              device: str | None = "cpu", overrides: Sequence[str] = ()) -> list[FigureRun]:
+
+def load_runs(
+    run_dirs: Sequence[str | Path],
+    names: Sequence[str] | None = None,
+    checkpoint: str | None = None,
+    device: str | None = "cpu",
+    overrides: Sequence[str] = (),
+) -> list[FigureRun]:
     """The runs with their weights (``checkpoint``: best, last or a file; default: the one each run tested with),
     named by ``names`` or else by ``default_names``; errors are one sentence."""
     if not run_dirs:
         raise ValueError("no run directory given; pass one or more run directories written by python -m gain_exp.run.")
     if names is not None:
         if len(names) != len(run_dirs):
-            raise ValueError(f"--names gives {len(names)} name(s) for {len(run_dirs)} run(s); give one name per run "
-                             f"directory, comma-separated, in the same order.")
+            raise ValueError(
+                f"--names gives {len(names)} name(s) for {len(run_dirs)} run(s); give one name per run "
+                f"directory, comma-separated, in the same order."
+            )
         if not all(n.strip() for n in names):
             raise ValueError("--names holds an empty name; give one non-empty name per run directory.")
     paths = [Path(d) for d in run_dirs]
@@ -100,14 +109,16 @@ def default_names(run_dirs: Sequence[Path]) -> list[str]:
 
 # ---- split and images ----
 
+
 def split_dataset(experiment: Experiment, split: str | None) -> tuple[str, Any]:
     """(name, dataset) of ``split`` (default: the dataset's first test split); unknown names as evaluate words them."""
     chosen = choose_splits(experiment, [split] if split else None)
     return next(iter(chosen.items()))
 
 
-def choose_indices(length: int, split: str, images: int | None = None, first: int = 0,
-                   indices: Sequence[int] | None = None) -> list[int]:
+def choose_indices(
+    length: int, split: str, images: int | None = None, first: int = 0, indices: Sequence[int] | None = None
+) -> list[int]:
     """The image indices: ``indices`` as given, else ``images`` (default 8, at most the split's) from ``first``."""
     span = f"{split} has images 0..{length - 1}" if length else f"{split} has no images"
     if indices is not None:
@@ -125,22 +136,30 @@ def choose_indices(length: int, split: str, images: int | None = None, first: in
     if images > length:
         raise ValueError(f"--images {images}: {split} has only {length} images; give at most {length}.")
     if not 0 <= first <= length - images:
-        raise ValueError(f"--first {first}: {images} images from there run past the end ({span}); give --first "
-                         f"between 0 and {length - images}.")
+        raise ValueError(
+            f"--first {first}: {images} images from there run past the end ({span}); give --first "
+            f"between 0 and {length - images}."
+        )
     return list(range(first, first + images))
 
 
 def dataset_difference(a: Experiment, b: Experiment) -> str:
     """``dataset.root (x vs y)``: the data settings two runs differ in (the dataset node and the seed, which
     generated datasets draw from), or '' when they agree."""
-    ca, cb = ({"seed": e.cfg.seed, **{f"dataset.{k}": v for k, v in
-                                     OmegaConf.to_container(e.cfg.dataset, resolve=True).items()}} for e in (a, b))
+    ca, cb = (
+        {
+            "seed": e.cfg.seed,
+            **{f"dataset.{k}": v for k, v in OmegaConf.to_container(e.cfg.dataset, resolve=True).items()},
+        }
+        for e in (a, b)
+    )
     keys = [k for k in dict.fromkeys([*ca, *cb]) if ca.get(k) != cb.get(k)]
     return ", ".join(f"{k} ({ca.get(k)} vs {cb.get(k)})" for k in keys[:3])
 
 
-def check_same_images(runs: Sequence[FigureRun], datasets: Sequence[Any], samples: Sequence[list[dict[str, Any]]],
-                      split: str) -> None:
+def check_same_images(
+    runs: Sequence[FigureRun], datasets: Sequence[Any], samples: Sequence[list[dict[str, Any]]], split: str
+) -> None:
     """One sentence naming the first run that does not show the first run's images: another split length, another
     image (normalisation undone) or other true classes."""
     ref, ref_samples = runs[0], samples[0]
@@ -150,22 +169,30 @@ def check_same_images(runs: Sequence[FigureRun], datasets: Sequence[Any], sample
         why = f"; their configs differ in {differ}" if differ else ""
         pair = f"runs {ref.run_dir} and {run.run_dir}"
         if len(dataset) != len(datasets[0]):
-            raise ValueError(f"{pair} do not share the {split} images ({len(datasets[0])} vs {len(dataset)}{why}); "
-                             f"compare runs on the same data, or pass overrides (e.g. dataset.root=...) so they match.")
+            raise ValueError(
+                f"{pair} do not share the {split} images ({len(datasets[0])} vs {len(dataset)}{why}); "
+                f"compare runs on the same data, or pass overrides (e.g. dataset.root=...) so they match."
+            )
         for a, b in zip(ref_samples, mine):
             ia = denormalise(a["image"], ref.experiment.mean, ref.experiment.std)
             ib = denormalise(b["image"], run.experiment.mean, run.experiment.std)
             if ia.shape != ib.shape or not torch.allclose(ia, ib, atol=1e-3):
                 what = f"image {a['index']} of {split} differs" + (
                     f" ({'x'.join(map(str, ia.shape[1:]))} vs {'x'.join(map(str, ib.shape[1:]))} px)"
-                    if ia.shape != ib.shape else "")
-                raise ValueError(f"{pair} do not show the same images ({what}{why}); compare runs on the same data, "
-                                 f"or pass overrides (e.g. dataset.root=...) so they match.")
+                    if ia.shape != ib.shape
+                    else ""
+                )
+                raise ValueError(
+                    f"{pair} do not show the same images ({what}{why}); compare runs on the same data, "
+                    f"or pass overrides (e.g. dataset.root=...) so they match."
+                )
             if _names(a["target"], ref_classes) != _names(b["target"], run.experiment.data.classes):
-                raise ValueError(f"{pair} label image {a['index']} of {split} differently ("
-                                 f"{', '.join(_names(a['target'], ref_classes))} vs "
-                                 f"{', '.join(_names(b['target'], run.experiment.data.classes))}{why}); compare runs "
-                                 f"with the same classes.")
+                raise ValueError(
+                    f"{pair} label image {a['index']} of {split} differently ("
+                    f"{', '.join(_names(a['target'], ref_classes))} vs "
+                    f"{', '.join(_names(b['target'], run.experiment.data.classes))}{why}); compare runs "
+                    f"with the same classes."
+                )
 
 
 def _other_split(run: FigureRun, split: str) -> Any:
@@ -182,8 +209,10 @@ def _names(target: torch.Tensor, classes: Sequence[str]) -> list[str]:
 
 # ---- the maps ----
 
-def attention_maps(experiment: Experiment, batch: dict[str, Any], explain: str = "true",
-                   evaluator: Evaluator | None = None) -> Maps:
+
+def attention_maps(
+    experiment: Experiment, batch: dict[str, Any], explain: str = "true", evaluator: Evaluator | None = None
+) -> Maps:
     """The run's maps for a batch exactly as its evaluator computes what it scores (``Evaluator.maps``: the run's
     memory format and autocast, eval mode), explaining the true classes (``predicted``: the predicted ones),
     min-max normalised; the first map of each image."""
@@ -198,16 +227,23 @@ def run_maps(run: FigureRun, samples: list[dict[str, Any]], explain: str) -> Map
 
     evaluator = run_evaluator(run.experiment)
     size = evaluator.batch_size
-    parts = [attention_maps(run.experiment, default_collate(samples[s:s + size]), explain, evaluator)
-             for s in range(0, len(samples), size)]
-    return Maps([m for p in parts for m in p.attention], torch.cat([p.logits for p in parts]),
-                [e for p in parts for e in p.explained])
+    parts = [
+        attention_maps(run.experiment, default_collate(samples[s : s + size]), explain, evaluator)
+        for s in range(0, len(samples), size)
+    ]
+    return Maps(
+        [m for p in parts for m in p.attention],
+        torch.cat([p.logits for p in parts]),
+        [e for p in parts for e in p.explained],
+    )
 
 
 # ---- the grid ----
 
-def attention_grid(runs: Sequence[FigureRun], split: str | None, indices: Sequence[int], explain: str = "true",
-                   show_pred: bool = True) -> tuple[Image.Image, dict[str, Any]]:
+
+def attention_grid(
+    runs: Sequence[FigureRun], split: str | None, indices: Sequence[int], explain: str = "true", show_pred: bool = True
+) -> tuple[Image.Image, dict[str, Any]]:
     """The figure (row 0 the images, then a row per run; a column per index) and its record (JSON-ready)."""
     if not runs:
         raise ValueError("no run directory given; pass one or more run directories written by python -m gain_exp.run.")
@@ -225,17 +261,36 @@ def attention_grid(runs: Sequence[FigureRun], split: str | None, indices: Sequen
         data = run.experiment.data
         probs = maps.logits.sigmoid() if data.multi_label else maps.logits.softmax(1)
         pred = run.experiment.gain.predicted_classes(maps.logits)
-        row = [{"index": i, "pred": _names(pred[k], data.classes), "prob": jsonable(float(probs[k].max())),
-                "explained": [data.classes[c] for c in maps.explained[k]], "has_map": maps.attention[k] is not None}
-               for k, i in enumerate(indices)]
+        row = [
+            {
+                "index": i,
+                "pred": _names(pred[k], data.classes),
+                "prob": jsonable(float(probs[k].max())),
+                "explained": [data.classes[c] for c in maps.explained[k]],
+                "has_map": maps.attention[k] is not None,
+            }
+            for k, i in enumerate(indices)
+        ]
         rows.append(maps.attention)
         cells.append(row)
-    captions = [[(f"pred: {', '.join(c['pred'])} ({c['prob']:.2f})", RIGHT if c["pred"] == t else WRONG)
-                 for c, t in zip(row, true)] for row in cells] if show_pred else None
-    figure, boxes = draw_grid(images, rows, [r.name for r in runs],
-                              [f"#{i}: {', '.join(t) or '-'}" for i, t in zip(indices, true)], captions)
+    captions = (
+        [
+            [
+                (f"pred: {', '.join(c['pred'])} ({c['prob']:.2f})", RIGHT if c["pred"] == t else WRONG)
+                for c, t in zip(row, true)
+            ]
+            for row in cells
+        ]
+        if show_pred
+        else None
+    )
+    figure, boxes = draw_grid(
+        images, rows, [r.name for r in runs], [f"#{i}: {', '.join(t) or '-'}" for i, t in zip(indices, true)], captions
+    )
     record = {
-        "split": name, "indices": list(indices), "explains": explain,
+        "split": name,
+        "indices": list(indices),
+        "explains": explain,
         "images": [{"index": i, "true": t, "box": box} for i, t, box in zip(indices, true, boxes[0])],
         "runs": [_run_record(run, row, row_boxes) for run, row, row_boxes in zip(runs, cells, boxes[1:])],
         "size": list(figure.size),
@@ -245,14 +300,24 @@ def attention_grid(runs: Sequence[FigureRun], split: str | None, indices: Sequen
 
 def _run_record(run: FigureRun, cells: list[dict[str, Any]], boxes: list[list[int]]) -> dict[str, Any]:
     exp = run.experiment
-    return {"name": run.name, "run_dir": str(run.run_dir.resolve()), "loss": loss_choice(run.run_dir),
-            "checkpoint": checkpoint_record(exp.checkpoint), "device": str(exp.runtime.device),
-            "cells": [{**cell, "box": box} for cell, box in zip(cells, boxes)]}
+    return {
+        "name": run.name,
+        "run_dir": str(run.run_dir.resolve()),
+        "loss": loss_choice(run.run_dir),
+        "checkpoint": checkpoint_record(exp.checkpoint),
+        "device": str(exp.runtime.device),
+        "cells": [{**cell, "box": box} for cell, box in zip(cells, boxes)],
+    }
 
 
-def draw_grid(images: Sequence[torch.Tensor], maps: Sequence[Sequence[torch.Tensor | None]], names: Sequence[str],
-              columns: Sequence[str], captions: Sequence[Sequence[tuple[str, tuple[int, int, int]]]] | None = None,
-              scale: int | None = None) -> tuple[Image.Image, list[list[list[int]]]]:
+def draw_grid(
+    images: Sequence[torch.Tensor],
+    maps: Sequence[Sequence[torch.Tensor | None]],
+    names: Sequence[str],
+    columns: Sequence[str],
+    captions: Sequence[Sequence[tuple[str, tuple[int, int, int]]]] | None = None,
+    scale: int | None = None,
+) -> tuple[Image.Image, list[list[list[int]]]]:
     """The grid and each tile's box [left, top, right, bottom] (row 0: the images, then one row per entry of
     ``maps``). Tiles are zoomed as the attention panels are (``viz.tile_scale``, nearest neighbour); ``captions``
     (text, colour) go under each map tile; column captions above the images, row names on the left."""
@@ -285,8 +350,7 @@ def draw_grid(images: Sequence[torch.Tensor], maps: Sequence[Sequence[torch.Tens
                 tile = image * NO_MAP_DIM if attention is None else overlay(image, attention)
             sheet.paste(to_pil(upscale(tile, scale)), (left, top))
             if r > 0 and attention is None:
-                draw.text((left + tile_w / 2, top + tile_h / 2), "no map", fill=(230, 230, 230), font=font,
-                          anchor="mm")
+                draw.text((left + tile_w / 2, top + tile_h / 2), "no map", fill=(230, 230, 230), font=font, anchor="mm")
             if r > 0 and captions:
                 text, colour = captions[r - 1][c]
                 draw.text((left + PAD_PX, top + tile_h + PAD_PX), _fit(text, font, tile_w), fill=colour, font=font)
@@ -309,6 +373,7 @@ def _fit(text: str, font: Any, width: int) -> str:
 
 # ---- files and command line ----
 
+
 def write_figure(figure: Image.Image, record: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """The PNG at ``out`` and the record beside it (same stem, ``.json``), each written atomically."""
     png = _png_path(out)
@@ -325,11 +390,21 @@ def _png_path(out: str | Path) -> Path:
     return Path(out)
 
 
-def make_figure(run_dirs: Sequence[str | Path], out: str | Path = DEFAULT_OUT, split: str | None = None,
-                images: int | None = None, first: int = 0, indices: Sequence[int] | None = None,
-                names: Sequence[str] | None = None, checkpoint: str | None = None, explain: str = "true",
-                device: str | None = "cpu", overrides: Sequence[str] = (), show_pred: bool = True,
-                command: str | None = None) -> tuple[Path, Path, dict[str, Any]]:
+def make_figure(
+    run_dirs: Sequence[str | Path],
+    out: str | Path = DEFAULT_OUT,
+    split: str | None = None,
+    images: int | None = None,
+    first: int = 0,
+    indices: Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+    checkpoint: str | None = None,
+    explain: str = "true",
+    device: str | None = "cpu",
+    overrides: Sequence[str] = (),
+    show_pred: bool = True,
+    command: str | None = None,
+) -> tuple[Path, Path, dict[str, Any]]:
     """Load the runs, pick the images, draw the grid and write it with its record (``command``: the command line
     that made it, recorded too); returns (png, json, record)."""
     if explain not in EXPLAINS:
@@ -354,23 +429,42 @@ def _int_list(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit status (2: a one-line ``error:`` on stderr)."""
     parser = argparse.ArgumentParser(prog="python -m gain_exp.figure", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("items", nargs="*", metavar="RUN_DIR|key=value",
-                        help="run directories written by python -m gain_exp.run, and overrides for all of them")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="RUN_DIR|key=value",
+        help="run directories written by python -m gain_exp.run, and overrides for all of them",
+    )
     parser.add_argument("--split", default=None, help="the split to draw (default: the dataset's first test split)")
     parser.add_argument("--images", type=int, default=None, metavar="N", help=f"images (default {DEFAULT_IMAGES})")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--first", type=int, default=0, metavar="I", help="index of the first image (default 0)")
     which.add_argument("--indices", default=None, metavar="I,J,...", help="these images of the split instead")
-    parser.add_argument("--names", default=None, metavar="A,B,...",
-                        help="row names, one per run (default: each run's loss choice)")
-    parser.add_argument("--checkpoint", default=None, choices=("best", "last"),
-                        help="the weights (default: the checkpoint each run's tests used)")
-    parser.add_argument("--class", dest="explain", default="true", choices=EXPLAINS,
-                        help="the class the maps explain (default: true, as the evaluation metrics)")
+    parser.add_argument(
+        "--names", default=None, metavar="A,B,...", help="row names, one per run (default: each run's loss choice)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        choices=("best", "last"),
+        help="the weights (default: the checkpoint each run's tests used)",
+    )
+    parser.add_argument(
+        "--class",
+        dest="explain",
+        default="true",
+        choices=EXPLAINS,
+        help="the class the maps explain (default: true, as the evaluation metrics)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     parser.add_argument("--no-pred", action="store_true", help="no predicted class under the maps")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="FILE.png",
-                        help=f"the figure (default {DEFAULT_OUT}); the record goes beside it as .json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="FILE.png",
+        help=f"the figure (default {DEFAULT_OUT}); the record goes beside it as .json",
+    )
     args = parser.parse_intermixed_args(argv)
     run_dirs = [i for i in args.items if "=" not in i or Path(i).is_dir()]
     overrides = [i for i in args.items if i not in run_dirs]
@@ -378,14 +472,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         indices = _int_list(args.indices) if args.indices is not None else None
         names = args.names.split(",") if args.names is not None else None
-        png, record_file, record = make_figure(run_dirs, args.out, args.split, args.images, args.first, indices,
-                                               names, args.checkpoint, args.explain, args.device, overrides,
-                                               show_pred=not args.no_pred, command=command)
+        png, record_file, record = make_figure(
+            run_dirs,
+            args.out,
+            args.split,
+            args.images,
+            args.first,
+            indices,
+            names,
+            args.checkpoint,
+            args.explain,
+            args.device,
+            overrides,
+            show_pred=not args.no_pred,
+            command=command,
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    print(f"{record['split']}: {len(record['indices'])} image(s) x {len(record['runs'])} run(s) "
-          f"({', '.join(r['name'] for r in record['runs'])}) in {png}; record in {record_file}")
+    print(
+        f"{record['split']}: {len(record['indices'])} image(s) x {len(record['runs'])} run(s) "
+        f"({', '.join(r['name'] for r in record['runs'])}) in {png}; record in {record_file}"
+    )
     return 0
 
 

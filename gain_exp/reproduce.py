@@ -9,6 +9,7 @@ The original and reproduced tables are printed side by side with a verdict per c
 DIR/comparison.md and DIR/comparison.json. Exit status: 0 when every cell is identical or within the original's
 seed spread, 1 when any cell differs or a job fails, 2 for a user error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,16 +54,21 @@ def load_source(text: str) -> Source:
     if not path.exists() and "/" not in text and shipped.is_file():  # `reproduce readme_shapes`
         path = shipped
     if not path.exists():
-        raise FileNotFoundError(f"SOURCE {text} does not exist (relative to {Path.cwd()}); pass a run directory, "
-                                f"a multirun directory or a table spec such as sweeps/tables/<name>.yaml.")
+        raise FileNotFoundError(
+            f"SOURCE {text} does not exist (relative to {Path.cwd()}); pass a run directory, "
+            f"a multirun directory or a table spec such as sweeps/tables/<name>.yaml."
+        )
     if path.is_file():
         if path.suffix not in (".yaml", ".yml"):
-            raise ValueError(f"SOURCE {text} is a file but not a table spec (.yaml); pass a run directory, "
-                             f"a multirun directory or a spec written by python -m gain_exp.table --save-spec.")
+            raise ValueError(
+                f"SOURCE {text} is a file but not a table spec (.yaml); pass a run directory, "
+                f"a multirun directory or a spec written by python -m gain_exp.table --save-spec."
+            )
         spec = read_spec(path)
         runs = spec_runs(spec)
-        table = build_table(runs, spec.get("metrics"), spec.get("rows") or [],
-                            int((spec.get("format") or {}).get("digits", 3)))
+        table = build_table(
+            runs, spec.get("metrics"), spec.get("rows") or [], int((spec.get("format") or {}).get("digits", 3))
+        )
         committed = {tuple(str(r.get(k)) for k in table.row_keys): r for r in spec.get("records") or []}
         return Source(path.stem, [Job.from_recipe(j) for j in spec["jobs"]], runs, table, committed)
     runs = completed_runs([path])
@@ -73,6 +79,7 @@ def load_source(text: str) -> Source:
 
 def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False) -> list[Run | None]:
     """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order."""
+
     def one(numbered: tuple[int, Job]) -> Run | None:
         i, job = numbered
         dest = out / job.name
@@ -140,50 +147,99 @@ def commits(gits: Sequence[dict[str, Any] | None]) -> list[str]:
     return sorted(labels) or ["unknown"]
 
 
-def report(source: Source, where: str, out: Path, cells: Sequence[Cell], reproduced: Sequence[Run | None]
-           ) -> tuple[str, dict[str, Any], int]:
+def report(
+    source: Source, where: str, out: Path, cells: Sequence[Cell], reproduced: Sequence[Run | None]
+) -> tuple[str, dict[str, Any], int]:
     """(Markdown, JSON record, exit status) of a comparison."""
     before = commits([job.git for job in source.jobs])
     after = commits([(r.summary.get("git") or {}) for r in reproduced if r is not None])
     failed = [job.name for job, r in zip(source.jobs, reproduced) if r is None]
     keys = source.table.row_keys or ["runs"]
     digits = source.table.digits
-    lines = [f"# Reproduction of {where}", "",
-             f"- original: commit {', '.join(before)}",
-             f"- reproduced in {out}: commit {', '.join(after)}", ""]
+    lines = [
+        f"# Reproduction of {where}",
+        "",
+        f"- original: commit {', '.join(before)}",
+        f"- reproduced in {out}: commit {', '.join(after)}",
+        "",
+    ]
     if before != after:
-        lines += [(f"warning: the code differs (original {', '.join(before)}, reproduced {', '.join(after)}), "
-                   f"so differences may come from the code, not from chance."), ""]
+        lines += [
+            (
+                f"warning: the code differs (original {', '.join(before)}, reproduced {', '.join(after)}), "
+                f"so differences may come from the code, not from chance."
+            ),
+            "",
+        ]
     if failed:
         lines += [f"failed jobs (see their reproduce.log): {', '.join(failed)}", ""]
-    threads = [f"{job.name} ({again.summary.get('threads')} vs {job.threads})"
-               for job, again in zip(source.jobs, reproduced)
-               if again is not None and job.threads and again.summary.get("threads") != job.threads]
+    threads = [
+        f"{job.name} ({again.summary.get('threads')} vs {job.threads})"
+        for job, again in zip(source.jobs, reproduced)
+        if again is not None and job.threads and again.summary.get("threads") != job.threads
+    ]
     if threads:
         lines += [f"warning: torch thread counts differ (reproduced vs original): {', '.join(threads)}.", ""]
-    lines += ["| " + " | ".join([*keys, "metric", "original", "reproduced", "diff", "verdict"]) + " |",
-              "|" + "---|" * (len(keys) + 5)]
+    lines += [
+        "| " + " | ".join([*keys, "metric", "original", "reproduced", "diff", "verdict"]) + " |",
+        "|" + "---|" * (len(keys) + 5),
+    ]
     for cell in cells:
         diff = "-" if cell.diff is None else ("0" if cell.diff == 0 else f"{cell.diff:+.2g}")
-        lines.append("| " + " | ".join([*(cell.row or ("all",)), cell.metric, _stats_text(cell.original, digits),
-                                        _stats_text(cell.reproduced, digits), diff, cell.verdict]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    *(cell.row or ("all",)),
+                    cell.metric,
+                    _stats_text(cell.original, digits),
+                    _stats_text(cell.reproduced, digits),
+                    diff,
+                    cell.verdict,
+                ]
+            )
+            + " |"
+        )
     counts = {v: sum(c.verdict == v for c in cells) for v in ("identical", "within spread")}
     differ = len(cells) - sum(counts.values())
     status = 1 if differ or failed else 0
-    lines += ["", (f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
-                   f"original's seed spread, {differ} differ.")]
+    lines += [
+        "",
+        (
+            f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
+            f"original's seed spread, {differ} differ."
+        ),
+    ]
     record = {
-        "source": where, "out": str(out), "exit_status": status, "row_keys": source.table.row_keys,
-        "original_commits": before, "reproduced_commits": after, "code_differs": before != after,
+        "source": where,
+        "out": str(out),
+        "exit_status": status,
+        "row_keys": source.table.row_keys,
+        "original_commits": before,
+        "reproduced_commits": after,
+        "code_differs": before != after,
         "failed_jobs": failed,
-        "cells": [{"row": dict(zip(source.table.row_keys, c.row)), "metric": c.metric,
-                   "original": dict(zip(("mean", "std", "n"), c.original)),
-                   "reproduced": dict(zip(("mean", "std", "n"), c.reproduced)), "diff": c.diff,
-                   "verdict": c.verdict} for c in cells],
-        "jobs": [{"name": job.name, "original": {m: run.metrics.get(m) for m in source.table.metrics},
-                  "reproduced": None if again is None else {m: again.metrics.get(m) for m in source.table.metrics},
-                  "threads": job.threads, "reproduced_threads": None if again is None else again.summary.get("threads")}
-                 for job, run, again in zip(source.jobs, source.runs, reproduced)],
+        "cells": [
+            {
+                "row": dict(zip(source.table.row_keys, c.row)),
+                "metric": c.metric,
+                "original": dict(zip(("mean", "std", "n"), c.original)),
+                "reproduced": dict(zip(("mean", "std", "n"), c.reproduced)),
+                "diff": c.diff,
+                "verdict": c.verdict,
+            }
+            for c in cells
+        ],
+        "jobs": [
+            {
+                "name": job.name,
+                "original": {m: run.metrics.get(m) for m in source.table.metrics},
+                "reproduced": None if again is None else {m: again.metrics.get(m) for m in source.table.metrics},
+                "threads": job.threads,
+                "reproduced_threads": None if again is None else again.summary.get("threads"),
+            }
+            for job, run, again in zip(source.jobs, source.runs, reproduced)
+        ],
     }
     return "\n".join(lines) + "\n", record, status
 
@@ -195,17 +251,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where the re-runs go (default: outputs/reproduce/<source>_<time>)")
     parser.add_argument("--jobs", type=int, default=1, help="jobs run at once (default 1: one after another)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--resume", action="store_true", help="keep the jobs already finished in --out (an "
-                                                              "interrupted reproduction) and run the rest")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the jobs already finished in --out (an interrupted reproduction) and run the rest",
+    )
     args = parser.parse_args(argv)
     try:
         source = load_source(args.source)
         out = args.out or Path("outputs/reproduce") / f"{source.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
         commands = [job.command(out / job.name) for job in source.jobs]
         if args.dry_run:
-            for (command, env), job in zip(commands, source.jobs):
-                print(shlex.join([*(f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
-                                    if k in env and env[k] != os.environ.get(k)), *command]))
+            for command, env in commands:
+                print(
+                    shlex.join(
+                        [
+                            *(
+                                f"{k}={env[k]}"
+                                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+                                if k in env and env[k] != os.environ.get(k)
+                            ),
+                            *command,
+                        ]
+                    )
+                )
             return 0
         taken = [out / job.name for job in source.jobs if (out / job.name / "summary.json").exists()]
         if taken and not args.resume:

@@ -3,6 +3,7 @@
 Reads top to bottom as one experiment: check the config, seed, build data, model, GAIN, loss and
 optimiser from config, train and evaluate, write summary.json, return the swept metric.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,6 @@ from gain_exp.train.runtime import Runtime, close_runtime, init_runtime, launche
 from gain_exp.train.summary import RunSummary
 
 log = logging.getLogger("gain_exp")
-
 
 
 def run_command(argv: Sequence[str]) -> None:
@@ -89,8 +89,11 @@ def _saved_run(args: list[str]) -> list[str]:
     if saved is None or not (saved / "hydra.yaml").is_file() or not (saved / "overrides.yaml").is_file():
         return args
     job = saved_job(saved.resolve().parent)
-    print(f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "
-          f"{saved.parent}` also compares the numbers)", file=sys.stderr)
+    print(
+        f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "
+        f"{saved.parent}` also compares the numbers)",
+        file=sys.stderr,
+    )
     return job.app_args([a for i, a in enumerate(args) if i not in drop])
 
 
@@ -109,10 +112,17 @@ def train(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict[str
         seed_everything(plan.seed)
         experiment = build_experiment(plan, runtime, lambda m: sync_batch_norm(m, plan.trainer.sync_bn, runtime))
         run.record = record = run_record(cfg)
-        run_config = {**resolved(cfg), "choices": record["choices"], "overrides": record["overrides"],
-                      "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")}}
-        run.tracker = (build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(plan.trainer.resume, out_dir))
-                       if runtime.is_main else Trackers([]))  # one record of the run, by the main process
+        run_config = {
+            **resolved(cfg),
+            "choices": record["choices"],
+            "overrides": record["overrides"],
+            "provenance": {k: record[k] for k in ("git", "versions", "threads", "command")},
+        }
+        run.tracker = (
+            build_tracker(cfg.logger, out_dir, run_config, resume=saved_tracking(plan.trainer.resume, out_dir))
+            if runtime.is_main
+            else Trackers([])
+        )  # one record of the run, by the main process
         run.trainer = Trainer(experiment, out_dir, run.tracker, record={**record, "config": resolved(cfg)})
         return run.completed(run.trainer.fit())
 
@@ -122,8 +132,11 @@ def sync_batch_norm(model: torch.nn.Module, wanted: bool, runtime: Runtime) -> t
     if not wanted or not runtime.distributed:
         return model
     if runtime.device.type != "cuda":
-        log.warning("trainer.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU tensors); on %s each process keeps "
-                    "batch-norm statistics over its own share of the batch", runtime.device)
+        log.warning(
+            "trainer.sync_bn=true needs CUDA (SyncBatchNorm refuses CPU tensors); on %s each process keeps "
+            "batch-norm statistics over its own share of the batch",
+            runtime.device,
+        )
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 

@@ -13,6 +13,7 @@ so ``--spec`` re-prints it and ``python -m gain_exp.reproduce <spec>`` re-runs a
 A spec given among the paths adds its jobs' committed numbers, so a table measured over several sessions or machines
 grows by the runs finished since (a job both in the spec and given as a run directory counts once, from its run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,20 @@ def log_to_wandb(table: Table, where: Path, project: str | None, entity: str | N
     """Log the table as a wandb.Table in its own run (job_type=table) grouped with the sweep it summarises."""
     import wandb
 
-
     records = table.records()
     data = [list(r.values()) for r in records]
     columns = list(records[0]) if records else []
     mode = wandb_mode(None)
-    run = wandb.init(project=project or "gain-exp", entity=entity, job_type="table", group=where.name, name=f"table-{where.name}",
-                     dir=str(where), mode=mode, reinit="finish_previous")
+    run = wandb.init(
+        project=project or "gain-exp",
+        entity=entity,
+        job_type="table",
+        group=where.name,
+        name=f"table-{where.name}",
+        dir=str(where),
+        mode=mode,
+        reinit="finish_previous",
+    )
     run.log({"results": wandb.Table(columns=columns, data=data)})
     run.finish()
     if mode == "offline":
@@ -72,21 +80,34 @@ def log_to_wandb(table: Table, where: Path, project: str | None, entity: str | N
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m gain_exp.table", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", help="multirun directories, run directories or table specs (their "
-                                                 "jobs' committed numbers join the runs)")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        help="multirun directories, run directories or table specs (their jobs' committed numbers join the runs)",
+    )
     parser.add_argument("--metrics", nargs="+", help="columns (default: test-split accuracy and localisation)")
     parser.add_argument("--rows", help="comma-separated row keys (default: the overrides that differ between runs)")
-    parser.add_argument("--where", nargs="+", metavar="KEY=VALUE[,VALUE]", help="only the runs whose setting KEY "
-                        "(an override, group choice or config key, as --rows) is one of the values")
+    parser.add_argument(
+        "--where",
+        nargs="+",
+        metavar="KEY=VALUE[,VALUE]",
+        help="only the runs whose setting KEY "
+        "(an override, group choice or config key, as --rows) is one of the values",
+    )
     parser.add_argument("--csv", type=Path, help="also write the table as CSV (mean, std, n per metric)")
     parser.add_argument("--md", type=Path, help="also write the Markdown table to this file")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B (offline without a login)")
-    parser.add_argument("--save-spec", type=Path, help="write the table's spec here (default: beside --md/--csv, "
-                                                       "as <name>.spec.yaml)")
+    parser.add_argument(
+        "--save-spec", type=Path, help="write the table's spec here (default: beside --md/--csv, as <name>.spec.yaml)"
+    )
     parser.add_argument("--spec", type=Path, help="re-print the table of this spec (instead of run directories)")
     parser.add_argument("--digits", type=int, default=3, help="decimals per mean and std")
-    parser.add_argument("--plot", type=Path, help="also draw the table as PNG bar charts: a panel per metric, a bar "
-                                                  "per row, mean ± std (needs matplotlib: the plot extra)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="also draw the table as PNG bar charts: a panel per metric, a bar "
+        "per row, mean ± std (needs matplotlib: the plot extra)",
+    )
     args = parser.parse_args(argv)
     if args.plot is not None and not _can_plot():
         print(f"error: {PLOT_MISSING}", file=sys.stderr)
@@ -113,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spec_path:
         command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
         write_spec(spec_path, table_spec(table, args.paths, command))
-        print(f"note: spec in {spec_path}; re-run and check it with python -m gain_exp.reproduce {spec_path}",
-              file=sys.stderr)
+        print(
+            f"note: spec in {spec_path}; re-run and check it with python -m gain_exp.reproduce {spec_path}",
+            file=sys.stderr,
+        )
     if args.wandb:
         wandb_cfg = (runs[0].config.get("logger") or {}).get("wandb") or {}
         log_to_wandb(table, Path(args.paths[0]), wandb_cfg.get("project"), wandb_cfg.get("entity"))

@@ -1,4 +1,5 @@
 """Shared test setup: offline everything, tiny configs composed from the real conf/ tree."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Both are deterministic, so tests can recompute what each file holds from the helper functions here
 (`voc_objects`, `voc_has_mask`, `mask_kind`) instead of parsing the files back.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,26 @@ import numpy as np
 from PIL import Image
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
@@ -85,10 +104,10 @@ def voc_label_map(i: int, n: int, size: int) -> np.ndarray:
     seg = np.zeros((size, size), np.uint8)
     for name, difficult, (x0, y0, x1, y1) in voc_objects(i, n, size):
         if difficult:
-            seg[y0:y1 + 1, x0:x1 + 1] = 255
+            seg[y0 : y1 + 1, x0 : x1 + 1] = 255
             continue
-        seg[y0:y1 + 1, x0:x1 + 1] = 255  # VOC draws a void border around each object
-        seg[y0 + 1:y1, x0 + 1:x1] = VOC_CLASSES.index(name) + 1
+        seg[y0 : y1 + 1, x0 : x1 + 1] = 255  # VOC draws a void border around each object
+        seg[y0 + 1 : y1, x0 + 1 : x1] = VOC_CLASSES.index(name) + 1
     return seg
 
 
@@ -111,7 +130,7 @@ def make_voc(root: Path, n: int = 24, size: int = 48) -> Path:
         image = rng.integers(90, 130, (size, size, 3)).astype(np.uint8)
         for name, _, (x0, y0, x1, y1) in voc_objects(i, n, size):
             c = VOC_CLASSES.index(name)
-            image[y0:y1 + 1, x0:x1 + 1] = (40 + 10 * c, 230 - 9 * c, (70 * c) % 256)
+            image[y0 : y1 + 1, x0 : x1 + 1] = (40 + 10 * c, 230 - 9 * c, (70 * c) % 256)
         Image.fromarray(image).save(voc / "JPEGImages" / f"{image_id}.jpg", quality=95)
         (voc / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, size, voc_objects(i, n, size)))
         split = voc_split(i)

@@ -1,4 +1,5 @@
 """CAM methods (gain.cam) and transformer feature maps: parity with pytorch-grad-cam, gradients, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,13 @@ pytest.importorskip("pytorch_grad_cam")  # the test extra pins grad-cam (the ind
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-ORACLES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
-           "hirescam": HiResCAM}
+ORACLES = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+}
 CLASSES = [0, 3]
 
 
@@ -60,8 +66,10 @@ def test_every_method_matches_pytorch_grad_cam_on_cnns(name, layer, size):
     assert min(corr.values()) > 0.999, corr
 
 
-@pytest.mark.parametrize("name,prefix,depth", [("vit_tiny_patch16_224", 1, 12), ("deit_tiny_patch16_224", 1, 12),
-                                               ("deit_tiny_distilled_patch16_224", 2, 3)])
+@pytest.mark.parametrize(
+    "name,prefix,depth",
+    [("vit_tiny_patch16_224", 1, 12), ("deit_tiny_patch16_224", 1, 12), ("deit_tiny_distilled_patch16_224", 2, 3)],
+)
 def test_gradcam_on_vit_and_deit_matches_pytorch_grad_cam(name, prefix, depth):
     model = _model(name, img_size=64, patch_size=8, depth=depth)
     assert model.num_prefix_tokens == prefix
@@ -84,8 +92,9 @@ def test_gradcam_on_swin_matches_pytorch_grad_cam():
     # default: the last block's NHWC output, permuted to B x C x h x w
     nhwc = _parity(model, x, "gradcam", None, model.layers[-1].blocks[-1], lambda t: t.permute(0, 3, 1, 2))
     # override: norm2's B x N x C tokens with pytorch-grad-cam's documented Swin reshape (2 x 2 grid at 64 px)
-    tokens = _parity(model, x, "gradcam", "layers.3.blocks.1.norm2", model.layers[-1].blocks[-1].norm2,
-                     _tokens_to_grid(0, 2, 2))
+    tokens = _parity(
+        model, x, "gradcam", "layers.3.blocks.1.norm2", model.layers[-1].blocks[-1].norm2, _tokens_to_grid(0, 2, 2)
+    )
     assert nhwc > 0.999 and tokens > 0.999
 
 
@@ -136,13 +145,17 @@ def test_per_label_maps_are_the_single_class_maps_of_each_method(method):
     out = gain(x, t, mining=False)
     single = GAIN(model, cam=method, grad_layer="layer2").eval()
     for n, (b, c) in enumerate(zip(out.image_index.tolist(), out.class_index.tolist())):
-        ref = single(x[b:b + 1], F.one_hot(torch.tensor([c]), 5).float(), mining=False).attention[0]
+        ref = single(x[b : b + 1], F.one_hot(torch.tensor([c]), 5).float(), mining=False).attention[0]
         torch.testing.assert_close(out.attention[n], ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,kwargs", [("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
-                                         ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=2,
-                                                                                depths=(1, 1, 1, 1)))])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2)),
+        ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=2, depths=(1, 1, 1, 1))),
+    ],
+)
 def test_transformers_train_in_full_mode_per_label(name, kwargs):
     model = _model(name, **kwargs).train()
     size = kwargs["img_size"]  # Swin at 64 px: a 2 x 2 map in the last stage
@@ -155,8 +168,11 @@ def test_transformers_train_in_full_mode_per_label(name, kwargs):
 
 
 def test_unknown_cam_lists_the_choices():
-    with pytest.raises(ValueError, match=r"^cam='scorecam' is unknown; choose one of \['gradcam', 'gradcam\+\+', "
-                                         r"'xgradcam', 'layercam', 'hirescam'\]\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cam='scorecam' is unknown; choose one of \['gradcam', 'gradcam\+\+', "
+        r"'xgradcam', 'layercam', 'hirescam'\]\.$",
+    ):
         GAIN(_model("test_resnet"), cam="scorecam")
     with pytest.raises(ValueError, match=r"^gain\.cam='GradCAM' is unknown; choose one of"):
         check_options(0.5, 10.0, "batch", "features", "max", "zero", 1.0, prefix="gain.", cam="GradCAM")
@@ -165,9 +181,12 @@ def test_unknown_cam_lists_the_choices():
 def test_tokens_that_do_not_fill_the_patch_grid_say_which_grad_layer_to_set():
     # patch dropout keeps 8 of the 16 patch tokens in training: they no longer lie on the 4 x 4 grid
     model = _model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, patch_drop_rate=0.5).train()
-    with pytest.raises(ValueError, match=r"^grad_layer 'blocks\.0\.norm1' gives 9 tokens \(1 prefix\) that do not "
-                                         r"fill the 4 x 4 patch grid of a 32 x 32 image; set backbone\.grad_layer to "
-                                         r"a layer that keeps one token per patch, e\.g\. 'patch_embed'\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^grad_layer 'blocks\.0\.norm1' gives 9 tokens \(1 prefix\) that do not "
+        r"fill the 4 x 4 patch grid of a 32 x 32 image; set backbone\.grad_layer to "
+        r"a layer that keeps one token per patch, e\.g\. 'patch_embed'\.$",
+    ):
         GAIN(model)(torch.randn(2, 3, 32, 32), torch.eye(5)[:2])
     out = GAIN(model, grad_layer="patch_embed")(torch.randn(2, 3, 32, 32), torch.eye(5)[:2])  # the fix works
     assert out.attention.shape == (2, 32, 32)
@@ -175,12 +194,28 @@ def test_tokens_that_do_not_fill_the_patch_grid_say_which_grad_layer_to_set():
 
 def test_gain_ext_trains_the_small_vit_recipe_on_shapes_through_the_app(tmp_path):
     from conftest import compose
+
     from gain_exp.run import train
 
-    summary = train(compose(["experiment=shapes_vit", f"dataset.root={tmp_path / 'shapes'}", "dataset.n_train=32",
-                             "dataset.n_val=16", "dataset.n_test=16", "dataset.masks_to_use=0.5", "trainer.epochs=1",
-                             "trainer.batch_size=8", "trainer.num_panels=1", "loss.am_start_epoch=0",
-                             "+backbone.kwargs.depth=2", "logger=json"]), out_dir=tmp_path / "run")
+    summary = train(
+        compose(
+            [
+                "experiment=shapes_vit",
+                f"dataset.root={tmp_path / 'shapes'}",
+                "dataset.n_train=32",
+                "dataset.n_val=16",
+                "dataset.n_test=16",
+                "dataset.masks_to_use=0.5",
+                "trainer.epochs=1",
+                "trainer.batch_size=8",
+                "trainer.num_panels=1",
+                "loss.am_start_epoch=0",
+                "+backbone.kwargs.depth=2",
+                "logger=json",
+            ]
+        ),
+        out_dir=tmp_path / "run",
+    )
     final = summary["final"]
     assert summary["status"] == "completed" and final["val/loc_n"] == 16.0
     assert all(isinstance(final[k], float) for k in ("val/loc_iou", "val/pointing_game", "test_unbiased/acc"))
@@ -192,7 +227,8 @@ def test_gain_ext_trains_the_small_vit_recipe_on_shapes_through_the_app(tmp_path
 def test_xgradcam_and_layercam_match_torch_cam_too(name, layer, size, method):
     """torch-cam 0.5 as a second oracle where its method is the same formula. Its GradCAMpp is not: at these layers it
     correlates 0.79-0.99 with ours while pytorch-grad-cam's Grad-CAM++ correlates > 0.999 (the test above)."""
-    from torchcam.methods import LayerCAM as TorchCamLayerCAM, XGradCAM as TorchCamXGradCAM
+    from torchcam.methods import LayerCAM as TorchCamLayerCAM
+    from torchcam.methods import XGradCAM as TorchCamXGradCAM
 
     oracle = {"xgradcam": TorchCamXGradCAM, "layercam": TorchCamLayerCAM}[method]
     model, x = _model(name), _images(size)

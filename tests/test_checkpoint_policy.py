@@ -1,5 +1,6 @@
 """One checkpoint policy (gain_exp.train.checkpoints.CheckpointPolicy): which files an epoch gets (best when the
 monitor improved, last always, epoch_NNN every checkpoint_every epochs), all from one serialisation of the state."""
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,11 @@ def test_checkpoint_every_copies_last_under_the_number_of_epochs_done(tmp_path, 
     assert (tmp_path / "epoch_004.ckpt").read_bytes() == (tmp_path / "last.ckpt").read_bytes()
     assert torch.load(tmp_path / "epoch_002.ckpt", weights_only=True)["call"] == 2
     assert len(saves) == 4 and sorted(p.name for p in tmp_path.iterdir()) == [
-        "best.ckpt", "epoch_002.ckpt", "epoch_004.ckpt", "last.ckpt"]
+        "best.ckpt",
+        "epoch_002.ckpt",
+        "epoch_004.ckpt",
+        "last.ckpt",
+    ]
     assert list(CheckpointPolicy(tmp_path, "val/acc", every=None).after_epoch(0, {}, state)) == ["last"]
 
 

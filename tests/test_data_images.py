@@ -1,4 +1,5 @@
 """Tests for decoding image and mask files of every PIL mode (gain_exp/data/images.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Tests for the class-folder dataset with masks (gain_exp/data/mask_folder.py) and its sampler."""
+
 from __future__ import annotations
 
 import logging
@@ -9,10 +10,10 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import compose
 from fixtures_data import image_ext, make_mask_folder, mask_kind, object_box
+from PIL import Image
+
 from gain_exp.data.mask_folder import build
 
 SIZE = 48
@@ -148,8 +149,12 @@ def test_mask_naming_conventions_and_extensions(tmp_path):
     train = _build(root).train
     names = {p.name: (m.name if m else None) for p, m in zip(train.images, train.masks) if p.parent == lesion}
     assert names == {
-        "img_000.JPG": None, "img_001.png": "img_001_mask.png", "img_002.jpg": "img_002m.jpg",
-        "img_003.png": None, "img_004.jpg": "img_004_mask.png", "img_005.png": "img_005m.png",
+        "img_000.JPG": None,
+        "img_001.png": "img_001_mask.png",
+        "img_002.jpg": "img_002m.jpg",
+        "img_003.png": None,
+        "img_004.jpg": "img_004_mask.png",
+        "img_005.png": "img_005m.png",
     }
     assert all(m is None for p, m in zip(train.images, train.masks) if p.parent.name == "negative")
     with pytest.raises(ValueError, match="no images \\(.bmp\\) in"):
@@ -157,8 +162,15 @@ def test_mask_naming_conventions_and_extensions(tmp_path):
 
 
 def test_hydra_config_instantiates(binary_root):
-    cfg = compose(["dataset=mask_folder", f"dataset.root={binary_root}", "dataset.negative_class=negative",
-                   "dataset.batch_pos_dist=0.5", "dataset.steps_per_epoch=3"]).dataset
+    cfg = compose(
+        [
+            "dataset=mask_folder",
+            f"dataset.root={binary_root}",
+            "dataset.negative_class=negative",
+            "dataset.batch_pos_dist=0.5",
+            "dataset.steps_per_epoch=3",
+        ]
+    ).dataset
     assert cfg._target_ == "gain_exp.data.mask_folder.build"
     splits = hydra.utils.instantiate(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], seed=1, batch_size=2)
     assert len(splits.train_sampler) == 6 and splits.train[0]["image"].shape == (3, 224, 224)
@@ -199,19 +211,26 @@ def test_a_split_without_a_train_class_stops_the_build(fresh):
     assert str(err.value) == (
         f"mask_folder dataset: the val split of {fresh} has no folder for class 'lesion', which train/ has; every split"
         " needs the same class folders, each with images, so add images of it to every split that lacks it (an empty"
-        " folder is not enough) or remove it from every split.")
+        " folder is not enough) or remove it from every split."
+    )
 
 
 def test_a_test_split_with_other_classes_stops_the_build_naming_each(fresh):
     shutil.copytree(fresh / "test" / "lesion", fresh / "test" / "tumour")  # with images: only train lacks it
-    with pytest.raises(ValueError, match=rf"^mask_folder dataset: the test split of {fresh} has class 'tumour', which "
-                                         r"train/ lacks; .* remove it from every split\.$"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^mask_folder dataset: the test split of {fresh} has class 'tumour', which "
+        r"train/ lacks; .* remove it from every split\.$",
+    ):
         _build(fresh)
     shutil.rmtree(fresh / "test" / "lesion")
     (fresh / "test" / "polyp").mkdir()
-    with pytest.raises(ValueError, match=rf"the test split of {fresh} has no folder for class 'lesion', which train/ "
-                                         r"has, and has classes 'polyp', 'tumour', which train/ lacks; .* add images of "
-                                         r"them to every split that lacks them"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the test split of {fresh} has no folder for class 'lesion', which train/ "
+        r"has, and has classes 'polyp', 'tumour', which train/ lacks; .* add images of "
+        r"them to every split that lacks them",
+    ):
         _build(fresh)
 
 
@@ -275,8 +294,11 @@ def test_mask_of_wrong_size_stops_the_run(fresh):
     mask = fresh / "train" / "lesion" / "img_001_mask.png"
     Image.fromarray(np.zeros((SIZE, SIZE + 2), np.uint8)).save(mask)
     for strict in (True, False):  # a readable but wrong mask is a data error, not a file to skip
-        with pytest.raises(ValueError, match=f"mask {mask} is {SIZE + 2}x{SIZE} but its image .*img_001.png is"
-                                             f" {SIZE}x{SIZE}; save the mask at the image's size"):
+        with pytest.raises(
+            ValueError,
+            match=f"mask {mask} is {SIZE + 2}x{SIZE} but its image .*img_001.png is"
+            f" {SIZE}x{SIZE}; save the mask at the image's size",
+        ):
             _build(fresh, strict=strict)
 
 
@@ -286,10 +308,14 @@ def test_mask_with_undocumented_values_stops_the_run(fresh):
     arr[:10, :10], arr[10:20, :10] = 128, 255
     Image.fromarray(arr).save(mask)
     for strict in (True, False):
-        with pytest.raises(ValueError, match=f"mask {mask} holds values \\[0, 128, 255\\]; a binary mask may hold only 0"):
+        with pytest.raises(
+            ValueError, match=f"mask {mask} holds values \\[0, 128, 255\\]; a binary mask may hold only 0"
+        ):
             _build(fresh, strict=strict)
     Image.fromarray(np.stack([arr] * 3, -1)).save(mask)
-    with pytest.raises(ValueError, match=f"mask {mask} is a RGB image with 3 channel\\(s\\); save it as a single-channel"):
+    with pytest.raises(
+        ValueError, match=f"mask {mask} is a RGB image with 3 channel\\(s\\); save it as a single-channel"
+    ):
         _build(fresh)
 
 

@@ -1,4 +1,5 @@
 """Tests for the PASCAL VOC 2012 dataset (gain_exp/data/voc.py) on a small on-disk devkit."""
+
 from __future__ import annotations
 
 import logging
@@ -8,12 +9,20 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import compose
 from fixtures_data import (
-    VOC_CLASSES, make_voc, save_voc_mask, voc_has_mask, voc_id, voc_label_map, voc_labels, voc_objects, voc_split,
+    VOC_CLASSES,
+    make_voc,
+    save_voc_mask,
+    voc_has_mask,
+    voc_id,
+    voc_label_map,
+    voc_labels,
+    voc_objects,
+    voc_split,
 )
+from PIL import Image
+
 from gain_exp.data.voc import build
 
 N, SIZE = 24, 48
@@ -72,8 +81,10 @@ def test_splits_labels_and_sample_contract(voc_root):
 
 def test_train_classes_without_a_val_image_are_warned_once_and_recorded(voc_root, caplog):
     # the fixture's val images (odd numbers) never show some classes its train images do
-    labels = {split: set().union(*(voc_labels(i, N, SIZE) for i in range(N) if voc_split(i) == split))
-              for split in ("train", "val")}
+    labels = {
+        split: set().union(*(voc_labels(i, N, SIZE) for i in range(N) if voc_split(i) == split))
+        for split in ("train", "val")
+    }
     lacking = [c for c in VOC_CLASSES if c in labels["train"] and c not in labels["val"]]
     assert lacking  # the fixture has such classes
     with caplog.at_level(logging.WARNING):
@@ -167,8 +178,9 @@ def test_sbd_train_list_replaces_train_and_never_holds_val(voc_root, tmp_path, c
 
 
 def test_hydra_config_instantiates(voc_root):
-    cfg = compose(["dataset=voc2012", f"dataset.root={voc_root}", "dataset.masks_to_use=2",
-                   "dataset.image_size=32"]).dataset
+    cfg = compose(
+        ["dataset=voc2012", f"dataset.root={voc_root}", "dataset.masks_to_use=2", "dataset.image_size=32"]
+    ).dataset
     assert cfg._target_ == "gain_exp.data.voc.build"
     splits = hydra.utils.instantiate(cfg, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], seed=3, batch_size=4)
     assert splits.train[0]["image"].shape == (3, 32, 32) and splits.extras["num_masked_train"] == 2

@@ -1,4 +1,5 @@
 """Tests for the built-in decoy-digits dataset (gain_exp/data/decoy_digits.py)."""
+
 from __future__ import annotations
 
 import builtins
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose
+
 from gain_exp.data import decoy_digits
 from gain_exp.data.decoy_digits import build, decoy_colours, load_scans, patch_size, render
 
@@ -122,7 +123,7 @@ def test_patch_is_a_corner_square_with_the_cue_colour(splits):
             corner = int(ds.corner[i])
             assert (int(rows[0]) == 24) == (corner >= 2) and (int(cols[0]) == 24) == (corner % 2 == 1)
             patch = ds.images[i][:, spur]  # 3 x 64
-            assert torch.equal(patch, decoy_colours(ds.cue[i:i + 1], "colour").view(3, 1).expand(3, 64))
+            assert torch.equal(patch, decoy_colours(ds.cue[i : i + 1], "colour").view(3, 1).expand(3, 64))
 
 
 def test_masks_are_the_bright_strokes_and_never_the_patch(cache_root, splits):
@@ -276,12 +277,25 @@ def test_bad_values_raise_one_sentence(tmp_path, kwargs, phrase):
 def test_app_trains_one_epoch_on_tiny_decoy_digits(tmp_path):
     from gain_exp.run import train
 
-    cfg = compose([
-        "dataset=decoy_digits", "backbone=gain_cnn4", "loss=gain_ext", f"dataset.root={tmp_path / 'cache'}",
-        "dataset.image_size=32", "dataset.n_train=48", "dataset.n_val=16", "dataset.n_test=16",
-        "dataset.masks_to_use=0.5", "trainer.epochs=1", "trainer.batch_size=16", "trainer.eval_batch_size=16",
-        "trainer.num_panels=2", "trainer.device=cpu", "logger=json",
-    ])
+    cfg = compose(
+        [
+            "dataset=decoy_digits",
+            "backbone=gain_cnn4",
+            "loss=gain_ext",
+            f"dataset.root={tmp_path / 'cache'}",
+            "dataset.image_size=32",
+            "dataset.n_train=48",
+            "dataset.n_val=16",
+            "dataset.n_test=16",
+            "dataset.masks_to_use=0.5",
+            "trainer.epochs=1",
+            "trainer.batch_size=16",
+            "trainer.eval_batch_size=16",
+            "trainer.num_panels=2",
+            "trainer.device=cpu",
+            "logger=json",
+        ]
+    )
     summary = train(cfg, out_dir=tmp_path / "run")
     assert summary["status"] == "completed"
     for split in ("val", "test_biased", "test_unbiased"):

@@ -7,6 +7,7 @@
   agree with one process; SIGTERM to the process group mid-epoch, then resume, ends exactly like an uninterrupted
   2-process run.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import ROOT, compose
+
 from gain_exp.run import train
 
 COMBOS = [(f, g) for f in ("batch", "per_label") for g in ("full", "features", "frozen")]
@@ -50,8 +51,15 @@ def _setup(formulation: str, grad_mode: str):
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=K)  # LayerNorm: no batch statistics
     # an inner stage (8 x 8 at 32 px): the last one is 1 x 1 there, where a max-normalised map is degenerate
-    gain = GAIN(model, grad_layer="stages.1", formulation=formulation, grad_mode=grad_mode, multi_label=True, normalisation="max",
-                freeze_am_bn=False)
+    gain = GAIN(
+        model,
+        grad_layer="stages.1",
+        formulation=formulation,
+        grad_mode=grad_mode,
+        multi_label=True,
+        normalisation="max",
+        freeze_am_bn=False,
+    )
     loss = GAINLoss(multi_label=True, am_weight=1.0, ex_weight=10.0)
     return gain, loss, torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -72,18 +80,29 @@ def _eval_split(runtime, root: Path):
     from gain_exp.train.evaluation import Evaluator
 
     gain, loss, _ = _setup("per_label", "features")
-    data = build(root=str(root), image_size=SIZE, n_train=8, n_val=17,
-                 n_test=4, mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=8)
+    data = build(
+        root=str(root),
+        image_size=SIZE,
+        n_train=8,
+        n_val=17,
+        n_test=4,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        seed=0,
+        batch_size=8,
+    )
     gain.model.reset_classifier(data.num_classes)
-    evaluator = Evaluator(gain, loss, data, runtime, batch_size=4, workers=0, amp=False, mean=(0.5,) * 3,
-                          std=(0.25,) * 3, progress=False)
+    evaluator = Evaluator(
+        gain, loss, data, runtime, batch_size=4, workers=0, amp=False, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False
+    )
     result = evaluator.evaluate(data.val, "val", panels=6)
     return result.metrics, [p.index for p in result.panels]
 
 
 def _worker(rank: int, world: int, port: int, out: str, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -95,8 +114,16 @@ def _worker(rank: int, world: int, port: int, out: str, tmp: str) -> None:
     results = {}
     for formulation, grad_mode in COMBOS:
         gain, loss, optimizer = _setup(formulation, grad_mode)
-        terms = _step(DistributedDataParallel(gain), loss, optimizer, images[share], targets[share], seg[share],
-                      use_mask[share], count=runtime.mean_count)
+        terms = _step(
+            DistributedDataParallel(gain),
+            loss,
+            optimizer,
+            images[share],
+            targets[share],
+            seg[share],
+            use_mask[share],
+            count=runtime.mean_count,
+        )
         logged = runtime.mean(terms.stacked())
         results[formulation, grad_mode] = ([p.detach().clone() for p in gain.parameters()], logged)
     evaluation = _eval_split(runtime, Path(tmp) / f"shapes{rank}")
@@ -147,23 +174,53 @@ def test_evaluation_under_two_processes_equals_one_exactly(two_processes):
 
 # ------------------------------------------------------------------------------------------------ end to end
 def _torchrun(args: list[str], cwd: Path, wait: bool = True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gain_exp.run",
-           *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=open(cwd / "stderr.txt", "ab"),
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gain_exp.run",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=open(cwd / "stderr.txt", "ab"), start_new_session=True
+    )
     if wait:
         proc.wait(timeout=300)
     return proc
 
 
 def _e2e_overrides(tmp: Path) -> list[str]:
-    return ["backbone.name=convnext_atto", "backbone.grad_layer=stages.1", f"dataset.root={tmp / 'shapes'}", "dataset.image_size=32",
-            "dataset.n_train=96", "dataset.n_val=17", "dataset.n_test=16", "dataset.masks_to_use=0.5",
-            "trainer.epochs=2", "trainer.batch_size=8", "trainer.eval_batch_size=4", "trainer.num_panels=2",
-            "trainer.log_every_n_steps=1", "loss.am_start_epoch=1", "logger=json", "trainer.device=cpu",
-            "trainer.sync_bn=true", "formulation=per_label", "trainer.optimizer.lr=1e-4"]
+    return [
+        "backbone.name=convnext_atto",
+        "backbone.grad_layer=stages.1",
+        f"dataset.root={tmp / 'shapes'}",
+        "dataset.image_size=32",
+        "dataset.n_train=96",
+        "dataset.n_val=17",
+        "dataset.n_test=16",
+        "dataset.masks_to_use=0.5",
+        "trainer.epochs=2",
+        "trainer.batch_size=8",
+        "trainer.eval_batch_size=4",
+        "trainer.num_panels=2",
+        "trainer.log_every_n_steps=1",
+        "loss.am_start_epoch=1",
+        "logger=json",
+        "trainer.device=cpu",
+        "trainer.sync_bn=true",
+        "formulation=per_label",
+        "trainer.optimizer.lr=1e-4",
+    ]
 
 
 def test_torchrun_trains_one_run_like_one_process_and_resumes_exactly(tmp_path):
@@ -177,8 +234,9 @@ def test_torchrun_trains_one_run_like_one_process_and_resumes_exactly(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ]
     assert steps == list(range(1, 25))  # 96 / 8 global batches x 2 epochs, logged once (by rank 0)
 
     one = train(compose(args), out_dir=tmp_path / "one")  # one process, same global batch
@@ -224,12 +282,28 @@ def test_slurm_path_two_tasks_preempted_requeue_and_resume(tmp_path):
     # +launcher=submitit_local with 2 tasks: one DDP experiment whose ranks come from submitit, as on SLURM. The
     # preemption signal (USR2) mid-epoch saves a checkpoint, submitit requeues the job, and it resumes to the end.
     sweep = tmp_path / "sweep"
-    args = ["--config-dir", str(ROOT / "sweeps"), *_e2e_overrides(tmp_path), "+launcher=submitit_local",
-            "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gain_exp.run", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "ab"))
+    args = [
+        "--config-dir",
+        str(ROOT / "sweeps"),
+        *_e2e_overrides(tmp_path),
+        "+launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr.txt", "ab"),
+    )
     metrics = sweep / "0" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

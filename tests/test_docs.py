@@ -16,8 +16,14 @@ WRITTEN = {"comparison.md", "table.md", "t.md", "b.md", "out/table.md", "args.md
 
 
 def _sources() -> list[Path]:
-    files = [*ROOT.glob("gain_exp/**/*.py"), *ROOT.glob("conf/**/*.yaml"), *ROOT.glob("sweeps/**/*.yaml"),
-             *ROOT.glob("tests/*.py"), ROOT / "Makefile", ROOT / "pyproject.toml"]
+    files = [
+        *ROOT.glob("gain_exp/**/*.py"),
+        *ROOT.glob("conf/**/*.yaml"),
+        *ROOT.glob("sweeps/**/*.yaml"),
+        *ROOT.glob("tests/*.py"),
+        ROOT / "Makefile",
+        ROOT / "pyproject.toml",
+    ]
     return [f for f in files if f.name != Path(__file__).name]
 
 

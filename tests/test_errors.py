@@ -1,4 +1,5 @@
 """Composition errors as one sentence (gain_exp/config/errors.py) and the app's exit status 2 for them (run.main)."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, compose
+
 from gain_exp import run as app
 from gain_exp.config.errors import explain
 
@@ -25,24 +26,50 @@ def _sentence(overrides: list[str]) -> str:
 @pytest.mark.parametrize(
     "override,expected",
     [
-        ("trainer.epochs=two", "trainer.epochs=two: 'two' is not an integer (trainer.epochs is int); e.g. trainer.epochs=24."),
-        ("trainer.epochs=1.5", "trainer.epochs=1.5: 1.5 is not an integer (trainer.epochs is int); e.g. trainer.epochs=24."),
+        (
+            "trainer.epochs=two",
+            "trainer.epochs=two: 'two' is not an integer (trainer.epochs is int); e.g. trainer.epochs=24.",
+        ),
+        (
+            "trainer.epochs=1.5",
+            "trainer.epochs=1.5: 1.5 is not an integer (trainer.epochs is int); e.g. trainer.epochs=24.",
+        ),
         ("gain.sigma=abc", "gain.sigma=abc: 'abc' is not a number (gain.sigma is float); e.g. gain.sigma=0.5."),
-        ("trainer.optimizer.lr=fast",
-         "trainer.optimizer.lr=fast: 'fast' is not a number (trainer.optimizer.lr is float); e.g. trainer.optimizer.lr=0.001."),
-        ("loss.am_weight=[1,2]", "loss.am_weight=[1,2]: [1,2] is not a number (loss.am_weight is float); e.g. loss.am_weight=0.3."),
-        ("trainer.batch_size=true",
-         "trainer.batch_size=true: true is not an integer (trainer.batch_size is int); e.g. trainer.batch_size=32."),
-        ("dataset.n_train=many", "dataset.n_train=many: 'many' is not an integer (dataset.n_train is int); e.g. dataset.n_train=2000."),
-        ("backbone.pretrained=maybe",
-         "backbone.pretrained=maybe: 'maybe' is not true or false (backbone.pretrained is bool); e.g. backbone.pretrained=false."),
+        (
+            "trainer.optimizer.lr=fast",
+            "trainer.optimizer.lr=fast: 'fast' is not a number (trainer.optimizer.lr is float); e.g. trainer.optimizer.lr=0.001.",
+        ),
+        (
+            "loss.am_weight=[1,2]",
+            "loss.am_weight=[1,2]: [1,2] is not a number (loss.am_weight is float); e.g. loss.am_weight=0.3.",
+        ),
+        (
+            "trainer.batch_size=true",
+            "trainer.batch_size=true: true is not an integer (trainer.batch_size is int); e.g. trainer.batch_size=32.",
+        ),
+        (
+            "dataset.n_train=many",
+            "dataset.n_train=many: 'many' is not an integer (dataset.n_train is int); e.g. dataset.n_train=2000.",
+        ),
+        (
+            "backbone.pretrained=maybe",
+            "backbone.pretrained=maybe: 'maybe' is not true or false (backbone.pretrained is bool); e.g. backbone.pretrained=false.",
+        ),
         ("seed=abc", "seed=abc: 'abc' is not an integer (seed is int); e.g. seed=0."),
-        ("dataset.masks_to_use=true",
-         "dataset.masks_to_use=true: true is not an int or a float (dataset.masks_to_use is int | float); "
-         "e.g. dataset.masks_to_use=0.1."),
-        ("trainer.grad_clip=off", "trainer.grad_clip=off: 'off' is not a number or null (trainer.grad_clip is float | null)."),
-        ("logger.wandb.panel_every=often", "logger.wandb.panel_every=often: 'often' is not an integer "
-         "(logger.wandb.panel_every is int); e.g. logger.wandb.panel_every=1."),
+        (
+            "dataset.masks_to_use=true",
+            "dataset.masks_to_use=true: true is not an int or a float (dataset.masks_to_use is int | float); "
+            "e.g. dataset.masks_to_use=0.1.",
+        ),
+        (
+            "trainer.grad_clip=off",
+            "trainer.grad_clip=off: 'off' is not a number or null (trainer.grad_clip is float | null).",
+        ),
+        (
+            "logger.wandb.panel_every=often",
+            "logger.wandb.panel_every=often: 'often' is not an integer "
+            "(logger.wandb.panel_every is int); e.g. logger.wandb.panel_every=1.",
+        ),
     ],
 )
 def test_wrong_type_is_one_sentence_with_the_type_and_an_example(override, expected):
@@ -50,15 +77,19 @@ def test_wrong_type_is_one_sentence_with_the_type_and_an_example(override, expec
 
 
 def test_unknown_group_option_lists_the_options_and_the_closest():
-    assert _sentence(["loss=gian"]) == ("loss=gian: group loss has no option 'gian' (did you mean gain or gradia or "
-                                         "gain_ext?); choose one of baseline, energy, gain, gain_ext, gradia, haics, "
-                                         "rrr.")
+    assert _sentence(["loss=gian"]) == (
+        "loss=gian: group loss has no option 'gian' (did you mean gain or gradia or "
+        "gain_ext?); choose one of baseline, energy, gain, gain_ext, gradia, haics, "
+        "rrr."
+    )
     assert "choose one of endoscopy_seed, grads_off" in _sentence(["experiment=voc_papr"])
 
 
 def test_unknown_key_suggests_close_keys_and_plus_for_new_ones():
-    assert _sentence(["trainer.epoch=3"]) == ("trainer.epoch=3: trainer has no key 'epoch' (did you mean trainer.epochs?); "
-                                              "fix the name, or write +trainer.epoch=3 to add a new key.")
+    assert _sentence(["trainer.epoch=3"]) == (
+        "trainer.epoch=3: trainer has no key 'epoch' (did you mean trainer.epochs?); "
+        "fix the name, or write +trainer.epoch=3 to add a new key."
+    )
     assert _sentence(["lss=gain"]).startswith("lss=gain: the config has no key 'lss' (did you mean loss?)")
 
 
@@ -86,7 +117,8 @@ def test_main_exits_2_with_one_line_and_restores_the_environment(monkeypatch, ca
         app.main()
     assert stop.value.code == 2 and seen == ["1"]
     assert capsys.readouterr().err.splitlines() == [
-        "error: trainer.epochs=two: 'two' is not an integer (trainer.epochs is int); e.g. trainer.epochs=24."]
+        "error: trainer.epochs=two: 'two' is not an integer (trainer.epochs is int); e.g. trainer.epochs=24."
+    ]
     assert "HYDRA_FULL_ERROR" not in os.environ  # a later call must not mistake it for the user's own setting
 
     monkeypatch.setattr(app, "_hydra_main", lambda: 0.5)
@@ -96,13 +128,21 @@ def test_main_exits_2_with_one_line_and_restores_the_environment(monkeypatch, ca
 def _app(args: list[str], cwd, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **env)
-    return subprocess.run([sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_app_and_cfg_job_and_multirun_stop_with_one_line_and_exit_2(tmp_path):
-    for args in (["--cfg", "job", "trainer.batch_size=true"],
-                 ["-m", "trainer.epochs=1,two", f"hydra.sweep.dir={tmp_path / 'sweep'}"]):
+    for args in (
+        ["--cfg", "job", "trainer.batch_size=true"],
+        ["-m", "trainer.epochs=1,two", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    ):
         proc = _app(args, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: trainer."), proc.stderr

@@ -1,4 +1,5 @@
 """gain_exp.evaluate: a saved run scored again from its checkpoint, with the run's own numbers as the oracle."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, tiny_overrides
+
 from gain_exp import cli
 from gain_exp.evaluate import main
 
@@ -25,9 +26,25 @@ def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     args = [o for o in tiny_overrides(Path("unused")) if not o.startswith("dataset.root=")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", *args, "dataset.root=shapes", "trainer.device=cpu",
-                           "trainer.monitor=val/loc_skipped", "trainer.monitor_mode=min", "hydra.run.dir=run"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gain_exp.run",
+            *args,
+            "dataset.root=shapes",
+            "trainer.device=cpu",
+            "trainer.monitor=val/loc_skipped",
+            "trainer.monitor_mode=min",
+            "hydra.run.dir=run",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
 
@@ -72,7 +89,8 @@ def test_val_of_best_and_last_equal_the_val_the_run_logged_at_those_epochs(finis
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"last checkpoint (epoch 1) of {finished}" and printed[-1] == f"results in {out}"
     assert [line.split() for line in printed if line.startswith("loss_cl ")] == [
-        ["loss_cl", f"{history[1]['val/loss_cl']:.4f}"]]
+        ["loss_cl", f"{history[1]['val/loss_cl']:.4f}"]
+    ]
 
 
 def test_a_weights_only_checkpoint_is_enough_to_evaluate(finished, default_eval, tmp_path, capsys):
@@ -97,8 +115,10 @@ def test_a_file_without_weights_is_refused_in_the_options_own_words(finished, tm
     torch.save({"epoch": 1}, tmp_path / "counters.ckpt")
     assert main([str(finished), "--checkpoint", str(tmp_path / "counters.ckpt")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: --checkpoint: {tmp_path / 'counters.ckpt'} is not a gain-exp checkpoint (no model); use "
-                   f"best, last or another .ckpt file the run wrote.\n")
+    assert err == (
+        f"error: --checkpoint: {tmp_path / 'counters.ckpt'} is not a gain-exp checkpoint (no model); use "
+        f"best, last or another .ckpt file the run wrote.\n"
+    )
 
 
 def test_files_are_well_formed_and_every_image_has_one_row(default_eval):
@@ -119,8 +139,9 @@ def test_files_are_well_formed_and_every_image_has_one_row(default_eval):
         drops = [r["am_drop"] for r in rows]
         assert sum(drops) / len(drops) == pytest.approx(m[f"{split}/am_drop"], rel=1e-5)
         assert all(r["score"] == max(r["probs"]) and math.isclose(sum(r["probs"]), 1.0, rel_tol=1e-5) for r in rows)
-    assert sorted(p.name for p in (default_eval / "attention").iterdir()) == [f"{s}.png" for s in sorted(
-        (*TESTS, "val"))]
+    assert sorted(p.name for p in (default_eval / "attention").iterdir()) == [
+        f"{s}.png" for s in sorted((*TESTS, "val"))
+    ]
 
 
 def test_an_override_evaluates_other_data(finished, tmp_path):
@@ -135,7 +156,12 @@ def test_sanity_writes_the_randomisation_curve_top_layer_first(finished, tmp_pat
     assert main([str(finished), "--split", "val", "--out", str(tmp_path), "--sanity", "4", "--no-wandb"]) == 0
     record = json.loads((tmp_path / "sanity.json").read_text())
     groups = [c["reinitialised"] for c in record["curve"]]
-    assert (record["split"], record["images"], groups[0], groups[-1]) == ("val", 4, "fc", "conv1.0")  # test_resnet: its stem is a Sequential
+    assert (record["split"], record["images"], groups[0], groups[-1]) == (
+        "val",
+        4,
+        "fc",
+        "conv1.0",
+    )  # test_resnet: its stem is a Sequential
     assert all(c["spearman"] is None or -1 <= c["spearman"] <= 1 for c in record["curve"])
     assert "randomisation check (Spearman similarity" in capsys.readouterr().out
 
@@ -159,26 +185,39 @@ def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path)
     [logged] = offline_runs(run / "wandb")
     assert logged.run_id == "evaltest1"
     [row] = [r for r in logged.history if "eval/val/acc" in r]
-    assert row["_step"] == 13 and row["eval/val/loss_cl"] == json.loads((run / "eval" / "val.json").read_text())[
-        "metrics"]["val/loss_cl"]
+    assert (
+        row["_step"] == 13
+        and row["eval/val/loss_cl"] == json.loads((run / "eval" / "val.json").read_text())["metrics"]["val/loss_cl"]
+    )
 
 
-@pytest.mark.parametrize("args,phrase", [
-    (["{tmp}"], "holds neither summary.json nor .hydra/hydra.yaml; pass a run directory"),
-    (["{tmp}/nowhere"], "is not a directory; give a run directory"),
-    (["{run}", "--split", "tset"], "has no split 'tset'; choose from test_biased, test_unbiased, val, train."),
-    (["{run}", "--split", "test_biassed"], "has no split 'test_biassed' (did you mean test_biased or test_unbiased?)"),
-    (["{run}", "trainer.nope=1"], "trainer.nope=1: trainer has no key 'nope'"),
-    (["{run}", "dataset.n_test=many"], "dataset.n_test=many: 'many' is not an integer"),
-    (["{run}", "n_test"], "n_test: not an override; give overrides as key=value"),
-    (["{run}", "--checkpoint", "{tmp}/x.ckpt"], "no checkpoint there; use best, last or a .ckpt file."),
-    (["{run}", "--checkpoint", "{bare}/broken.ckpt"], "broken.ckpt is unreadable (RuntimeError: PytorchStreamReader"),
-    (["{bare}"], "has no checkpoints/best.ckpt"),
-    (["{run}", "dataset.num_classes=3"], "the checkpoint does not fit the model this config builds (size mismatch "
-                                         "for fc.weight"),
-    (["{run}", "--panels", "-1"], "--panels -1: give a number of attention panels >= 0"),
-    (["{run}", "--sanity", "-2"], "--sanity -2: give a number of images >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["{tmp}"], "holds neither summary.json nor .hydra/hydra.yaml; pass a run directory"),
+        (["{tmp}/nowhere"], "is not a directory; give a run directory"),
+        (["{run}", "--split", "tset"], "has no split 'tset'; choose from test_biased, test_unbiased, val, train."),
+        (
+            ["{run}", "--split", "test_biassed"],
+            "has no split 'test_biassed' (did you mean test_biased or test_unbiased?)",
+        ),
+        (["{run}", "trainer.nope=1"], "trainer.nope=1: trainer has no key 'nope'"),
+        (["{run}", "dataset.n_test=many"], "dataset.n_test=many: 'many' is not an integer"),
+        (["{run}", "n_test"], "n_test: not an override; give overrides as key=value"),
+        (["{run}", "--checkpoint", "{tmp}/x.ckpt"], "no checkpoint there; use best, last or a .ckpt file."),
+        (
+            ["{run}", "--checkpoint", "{bare}/broken.ckpt"],
+            "broken.ckpt is unreadable (RuntimeError: PytorchStreamReader",
+        ),
+        (["{bare}"], "has no checkpoints/best.ckpt"),
+        (
+            ["{run}", "dataset.num_classes=3"],
+            "the checkpoint does not fit the model this config builds (size mismatch for fc.weight",
+        ),
+        (["{run}", "--panels", "-1"], "--panels -1: give a number of attention panels >= 0"),
+        (["{run}", "--sanity", "-2"], "--sanity -2: give a number of images >= 0"),
+    ],
+)
 def test_mistakes_are_one_sentence_and_exit_2(finished, tmp_path, capsys, args, phrase):
     bare = tmp_path / "bare"  # a run's records without its checkpoints
     bare.mkdir()
@@ -196,27 +235,50 @@ def test_per_label_rows_hold_one_map_per_true_class_and_add_up_to_the_split(tmp_
     import timm
     import torch
 
-    from gain_exp.data.shapes import build
-    from gain_exp.train.evaluation import Evaluator
     from gain_exp.core.gain import GAIN
     from gain_exp.core.losses import GAINLoss
+    from gain_exp.data.shapes import build
+    from gain_exp.train.evaluation import Evaluator
     from gain_exp.train.runtime import Runtime
 
-    data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
-                 mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)
+    data = build(
+        root=str(tmp_path),
+        image_size=32,
+        n_train=4,
+        n_val=6,
+        n_test=2,
+        max_objects=2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        seed=0,
+        batch_size=4,
+    )
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=data.num_classes)
     gain = GAIN(model, grad_layer="stages.1", formulation="per_label", multi_label=True, freeze_am_bn=False)
-    evaluator = Evaluator(gain, GAINLoss(multi_label=True), data, Runtime(torch.device("cpu")), batch_size=4,
-                          workers=0, amp=False, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
+    evaluator = Evaluator(
+        gain,
+        GAINLoss(multi_label=True),
+        data,
+        Runtime(torch.device("cpu")),
+        batch_size=4,
+        workers=0,
+        amp=False,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        progress=False,
+    )
     plain = evaluator.evaluate(data.val, "val")
     result = evaluator.evaluate(data.val, "val", rows=True)
     assert plain.rows is None and json.dumps(plain.metrics) == json.dumps(result.metrics)  # rows change no number
     rows, m = result.rows, result.metrics
     assert [r["index"] for r in rows] == list(range(6)) and any(len(r["true"]) == 2 for r in rows)
     assert all([mp["explains"] for mp in r["maps"]] == [[c] for c in r["true"]] for r in rows)
-    assert all(set(r["pred"]) == {c for c, p in zip(data.classes, r["probs"]) if p > 0.5}
-               | {data.classes[r["probs"].index(r["score"])]} for r in rows)
+    assert all(
+        set(r["pred"])
+        == {c for c, p in zip(data.classes, r["probs"]) if p > 0.5} | {data.classes[r["probs"].index(r["score"])]}
+        for r in rows
+    )
     maps = [mp for r in rows for mp in r["maps"]]
     ious = [mp["iou"] for mp in maps if mp["iou"] is not None]
     assert len(ious) == m["val/loc_n"] > 6
@@ -235,21 +297,41 @@ def test_multi_label_maps_are_scored_per_label_whatever_the_training_formulation
     import timm
     import torch
 
-    from gain_exp.data.shapes import build
-    from gain_exp.train.evaluation import Evaluator
     from gain_exp.core.gain import GAIN
     from gain_exp.core.losses import GAINLoss
+    from gain_exp.data.shapes import build
+    from gain_exp.train.evaluation import Evaluator
     from gain_exp.train.runtime import Runtime
 
-    data = build(root=str(tmp_path), image_size=32, n_train=4, n_val=6, n_test=2, max_objects=2,
-                 mean=(0.5,) * 3, std=(0.25,) * 3, seed=0, batch_size=4)
+    data = build(
+        root=str(tmp_path),
+        image_size=32,
+        n_train=4,
+        n_val=6,
+        n_test=2,
+        max_objects=2,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        seed=0,
+        batch_size=4,
+    )
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", pretrained=False, num_classes=data.num_classes)
     metrics = {}
     for formulation in ("batch", "per_label"):
         gain = GAIN(copy.deepcopy(model), grad_layer="stages.1", formulation=formulation, multi_label=True)
-        evaluator = Evaluator(gain, GAINLoss(multi_label=True), data, Runtime(torch.device("cpu")), batch_size=4,
-                              workers=0, amp=False, mean=(0.5,) * 3, std=(0.25,) * 3, progress=False)
+        evaluator = Evaluator(
+            gain,
+            GAINLoss(multi_label=True),
+            data,
+            Runtime(torch.device("cpu")),
+            batch_size=4,
+            workers=0,
+            amp=False,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            progress=False,
+        )
         metrics[formulation] = evaluator.evaluate(data.val, "val").metrics
         assert gain.formulation == formulation  # the module's own formulation is left as it was
     pairs = sum(int(data.val[i]["target"].sum()) for i in range(len(data.val)))

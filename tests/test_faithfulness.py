@@ -1,4 +1,5 @@
 """Faithfulness and sanity metrics on hand-computable examples and tiny models."""
+
 import itertools
 import math
 
@@ -8,16 +9,26 @@ import torch
 import torchvision.transforms.functional as TF
 
 import gain_exp.core.models  # noqa: F401  registers gain_cnn4
-from gain_exp.core.faithfulness import (FaithfulnessMetrics, average_ranks, deletion_insertion, deletion_insertion_curves,
-                                   randomisation_check, randomisation_groups, spearman, spurious_energy)
+from gain_exp.core.faithfulness import (
+    FaithfulnessMetrics,
+    average_ranks,
+    deletion_insertion,
+    deletion_insertion_curves,
+    randomisation_check,
+    randomisation_groups,
+    spearman,
+    spurious_energy,
+)
 from gain_exp.core.gain import GAIN
 
 
 def linear_model(weights: torch.Tensor):
     """Two classes: logit 0 is 0, logit 1 = sum(w * x); so P(class 1) = sigmoid(sum(w * x))."""
+
     def model_fn(x: torch.Tensor) -> torch.Tensor:
         score = (x * weights).flatten(1).sum(dim=1)
         return torch.stack([torch.zeros_like(score), score], dim=1)
+
     return model_fn
 
 
@@ -37,16 +48,16 @@ def test_deletion_and_insertion_curves_by_hand():
     # 1 x 2 x 2 image of ones, w = [[2, 1], [0.5, -1]], zero baseline, one pixel per step, map = w.
     w = torch.tensor([[2.0, 1.0], [0.5, -1.0]]).view(1, 1, 2, 2)
     images = torch.ones(1, 1, 2, 2)
-    deletion, insertion, x = deletion_insertion_curves(linear_model(w), images, w[:, 0], torch.tensor([1]),
-                                                       steps=4, baseline="zero")
+    deletion, insertion, x = deletion_insertion_curves(
+        linear_model(w), images, w[:, 0], torch.tensor([1]), steps=4, baseline="zero"
+    )
     # Pixels go in the order 2, 1, 0.5, -1; the score after deleting k of them is the sum of the rest.
     del_scores = [2.5, 0.5, -0.5, -1.0, 0.0]
     ins_scores = [0.0, 2.0, 3.0, 3.5, 2.5]
     assert x.tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
     assert deletion[0].tolist() == pytest.approx([sigmoid(s) for s in del_scores], abs=1e-6)
     assert insertion[0].tolist() == pytest.approx([sigmoid(s) for s in ins_scores], abs=1e-6)
-    del_auc, ins_auc = deletion_insertion(linear_model(w), images, w[:, 0], torch.tensor([1]), steps=4,
-                                          baseline="zero")
+    del_auc, ins_auc = deletion_insertion(linear_model(w), images, w[:, 0], torch.tensor([1]), steps=4, baseline="zero")
     assert del_auc.item() == pytest.approx(trapezoid([sigmoid(s) for s in del_scores]), abs=1e-6)
     assert ins_auc.item() == pytest.approx(trapezoid([sigmoid(s) for s in ins_scores]), abs=1e-6)
 
@@ -55,8 +66,9 @@ def test_steps_that_do_not_divide_the_pixels_round_and_report_the_true_fraction(
     # 9 pixels in 2 steps: round(4.5) = 4 pixels (round half to even would say 4 as well), x = 4/9.
     images = torch.ones(1, 1, 3, 3)
     w = torch.arange(9.0, 0, -1).view(1, 1, 3, 3) / 10
-    deletion, _, x = deletion_insertion_curves(linear_model(w), images, w[:, 0], torch.tensor([1]), steps=2,
-                                               baseline="zero")
+    deletion, _, x = deletion_insertion_curves(
+        linear_model(w), images, w[:, 0], torch.tensor([1]), steps=2, baseline="zero"
+    )
     assert x.tolist() == pytest.approx([0, 5 / 9, 1])  # (1 * 9 + 1) // 2 = 5: halves round up
     assert deletion[0, 1].item() == pytest.approx(sigmoid((4 + 3 + 2 + 1) / 10), abs=1e-6)
 
@@ -66,8 +78,9 @@ def test_multi_label_uses_the_sigmoid_of_the_class_logit():
     images = torch.ones(1, 1, 1, 2)
     model_fn = linear_model(w)
     single, _, _ = deletion_insertion_curves(model_fn, images, w[:, 0], torch.tensor([0]), steps=2, baseline="zero")
-    multi, _, _ = deletion_insertion_curves(model_fn, images, w[:, 0], torch.tensor([0]), steps=2, baseline="zero",
-                                            multi_label=True)
+    multi, _, _ = deletion_insertion_curves(
+        model_fn, images, w[:, 0], torch.tensor([0]), steps=2, baseline="zero", multi_label=True
+    )
     # class 0's logit is always 0: sigmoid says 0.5 throughout, softmax depends on class 1's score (-1, -2, 0).
     assert multi[0].tolist() == pytest.approx([0.5, 0.5, 0.5])
     assert single[0].tolist() == pytest.approx([1 - sigmoid(-1), 1 - sigmoid(-2), 0.5], abs=1e-6)
@@ -77,8 +90,9 @@ def test_ties_are_broken_in_raster_order():
     # Only the last pixel matters; a flat map deletes it last, so the probability stays up until the end.
     w = torch.zeros(1, 1, 2, 2)
     w[..., 1, 1] = 4.0
-    deletion, _, _ = deletion_insertion_curves(linear_model(w), torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2),
-                                               torch.tensor([1]), steps=4, baseline="zero")
+    deletion, _, _ = deletion_insertion_curves(
+        linear_model(w), torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), torch.tensor([1]), steps=4, baseline="zero"
+    )
     assert deletion[0].tolist() == pytest.approx([sigmoid(4)] * 4 + [0.5], abs=1e-6)
 
 
@@ -88,8 +102,9 @@ def test_constant_probability_model_has_that_probability_as_both_aucs():
 
     images, maps = torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8)
     for baseline in ("blur", "mean", "zero"):
-        deletion, insertion = deletion_insertion(model_fn, images, maps, torch.tensor([1, 1, 0]), steps=5,
-                                                 baseline=baseline, batch_size=4)
+        deletion, insertion = deletion_insertion(
+            model_fn, images, maps, torch.tensor([1, 1, 0]), steps=5, baseline=baseline, batch_size=4
+        )
         assert deletion.tolist() == pytest.approx([0.7, 0.7, 0.3])
         assert insertion.tolist() == pytest.approx([0.7, 0.7, 0.3])
 
@@ -108,8 +123,10 @@ def toy_problem(n: int = 8, size: int = 12):
 def test_a_perfect_map_beats_a_random_map_which_beats_an_inverted_one():
     model_fn, images, importance, classes = toy_problem()
     random_map = torch.rand(importance.shape, generator=torch.Generator().manual_seed(1))
-    aucs = {name: deletion_insertion(model_fn, images, m, classes, steps=16, baseline="zero")
-            for name, m in [("perfect", importance), ("random", random_map), ("inverted", -importance)]}
+    aucs = {
+        name: deletion_insertion(model_fn, images, m, classes, steps=16, baseline="zero")
+        for name, m in [("perfect", importance), ("random", random_map), ("inverted", -importance)]
+    }
     (del_p, ins_p), (del_r, ins_r), (del_i, ins_i) = aucs["perfect"], aucs["random"], aucs["inverted"]
     assert bool((del_p < del_r).all() and (del_r < del_i).all())
     assert bool((ins_p > ins_r).all() and (ins_r > ins_i).all())
@@ -159,18 +176,25 @@ def test_coarse_maps_are_resized_bilinearly_to_the_image():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"baseline": "noise"}, "baseline 'noise'"),
-    ({"maps": torch.rand(3, 8, 8)}, "maps must be"),
-    ({"classes": torch.tensor([0.0, 1.0])}, "classes must be"),
-    ({"classes": torch.tensor([0, 5])}, "index 5 but the model has 3 classes"),
-    ({"steps": 0}, "steps must be"),
-    ({"batch_size": 0}, "batch_size must be"),
-    ({"blur_kernel": 4}, "odd positive blur_kernel"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"baseline": "noise"}, "baseline 'noise'"),
+        ({"maps": torch.rand(3, 8, 8)}, "maps must be"),
+        ({"classes": torch.tensor([0.0, 1.0])}, "classes must be"),
+        ({"classes": torch.tensor([0, 5])}, "index 5 but the model has 3 classes"),
+        ({"steps": 0}, "steps must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"blur_kernel": 4}, "odd positive blur_kernel"),
+    ],
+)
 def test_bad_input_is_one_sentence(kwargs, match):
-    args = {"model_fn": tiny_cnn(), "images": torch.randn(2, 3, 8, 8), "maps": torch.rand(2, 8, 8),
-            "classes": torch.tensor([0, 1])} | kwargs
+    args = {
+        "model_fn": tiny_cnn(),
+        "images": torch.randn(2, 3, 8, 8),
+        "maps": torch.rand(2, 8, 8),
+        "classes": torch.tensor([0, 1]),
+    } | kwargs
     with pytest.raises(ValueError, match=match):
         deletion_insertion(**args)
 
@@ -248,8 +272,9 @@ def test_average_ranks_and_spearman_by_hand():
     assert out[:2].tolist() == pytest.approx([1.0, -1.0])
     assert math.isnan(out[2].item())
     # scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138 (ties: average ranks)
-    assert spearman(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0, 4.0]])).item() == \
-        pytest.approx(0.9486832980505138, abs=1e-6)
+    assert spearman(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0, 4.0]])).item() == pytest.approx(
+        0.9486832980505138, abs=1e-6
+    )
 
 
 def tiny_gain(name: str = "gain_cnn4") -> GAIN:
@@ -259,8 +284,16 @@ def tiny_gain(name: str = "gain_cnn4") -> GAIN:
 
 def test_default_groups_cascade_from_the_head():
     assert randomisation_groups(tiny_gain().model) == [
-        "fc", "features.13", "features.12", "features.9", "features.8", "features.5", "features.4", "features.1",
-        "features.0"]
+        "fc",
+        "features.13",
+        "features.12",
+        "features.9",
+        "features.8",
+        "features.5",
+        "features.4",
+        "features.1",
+        "features.0",
+    ]
     groups = randomisation_groups(tiny_gain("test_resnet").model)
     # test_resnet's deep stem is an nn.Sequential, so its convs and norms are groups of their own.
     assert groups[0] == "fc" and groups[-1] == "conv1.0"
@@ -300,19 +333,22 @@ def test_randomisation_check_with_order_and_other_similarities():
 
 def test_a_single_step_still_has_both_ends():
     w = torch.tensor([[1.0, 2.0]]).view(1, 1, 1, 2)
-    deletion, insertion, x = deletion_insertion_curves(linear_model(w), torch.ones(1, 1, 1, 2), w[:, 0],
-                                                       torch.tensor([1]), steps=1, baseline="zero")
+    deletion, insertion, x = deletion_insertion_curves(
+        linear_model(w), torch.ones(1, 1, 1, 2), w[:, 0], torch.tensor([1]), steps=1, baseline="zero"
+    )
     assert x.tolist() == [0.0, 1.0]
     assert deletion[0].tolist() == pytest.approx([sigmoid(3), 0.5]) and insertion[0].tolist() == pytest.approx(
-        [0.5, sigmoid(3)])
+        [0.5, sigmoid(3)]
+    )
 
 
 def test_per_label_gain_maps_wire_in_with_their_image_index():
     gain = GAIN(tiny_cnn(), formulation="per_label").eval()
     images, targets = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     out = gain(images, targets, mining=False)
-    deletion, insertion = deletion_insertion(lambda x: gain(x, attention=False).logits, images[out.image_index],
-                                             out.attention, out.class_index, steps=2)
+    deletion, insertion = deletion_insertion(
+        lambda x: gain(x, attention=False).logits, images[out.image_index], out.attention, out.class_index, steps=2
+    )
     assert deletion.shape == insertion.shape == (3,)
     assert bool(((deletion >= 0) & (deletion <= 1) & (insertion >= 0) & (insertion <= 1)).all())
 

@@ -9,6 +9,7 @@ temporary file appearing (a kill during the write or right after its rename), th
 kill during the best/last writes or the test splits). A try whose run finishes before its moment still resumes and
 is checked like the others.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,28 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
 from conftest import ROOT, compose, tiny_overrides
+
 from gain_exp.output.files import TEMP_GLOB
 from gain_exp.run import train
 
 SEED = int(os.environ.get("GAIN_EXP_FAULT_SEED", "0"))
 STEPS = 6  # steps per epoch of the tiny run: 48 train images, batch 8
 EPOCHS = 2  # the tiny run's
-CKPT_KEYS = {"model", "optimizer", "scheduler", "epoch", "batch_in_epoch", "step", "best", "history", "epoch_sums",
-             "rng", "tracking", "run"}
+CKPT_KEYS = {
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "batch_in_epoch",
+    "step",
+    "best",
+    "history",
+    "epoch_sums",
+    "rng",
+    "tracking",
+    "run",
+}
 
 
 def _lines(out: Path) -> list[str]:
@@ -58,6 +71,7 @@ def during_checkpoint_write(out: Path, k: int) -> Callable[[], bool]:
         except FileNotFoundError:
             pass
         return len(seen) >= k
+
     return ready
 
 
@@ -69,8 +83,14 @@ def after_last_val(out: Path) -> Callable[[], bool]:
 
 def _start(args: list[str], cwd: Path, log) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.Popen([sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, timeout: float = 180) -> bool:
@@ -122,8 +142,11 @@ def test_kill_9_at_random_moments_then_resume_auto_matches_an_uninterrupted_run(
         (f"after metrics line {(n := rng.randint(1, STEPS - 1))}", partial(after_lines, out, n), rng.uniform(0, 0.05)),
         # the k-th checkpoint write of the next start (usually a fresh one): 1 and 2 are epoch 0's best and last,
         # 3 epoch 1's first
-        (f"at checkpoint write {(k := rng.randint(1, 3))}", partial(during_checkpoint_write, out, k),
-         rng.uniform(0, 0.003)),
+        (
+            f"at checkpoint write {(k := rng.randint(1, 3))}",
+            partial(during_checkpoint_write, out, k),
+            rng.uniform(0, 0.003),
+        ),
         # the last epoch's best/last writes, the test splits, or just after the end
         ("after the last val line", partial(after_last_val, out), rng.uniform(0, 0.4)),
     ]
@@ -136,8 +159,10 @@ def test_kill_9_at_random_moments_then_resume_auto_matches_an_uninterrupted_run(
             killed = _kill_when(proc, trigger, delay)
             assert killed or proc.returncode == 0, f"{what}: exit {proc.returncode}, see {tmp_path / 'stderr.log'}"
             partial_write = list((out / "checkpoints").glob(TEMP_GLOB))  # killed in the middle of a checkpoint write
-            happened.append(f"{what} + {delay * 1000:.0f} ms: "
-                            f"{'killed' if killed else 'finished first'}{' mid-write' if partial_write else ''}")
+            happened.append(
+                f"{what} + {delay * 1000:.0f} ms: "
+                f"{'killed' if killed else 'finished first'}{' mid-write' if partial_write else ''}"
+            )
             _check_left_files(out, "; ".join(happened))
         proc = _start(args, tmp_path, log)
         assert proc.wait(timeout=180) == 0, f"{happened}: the final resume failed, see {tmp_path / 'stderr.log'}"

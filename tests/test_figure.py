@@ -1,5 +1,6 @@
 """gain_exp.figure: several saved runs' attention on the same images, one PNG grid with its record, and the maps
 drawn are the maps the evaluator scores."""
+
 from __future__ import annotations
 
 import json
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image, ImageChops
 from torch.utils.data import default_collate
 
-from conftest import ROOT
 from gain_exp import cli
-from gain_exp.runs.reload import run_evaluator
 from gain_exp.figure import attention_grid, attention_maps, default_names, load_runs, main
-from gain_exp.output.panels import to_pil, denormalise, overlay, tile_scale, upscale
+from gain_exp.output.panels import denormalise, overlay, tile_scale, to_pil, upscale
+from gain_exp.runs.reload import run_evaluator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT, N_TEST, SIZE = "test_unbiased", 8, 32
@@ -28,13 +29,33 @@ def runs(tmp_path_factory) -> list[Path]:
     """Two 1-epoch tiny runs made by the app in one Hydra multirun (runs/0: baseline, runs/1: gain_ext), 8 images
     per test split."""
     root = tmp_path_factory.mktemp("figure")
-    args = ["backbone.name=test_resnet", "dataset.root=shapes", f"dataset.image_size={SIZE}", "dataset.n_train=16",
-            "dataset.n_val=8", f"dataset.n_test={N_TEST}", "dataset.masks_to_use=0.5", "trainer.epochs=1",
-            "trainer.batch_size=8", "trainer.num_panels=0", "trainer.device=cpu", "logger=json",
-            "trainer.eval_metrics.deletion_insertion=off", "loss=baseline,gain_ext", "hydra.sweep.dir=runs"]
+    args = [
+        "backbone.name=test_resnet",
+        "dataset.root=shapes",
+        f"dataset.image_size={SIZE}",
+        "dataset.n_train=16",
+        "dataset.n_val=8",
+        f"dataset.n_test={N_TEST}",
+        "dataset.masks_to_use=0.5",
+        "trainer.epochs=1",
+        "trainer.batch_size=8",
+        "trainer.num_panels=0",
+        "trainer.device=cpu",
+        "logger=json",
+        "trainer.eval_metrics.deletion_insertion=off",
+        "loss=baseline,gain_ext",
+        "hydra.sweep.dir=runs",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", "-m", *args], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", "-m", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [root / "runs" / "0", root / "runs" / "1"]
 
@@ -115,11 +136,19 @@ def test_the_same_run_twice_with_names(runs, tmp_path):
     assert default_names(runs) == ["baseline", "gain_ext"]
 
 
-@pytest.mark.parametrize("override,phrase", [
-    ("dataset.n_test=4", "do not share the test_unbiased images (8 vs 4; their configs differ in dataset.n_test "
-                         "(8 vs 4))"),
-    ("seed=1", "do not show the same images (image 0 of test_unbiased differs; their configs differ in seed (0 vs 1)"),
-])
+@pytest.mark.parametrize(
+    "override,phrase",
+    [
+        (
+            "dataset.n_test=4",
+            "do not share the test_unbiased images (8 vs 4; their configs differ in dataset.n_test (8 vs 4))",
+        ),
+        (
+            "seed=1",
+            "do not show the same images (image 0 of test_unbiased differs; their configs differ in seed (0 vs 1)",
+        ),
+    ],
+)
 def test_runs_on_other_images_are_refused_naming_both(runs, loaded, override, phrase):
     other = load_runs([runs[1]], overrides=[override])
     with pytest.raises(ValueError) as err:
@@ -127,18 +156,24 @@ def test_runs_on_other_images_are_refused_naming_both(runs, loaded, override, ph
     assert phrase in str(err.value) and f"runs {runs[0]} and {runs[1]}" in str(err.value)
 
 
-@pytest.mark.parametrize("argv,phrase", [
-    ([], "no run directory given"),
-    (["{nowhere}"], "is not a directory; give a run directory"),
-    (["{empty}"], "holds neither summary.json nor .hydra/hydra.yaml"),
-    (["{run}", "--split", "test_unbiasd"], "no split 'test_unbiasd' (did you mean test_unbiased"),
-    (["{run}", "--images", "0"], "--images 0: give at least 1 image"),
-    (["{run}", "--images", "9"], "--images 9: test_biased has only 8 images; give at most 8"),
-    (["{run}", "--images", "2", "--first", "7"], "--first 7: 2 images from there run past the end"),
-    (["{run}", "--split", SPLIT, "--indices", "3,8"], "--indices: 8 is out of range; test_unbiased has images 0..7"),
-    (["{run}", "--indices", "3,x"], "--indices 3,x: give image indices as integers"),
-    (["{run}", "{run}", "--names", "a"], "--names gives 1 name(s) for 2 run(s)"),
-])
+@pytest.mark.parametrize(
+    "argv,phrase",
+    [
+        ([], "no run directory given"),
+        (["{nowhere}"], "is not a directory; give a run directory"),
+        (["{empty}"], "holds neither summary.json nor .hydra/hydra.yaml"),
+        (["{run}", "--split", "test_unbiasd"], "no split 'test_unbiasd' (did you mean test_unbiased"),
+        (["{run}", "--images", "0"], "--images 0: give at least 1 image"),
+        (["{run}", "--images", "9"], "--images 9: test_biased has only 8 images; give at most 8"),
+        (["{run}", "--images", "2", "--first", "7"], "--first 7: 2 images from there run past the end"),
+        (
+            ["{run}", "--split", SPLIT, "--indices", "3,8"],
+            "--indices: 8 is out of range; test_unbiased has images 0..7",
+        ),
+        (["{run}", "--indices", "3,x"], "--indices 3,x: give image indices as integers"),
+        (["{run}", "{run}", "--names", "a"], "--names gives 1 name(s) for 2 run(s)"),
+    ],
+)
 def test_mistakes_are_one_line_and_exit_2(runs, tmp_path, capsys, argv, phrase):
     (tmp_path / "empty").mkdir()
     where = {"run": str(runs[0]), "nowhere": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty")}

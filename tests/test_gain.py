@@ -1,4 +1,5 @@
 """GAIN engine: Grad-CAM correctness, gradient modes, formulations, evaluation purity, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -154,7 +155,10 @@ def test_evaluation_leaves_model_untouched():
     before = copy.deepcopy(model.state_dict())
     gain = GAIN(model, multi_label=True).eval()
     x = torch.randn(2, 3, 64, 64)
-    outputs = [gain(x), gain(x, _targets([[1], [2, 3]])), ]
+    outputs = [
+        gain(x),
+        gain(x, _targets([[1], [2, 3]])),
+    ]
     with torch.no_grad():
         outputs.append(gain(x))
     for key, value in model.state_dict().items():

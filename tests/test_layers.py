@@ -82,8 +82,9 @@ def test_a_module_imports_only_the_layers_below_it(name: str) -> None:
 
 
 def test_commands_never_import_each_other() -> None:
-    crossing = {n: sorted(m for m in deps if layer(m) == "commands") for n, deps in GRAPH.items()
-                if layer(n) == "commands"}
+    crossing = {
+        n: sorted(m for m in deps if layer(m) == "commands") for n, deps in GRAPH.items() if layer(n) == "commands"
+    }
     assert not any(crossing.values()), f"commands import commands: { {k: v for k, v in crossing.items() if v} }"
 
 
@@ -95,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep, [*path, dep])):
                 return cycle
         state[node] = 2

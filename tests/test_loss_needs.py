@@ -1,6 +1,7 @@
 """What a training step must give the loss is the loss's to say (GAINLoss.step_needs, prepare, step_inputs): the
 trainer's step stays generic, and RRR's mechanics (input gradients, unfused attention, held batch-norm statistics)
 live with RRR."""
+
 from __future__ import annotations
 
 import ast
@@ -48,11 +49,16 @@ def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("kwargs", [{"am_weight": 0.0, "ex_weight": 0.0},  # baseline
-                                    {"ex_weight": 0.0},  # gain
-                                    {"ex_loss": "mse"},  # gain_ext
-                                    {"ex_loss": "energy"},
-                                    {"ex_loss": "rrr", "ex_weight": 0.0}])  # rrr switched off: nothing to give
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"am_weight": 0.0, "ex_weight": 0.0},  # baseline
+        {"ex_weight": 0.0},  # gain
+        {"ex_loss": "mse"},  # gain_ext
+        {"ex_loss": "energy"},
+        {"ex_loss": "rrr", "ex_weight": 0.0},
+    ],
+)  # rrr switched off: nothing to give
 def test_a_loss_without_input_gradients_leaves_the_step_and_the_model_as_they_are(kwargs):
     loss = GAINLoss(multi_label=False, **kwargs)
     model = _Tiny().train()
@@ -126,8 +132,14 @@ def test_rrr_held_records_the_batch_statistics_and_runs_the_annotated_images_aga
 def test_the_streams_a_step_runs_are_those_the_trainer_ran(ex_loss):
     """StepNeeds.attention and .mining as the trainer computed them: am_on or (ex_on and not input_grad and masks)."""
     for am_weight, ex_weight, epoch, has_masks in itertools.product((0.0, 1.0), (0.0, 1.0), (0, 1, 2), (False, True)):
-        loss = GAINLoss(multi_label=False, am_weight=am_weight, ex_weight=ex_weight, ex_loss=ex_loss,
-                        am_start_epoch=1, ex_start_epoch=2)
+        loss = GAINLoss(
+            multi_label=False,
+            am_weight=am_weight,
+            ex_weight=ex_weight,
+            ex_loss=ex_loss,
+            am_start_epoch=1,
+            ex_start_epoch=2,
+        )
         needs = loss.step_needs(epoch)
         am_on, ex_on = loss.active(epoch)
         input_grad = loss.input_gradients(epoch)

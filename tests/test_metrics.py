@@ -1,4 +1,5 @@
 """Metrics on tiny hand-computable examples."""
+
 import math
 import warnings
 

@@ -1,4 +1,5 @@
 """gain_exp.core.models: the small CNNs' normalisation choice (backbone.kwargs.norm)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,6 +24,9 @@ def test_only_batch_norm_lets_one_image_change_another_images_output_in_training
 
 
 def test_unknown_norm_is_one_sentence():
-    with pytest.raises(ValueError, match=r"^backbone\.kwargs\.norm='layer' is unknown for gain_cnn4; choose one of "
-                                         r"\['batch', 'group', 'none'\]\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^backbone\.kwargs\.norm='layer' is unknown for gain_cnn4; choose one of "
+        r"\['batch', 'group', 'none'\]\.$",
+    ):
         timm.create_model("gain_cnn4", norm="layer")

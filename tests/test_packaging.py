@@ -1,4 +1,5 @@
 """Install anywhere: the wheel carries conf/ and sweeps/, the console script dispatches, Hydra completion works."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, tiny_overrides
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -25,21 +25,35 @@ def test_pyproject_ships_every_subpackage_and_the_config_trees():
 def installed(tmp_path_factory) -> Path:
     """A non-editable install of this tree (pip install . into a fresh target, dependencies from the venv)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            str(ROOT), "-w", str(tmp)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = tmp.glob("gain_exp-*.whl")
     target = tmp / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                              str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     return target
 
 
 def _gain_exp(target: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**ENV, "PYTHONPATH": str(target)}  # the installed copy, not this checkout
-    return subprocess.run([sys.executable, str(target / "bin" / "gain-exp"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(target / "bin" / "gain-exp"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_non_editable_install_runs_one_epoch_from_another_directory(installed, tmp_path):
@@ -58,13 +72,24 @@ def test_the_console_script_dispatches_and_completes(tmp_path):
     env = {**ENV, "PYTHONPATH": str(ROOT)}
     unknown = subprocess.run(cli + ["train"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert unknown.returncode == 2 and "use one of run, table, reproduce, bench" in unknown.stderr
-    query = subprocess.run(cli + ["-sc", "query=bash"], cwd=tmp_path, capture_output=True, text=True,
-                           env={**env, "COMP_LINE": "gain-exp run los", "COMP_POINT": "16"})
+    query = subprocess.run(
+        cli + ["-sc", "query=bash"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "COMP_LINE": "gain-exp run los", "COMP_POINT": "16"},
+    )
     assert query.returncode == 0, query.stderr[-2000:]
     assert "loss=" in query.stdout.split()
-    commands = subprocess.run(cli + ["-sc", "query=bash"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**env, "COMP_LINE": "gain-exp re", "COMP_POINT": "11"})
+    commands = subprocess.run(
+        cli + ["-sc", "query=bash"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "COMP_LINE": "gain-exp re", "COMP_POINT": "11"},
+    )
     assert commands.stdout.split() == ["reproduce"]
-    install = subprocess.run(cli + ["run", "-sc", "install=bash"], cwd=tmp_path, capture_output=True, text=True,
-                             env=env)
+    install = subprocess.run(
+        cli + ["run", "-sc", "install=bash"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
     assert "complete -o nospace -o default -F hydra_bash_completion" in install.stdout

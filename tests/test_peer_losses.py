@@ -6,6 +6,7 @@ The hand example: two images, 4 x 4, two classes (image 0 of class 0, image 1 of
            A = [[1, .5, 0, 0], [.5, 0, 0, 0], [0, 0, .5, 0], [0, 0, 0, 1]] (the 1 at (3, 3) must not count)
   image 1: H = the right column, A = 0.25 everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,12 @@ import sys
 import pytest
 import timm
 import torch
-
 from conftest import CONF, ROOT, compose, tiny_overrides
+
 from gain_exp.config.checks import check_config
-from gain_exp.data.base import IGNORE_INDEX
 from gain_exp.core.gain import GAIN, GAINOutput
 from gain_exp.core.losses import GAINLoss, RightReasonsInputs, check_options
+from gain_exp.data.base import IGNORE_INDEX
 from gain_exp.run import train
 
 PEERS = ("gradia", "haics", "energy", "rrr")
@@ -45,15 +46,19 @@ HAND = {
 
 def _hand_example() -> tuple[GAINOutput, torch.Tensor, torch.Tensor]:
     """(GAIN output with the two maps, targets, seg) of the module docstring's example."""
-    a0 = torch.tensor([[1, .5, 0, 0], [.5, 0, 0, 0], [0, 0, .5, 0], [0, 0, 0, 1.]])
+    a0 = torch.tensor([[1, 0.5, 0, 0], [0.5, 0, 0, 0], [0, 0, 0.5, 0], [0, 0, 0, 1.0]])
     a1 = torch.full((4, 4), 0.25)
     seg = torch.zeros(2, 4, 4, dtype=torch.uint8)
     seg[0, :2, :2] = 1  # class 0 is label 1
     seg[0, 3, 3] = IGNORE_INDEX
     seg[1, :, 3] = 2  # class 1 is label 2
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    out = GAINOutput(logits=torch.zeros(2, 2), attention=torch.stack([a0, a1]).requires_grad_(True),
-                     image_index=torch.arange(2), map_targets=targets)
+    out = GAINOutput(
+        logits=torch.zeros(2, 2),
+        attention=torch.stack([a0, a1]).requires_grad_(True),
+        image_index=torch.arange(2),
+        map_targets=targets,
+    )
     return out, targets, seg
 
 
@@ -251,30 +256,46 @@ def test_two_processes_with_the_global_count_average_to_one_process(name):
             images = torch.zeros(1, 2, 4, 4, requires_grad=True)
             logits = images.flatten(1) @ w.flatten(1).T
             loss = GAINLoss(multi_label=True, am_weight=0.0, ex_weight=1.0, ex_loss="rrr")
-            halves.append(loss(GAINOutput(logits=logits), targets[i:i + 1], seg[i:i + 1], torch.tensor([True]),
-                               count=lambda n: (n + 1) / 2, images=images).ex)
+            halves.append(
+                loss(
+                    GAINOutput(logits=logits),
+                    targets[i : i + 1],
+                    seg[i : i + 1],
+                    torch.tensor([True]),
+                    count=lambda n: (n + 1) / 2,
+                    images=images,
+                ).ex
+            )
     else:
         whole = _ex(name)
         out, targets, seg = _hand_example()
         halves = []
         for i in range(2):
-            half = GAINOutput(logits=out.logits[i:i + 1], attention=out.attention[i:i + 1],
-                              image_index=torch.zeros(1, dtype=torch.long), map_targets=targets[i:i + 1])
+            half = GAINOutput(
+                logits=out.logits[i : i + 1],
+                attention=out.attention[i : i + 1],
+                image_index=torch.zeros(1, dtype=torch.long),
+                map_targets=targets[i : i + 1],
+            )
             # the other process also has one annotated map: global count 2, world size 2
-            halves.append(_ex(name, (True,), lambda n: (n + 1) / 2, half, targets[i:i + 1], seg[i:i + 1]))
+            halves.append(_ex(name, (True,), lambda n: (n + 1) / 2, half, targets[i : i + 1], seg[i : i + 1]))
     torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)
 
 
 def test_unknown_ex_loss_is_one_sentence_listing_the_choices():
-    with pytest.raises(ValueError, match=r"^loss\.ex_loss='grandia' is unknown; choose one of "
-                                         r"\['mse', 'gradia', 'haics', 'energy', 'rrr'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^loss\.ex_loss='grandia' is unknown; choose one of "
+        r"\['mse', 'gradia', 'haics', 'energy', 'rrr'\]",
+    ):
         check_options(1.0, 1.0, "softmax", "attention", 0, 0, prefix="loss.", ex_loss="grandia")
     with pytest.raises(ValueError, match=r"ex_loss='x' is unknown"):
         GAINLoss(multi_label=False, ex_loss="x")
 
 
-GROUP_OPTIONS = [(g, p.stem) for g in ("backbone", "dataset", "formulation", "grad_mode")
-                 for p in sorted((CONF / g).glob("*.yaml"))]
+GROUP_OPTIONS = [
+    (g, p.stem) for g in ("backbone", "dataset", "formulation", "grad_mode") for p in sorted((CONF / g).glob("*.yaml"))
+]
 
 
 def test_every_option_of_the_other_groups_composes_with_a_peer_and_passes_the_checks(tmp_path):
@@ -289,13 +310,22 @@ def test_every_option_of_the_other_groups_composes_with_a_peer_and_passes_the_ch
 
 def test_rrr_refuses_compile_in_one_sentence(tmp_path):
     cfg = compose(tiny_overrides(tmp_path) + ["loss=rrr", "trainer.compile=true"])
-    with pytest.raises(ValueError, match=r"^trainer\.compile: torch\.compile has no double backward, which "
-                                         r"loss\.ex_loss=rrr needs"):
+    with pytest.raises(
+        ValueError,
+        match=r"^trainer\.compile: torch\.compile has no double backward, which "
+        r"loss\.ex_loss=rrr needs",
+    ):
         check_config(cfg)
 
 
-SMALLER = ["backbone.name=gain_cnn4", "trainer.epochs=1", "dataset.n_train=16", "dataset.n_val=8", "dataset.n_test=8",
-           "trainer.num_panels=0"]  # gain_cnn4: 4 x 4 maps at 32 px (test_resnet's are 1 x 1)
+SMALLER = [
+    "backbone.name=gain_cnn4",
+    "trainer.epochs=1",
+    "dataset.n_train=16",
+    "dataset.n_val=8",
+    "dataset.n_test=8",
+    "trainer.num_panels=0",
+]  # gain_cnn4: 4 x 4 maps at 32 px (test_resnet's are 1 x 1)
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -310,34 +340,66 @@ def test_each_peer_trains_through_the_app(name, tmp_path, one_thread):
 
 
 def test_rrr_with_the_batch_statistics_held_trains_through_the_app(tmp_path, one_thread):
-    summary = train(compose(tiny_overrides(tmp_path) + ["loss=rrr", "loss.rrr_norm_stats=held",
-                                                        "dataset.masks_to_use=0.5", *SMALLER]), out_dir=tmp_path / "run")
+    summary = train(
+        compose(
+            tiny_overrides(tmp_path) + ["loss=rrr", "loss.rrr_norm_stats=held", "dataset.masks_to_use=0.5", *SMALLER]
+        ),
+        out_dir=tmp_path / "run",
+    )
     assert summary["status"] == "completed" and summary["final"]["train/mean_loss_e"] > 0
 
 
 def test_unknown_rrr_norm_stats_is_one_sentence(tmp_path):
     cfg = compose(tiny_overrides(tmp_path) + ["loss=rrr", "loss.rrr_norm_stats=frozen"])
-    with pytest.raises(ValueError, match=r"^loss\.rrr_norm_stats='frozen' is unknown; choose one of "
-                                         r"\['through', 'held'\]\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^loss\.rrr_norm_stats='frozen' is unknown; choose one of "
+        r"\['through', 'held'\]\.$",
+    ):
         check_config(cfg)
 
 
 def test_rrr_trains_a_vit_whose_fused_attention_has_no_double_backward(tmp_path, one_thread):
     """The step switches timm attention to its unfused path: RRR's double backward runs through every block."""
-    summary = train(compose(["experiment=shapes_vit", "loss=rrr", f"dataset.root={tmp_path / 'shapes'}",
-                             "dataset.image_size=32", "dataset.masks_to_use=0.5", "+backbone.kwargs.depth=1",
-                             "backbone.kwargs.img_size=32", "trainer.batch_size=8", "trainer.eval_batch_size=8",
-                             "logger=json", *SMALLER[1:]]), out_dir=tmp_path / "run")
+    summary = train(
+        compose(
+            [
+                "experiment=shapes_vit",
+                "loss=rrr",
+                f"dataset.root={tmp_path / 'shapes'}",
+                "dataset.image_size=32",
+                "dataset.masks_to_use=0.5",
+                "+backbone.kwargs.depth=1",
+                "backbone.kwargs.img_size=32",
+                "trainer.batch_size=8",
+                "trainer.eval_batch_size=8",
+                "logger=json",
+                *SMALLER[1:],
+            ]
+        ),
+        out_dir=tmp_path / "run",
+    )
     assert summary["status"] == "completed" and summary["final"]["train/mean_loss_e"] > 0
 
 
 def test_a_sweep_over_the_peers_runs_each_as_a_job(tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tmp_path) + [*SMALLER, f"hydra.sweep.dir={sweep}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1"}  # tiny tensors: one thread is several times faster on a shared machine
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", "-m", f"loss={','.join(PEERS)}", *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+    }  # tiny tensors: one thread is several times faster on a shared machine
+    proc = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", "-m", f"loss={','.join(PEERS)}", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
     assert sorted(s["choices"]["loss"] for s in summaries) == sorted(PEERS)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose, tiny_overrides
+
 from gain_exp.config.plan import make_plan
 from gain_exp.train.checkpoints import config_changes
 from gain_exp.train.experiment import build_experiment
@@ -41,28 +41,43 @@ def test_the_default_schedule_is_cosine_over_the_runs_epochs(tmp_path):
 
 def test_any_torch_scheduler_or_none_by_target(tmp_path):
     assert _build(tmp_path, "trainer.scheduler=null").scheduler is None
-    step = _build(tmp_path, "trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~trainer.scheduler.T_max",
-                  "+trainer.scheduler.step_size=2", "+trainer.scheduler.gamma=0.5")
+    step = _build(
+        tmp_path,
+        "trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+        "~trainer.scheduler.T_max",
+        "+trainer.scheduler.step_size=2",
+        "+trainer.scheduler.gamma=0.5",
+    )
     assert _lrs(step) == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
     sgd = _build(tmp_path, "trainer.optimizer._target_=torch.optim.SGD", "+trainer.optimizer.momentum=0.9")
     assert isinstance(sgd.optimizer, torch.optim.SGD) and sgd.optimizer.param_groups[0]["momentum"] == 0.9
 
 
 def test_warmup_then_cosine(tmp_path):
-    experiment = _build(tmp_path, "trainer.scheduler._target_=gain_exp.train.schedules.warmup_cosine",
-                        "+trainer.scheduler.warmup_epochs=2")
+    experiment = _build(
+        tmp_path,
+        "trainer.scheduler._target_=gain_exp.train.schedules.warmup_cosine",
+        "+trainer.scheduler.warmup_epochs=2",
+    )
     rates = _lrs(experiment)
     assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(5.5e-4)  # 0.1 x lr, linearly up
     assert rates[2] == pytest.approx(1e-3)  # the cosine over the remaining 4 epochs starts at lr
     assert rates[2] > rates[3] > rates[4] > rates[5] > 0
     with pytest.raises(ValueError, match=r"^trainer\.scheduler\.warmup_epochs=6 must be >= 1 and below T_max=6"):
-        _build(tmp_path, "trainer.scheduler._target_=gain_exp.train.schedules.warmup_cosine",
-               "+trainer.scheduler.warmup_epochs=6")
+        _build(
+            tmp_path,
+            "trainer.scheduler._target_=gain_exp.train.schedules.warmup_cosine",
+            "+trainer.scheduler.warmup_epochs=6",
+        )
 
 
 def test_a_checkpoint_from_before_scheduler_nodes_resumes_and_a_longer_run_is_applied(tmp_path):
-    new = {"trainer": {"epochs": 8, "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
-                                                  "_partial_": True, "T_max": 8}}}
+    new = {
+        "trainer": {
+            "epochs": 8,
+            "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 8},
+        }
+    }
     old = {"trainer": {"epochs": 4, "scheduler": "cosine"}}  # how trainer.scheduler was saved before
     changed = config_changes(old, new, tmp_path / "last.ckpt")
     assert changed == {"trainer.epochs": [4, 8], "trainer.scheduler.T_max": [4, 8]}

@@ -1,5 +1,6 @@
 """``gain_exp.table --plot``: a bar per row and metric at the table's mean ± std, same bytes each time, from run
 directories or a spec, and one sentence when matplotlib is missing."""
+
 from __future__ import annotations
 
 import importlib
@@ -91,7 +92,11 @@ def test_one_bar_per_row_and_metric_at_the_mean_with_the_std_as_error_bar(tmp_pa
     assert count == 4 * 3 - 1
     [legend] = figure.legends
     assert [t.get_text() for t in legend.get_texts()] == [
-        "shapes / baseline", "shapes / gain", "digits / baseline", "digits / gain"]
+        "shapes / baseline",
+        "shapes / gain",
+        "digits / baseline",
+        "digits / gain",
+    ]
     assert "test_unbiased/acc, test_unbiased/loc_iou, val/acc per dataset / loss" in figure._suptitle.get_text()
 
 
@@ -137,8 +142,11 @@ def test_fourteen_rows_and_six_metrics_fit_one_readable_figure(tmp_path):
     for dataset in ("shapes", "decoy_digits"):
         for loss in ("baseline", "gain", "gain_ext", "gain_ext_2pct", "gain_ext_5pct", "gain_ext_10pct", "rrr"):
             for seed in range(2):
-                make_run(tmp_path / "sweep" / str(job), [f"dataset={dataset}", f"loss={loss}", f"seed={seed}"],
-                         {m: (job * 7 + i) % 10 / 10 for i, m in enumerate(metrics)})
+                make_run(
+                    tmp_path / "sweep" / str(job),
+                    [f"dataset={dataset}", f"loss={loss}", f"seed={seed}"],
+                    {m: (job * 7 + i) % 10 / 10 for i, m in enumerate(metrics)},
+                )
                 job += 1
     figure = plot_table(build_table(completed_runs([tmp_path / "sweep"]), metrics))
     assert len(figure.axes) == 6 and sum(len(bars(ax)) for ax in figure.axes) == 14 * 6

@@ -1,5 +1,6 @@
 """CAM pseudo-masks (gain_exp/cams.py): mIoU and the seed rule on hand-made maps, the maps against a Grad-CAM oracle,
 and the command end to end on the VOC fixture."""
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,22 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import ROOT
 from fixtures_data import make_voc, voc_has_mask, voc_palette
+from PIL import Image
+
 from gain_exp import cli
-from gain_exp.cams import (ThresholdSweep, class_maps, confusion_matrix, main, mean_iou, parse_scales,
-                           parse_thresholds, plain_palette, pseudo_label)
+from gain_exp.cams import (
+    ThresholdSweep,
+    class_maps,
+    confusion_matrix,
+    main,
+    mean_iou,
+    parse_scales,
+    parse_thresholds,
+    plain_palette,
+    pseudo_label,
+)
 from gain_exp.core.gain import GAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +40,7 @@ def _miou(pred, gt, labels: int = 4) -> float:
 
 
 # ---- mIoU ----
+
 
 def test_miou_of_a_perfect_prediction_is_one():
     gt = [[0, 0, 1, 1], [2, 2, 1, 0]]
@@ -69,9 +80,9 @@ def test_labels_outside_the_classes_are_refused():
 
 # ---- the seed rule and the sweep ----
 
+
 def test_pseudo_label_is_the_argmax_over_threshold_and_maps():
-    cams = torch.tensor([[[0.2, 0.6, 0.4], [0.9, 0.1, 0.0]],
-                         [[0.5, 0.6, 0.3], [0.3, 0.0, 0.0]]])
+    cams = torch.tensor([[[0.2, 0.6, 0.4], [0.9, 0.1, 0.0]], [[0.5, 0.6, 0.3], [0.3, 0.0, 0.0]]])
     classes = torch.tensor([3, 7])  # class 3 -> label 4, class 7 -> label 8
     assert pseudo_label(cams, classes, 0.4).tolist() == [[8, 4, 0], [4, 0, 0]]  # ties: first map, then background
     assert pseudo_label(cams, classes, 0.0).tolist() == [[8, 4, 4], [4, 4, 0]]
@@ -102,10 +113,11 @@ def test_threshold_and_scale_arguments():
 def test_plain_palette_keeps_background_black_and_ignore_white():
     palette = plain_palette(4)
     assert palette[:3] == [0, 0, 0] and palette[-3:] == [255, 255, 255]
-    assert len({tuple(palette[3 * k:3 * k + 3]) for k in range(1, 5)}) == 4
+    assert len({tuple(palette[3 * k : 3 * k + 3]) for k in range(1, 5)}) == 4
 
 
 # ---- the maps against an independent Grad-CAM ----
+
 
 def _gradcam(model: torch.nn.Module, image: torch.Tensor, cls: int, size: tuple[int, int]) -> torch.Tensor:
     """Grad-CAM (Selvaraju 2017) of one class for one image, upsampled to the input and then to ``size``."""
@@ -135,7 +147,7 @@ def test_maps_are_the_normalised_sum_of_gradcam_over_scales_and_flips(net, scale
     for m, b, c in zip(maps, image_index.tolist(), class_index.tolist()):
         total = torch.zeros(32, 32)
         for s in scales:
-            scaled = F.interpolate(images[b:b + 1], scale_factor=s, mode="bilinear")[0] if s != 1.0 else images[b]
+            scaled = F.interpolate(images[b : b + 1], scale_factor=s, mode="bilinear")[0] if s != 1.0 else images[b]
             total += _gradcam(model, scaled, c, (32, 32))
             if flip:
                 total += _gradcam(model, scaled.flip(-1), c, (32, 32)).flip(-1)
@@ -150,7 +162,7 @@ def test_a_batch_gives_the_maps_of_its_images_one_by_one(net):
     targets = torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 1]])
     maps, image_index, _ = class_maps(gain, images, targets, (1.0, 0.5), True)
     for b in range(3):
-        alone, _, _ = class_maps(gain, images[b:b + 1], targets[b:b + 1], (1.0, 0.5), True)
+        alone, _, _ = class_maps(gain, images[b : b + 1], targets[b : b + 1], (1.0, 0.5), True)
         torch.testing.assert_close(maps[image_index == b], alone, atol=1e-5, rtol=1e-4)
     # a module in training mode gives the same maps (batch-norm's running statistics), untouched, and stays in training
     state = {k: v.clone() for k, v in gain.state_dict().items()}
@@ -175,11 +187,28 @@ def voc_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cams")
     make_voc(root / "voc", n=N_VOC, size=48)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["backbone.name=test_resnet", "dataset=voc2012", f"dataset.root={root / 'voc'}", "dataset.image_size=32",
-            "dataset.masks_to_use=3", "trainer.epochs=1", "trainer.batch_size=4", "trainer.num_panels=0",
-            "trainer.device=cpu", "logger=json", f"hydra.run.dir={root / 'run'}"]
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    args = [
+        "backbone.name=test_resnet",
+        "dataset=voc2012",
+        f"dataset.root={root / 'voc'}",
+        "dataset.image_size=32",
+        "dataset.masks_to_use=3",
+        "trainer.epochs=1",
+        "trainer.batch_size=4",
+        "trainer.num_panels=0",
+        "trainer.device=cpu",
+        "logger=json",
+        f"hydra.run.dir={root / 'run'}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
 
@@ -206,8 +235,11 @@ def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, cap
     val = load_run(voc_run).data.val
     names = [p.stem for p in val.images]
     with_mask = sum(voc_has_mask(int(n.split("_")[1])) for n in names)
-    assert (record["images"], record["scored"], record["skipped_without_mask"]) == (len(names), with_mask,
-                                                                                    len(names) - with_mask)
+    assert (record["images"], record["scored"], record["skipped_without_mask"]) == (
+        len(names),
+        with_mask,
+        len(names) - with_mask,
+    )
     assert record["thresholds"] == pytest.approx([0.1 * k for k in range(1, 10)]) and len(record["miou"]) == 9
     assert record["crf"] is False and record["scales"] == [1.0] and record["flip"] is False
     assert record["resolution"] == ["32x32"] and record["checkpoint"].endswith("best.ckpt")
@@ -219,7 +251,7 @@ def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, cap
     preds, gts = [], []
     for k, name in enumerate(names):
         png = Image.open(out / "masks" / f"{name}.png")
-        assert png.mode == "P" and png.size == (32, 32) and png.getpalette()[:3 * 21] == voc_palette()[:3 * 21]
+        assert png.mode == "P" and png.size == (32, 32) and png.getpalette()[: 3 * 21] == voc_palette()[: 3 * 21]
         label = np.array(png)
         saved = np.load(out / "cams" / f"{name}.npz")
         present = set(torch.nonzero(val.targets[k]).flatten().tolist())
@@ -234,9 +266,30 @@ def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, cap
 
 def test_train_multiscale_flip_export(voc_run, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main([str(voc_run), "--split", "train", "--out", str(out), "--masked-only", "--limit", "2",
-                 "--scales", "1.0,0.5,1.5", "--flip", "--threshold", "0.3", "--checkpoint", "last",
-                 "--batch-size", "1"]) == 0
+    assert (
+        main(
+            [
+                str(voc_run),
+                "--split",
+                "train",
+                "--out",
+                str(out),
+                "--masked-only",
+                "--limit",
+                "2",
+                "--scales",
+                "1.0,0.5,1.5",
+                "--flip",
+                "--threshold",
+                "0.3",
+                "--checkpoint",
+                "last",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "miou.json").read_text())
     assert (record["images"], record["scored"], record["skipped_without_mask"]) == (2, 2, 0)
     assert record["scales"] == [1.0, 0.5, 1.5] and record["flip"] is True and record["masks_threshold"] == 0.3
@@ -245,11 +298,14 @@ def test_train_multiscale_flip_export(voc_run, tmp_path, capsys):
     assert "scales=1,0.5,1.5, flip=yes" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args,phrase", [
-    (["--split", "test"], "--split test: the dataset has no such split; use one of train, val."),
-    (["--split", "val", "--scales", "0"], "--scales '0' is not valid"),
-    (["--split", "val", "--limit", "0"], "--limit 0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["--split", "test"], "--split test: the dataset has no such split; use one of train, val."),
+        (["--split", "val", "--scales", "0"], "--scales '0' is not valid"),
+        (["--split", "val", "--limit", "0"], "--limit 0 must be at least 1"),
+    ],
+)
 def test_bad_arguments_are_one_sentence_and_exit_2(voc_run, tmp_path, capsys, args, phrase):
     assert main([str(voc_run), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err

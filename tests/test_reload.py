@@ -1,4 +1,5 @@
 """load_experiment: a finished run's config and weights back from its directory, with new overrides on top."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, tiny_overrides
+
 from gain_exp.runs.reload import load_experiment, run_config
 
 
@@ -19,9 +20,24 @@ def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     args = [o for o in tiny_overrides(Path("unused")) if not o.startswith("dataset.root=")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", *args, "dataset.root=shapes", "trainer.epochs=1",
-                           "gain.sigma=0.4", "hydra.run.dir=run"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gain_exp.run",
+            *args,
+            "dataset.root=shapes",
+            "trainer.epochs=1",
+            "gain.sigma=0.4",
+            "hydra.run.dir=run",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run"
 
@@ -42,10 +58,13 @@ def test_the_weights_are_the_checkpoint_the_run_tested_with(finished):
     assert load_experiment(finished, "last").checkpoint == finished / "checkpoints" / "last.ckpt"
 
 
-@pytest.mark.parametrize("where,checkpoint,phrase", [
-    ("nowhere", None, "is not a directory; give a run directory"),
-    (".", "nope.ckpt", "--checkpoint nope.ckpt: no checkpoint there"),
-])
+@pytest.mark.parametrize(
+    "where,checkpoint,phrase",
+    [
+        ("nowhere", None, "is not a directory; give a run directory"),
+        (".", "nope.ckpt", "--checkpoint nope.ckpt: no checkpoint there"),
+    ],
+)
 def test_bad_run_dir_or_checkpoint_is_one_sentence(finished, where, checkpoint, phrase):
     with pytest.raises(FileNotFoundError, match=phrase):
         load_experiment(finished / where if where != "." else finished, checkpoint)

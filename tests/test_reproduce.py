@@ -1,4 +1,5 @@
 """Reproduce: run dirs, multirun dirs and table specs re-run as saved, from outside the repo, compared cell by cell."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import pytest
 import yaml
 from conftest import ROOT, tiny_overrides
 
-from gain_exp import reproduce
 from gain_exp import table as table_tool
 from gain_exp.reproduce import main, verdict
 from gain_exp.runs import rundir
@@ -24,13 +24,24 @@ SWEEPS = ROOT / "sweeps"
 def _tiny(epochs: int) -> list[str]:
     """tiny_overrides with a relative dataset root, so reproduce has a relative path to resolve."""
     return [o for o in tiny_overrides(Path("unused")) if not o.startswith("dataset.root=")] + [
-        "dataset.root=shapes", f"trainer.epochs={epochs}", "dataset.n_train=16", "logger=json"]
+        "dataset.root=shapes",
+        f"trainer.epochs={epochs}",
+        "dataset.n_train=16",
+        "logger=json",
+    ]
 
 
 def _app(args: list[str], cwd: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -40,8 +51,19 @@ def originals(tmp_path_factory) -> Path:
     the repo and relative paths; tests reproduce them from <root>/elsewhere."""
     root = tmp_path_factory.mktemp("originals")
     _app([*_tiny(2), "hydra.run.dir=runs/single"], root)
-    _app(["-m", "--config-dir", str(SWEEPS), "+launcher=joblib", "hydra.launcher.n_jobs=1", "seed=0,1", *_tiny(1),
-          "hydra.sweep.dir=multi"], root)
+    _app(
+        [
+            "-m",
+            "--config-dir",
+            str(SWEEPS),
+            "+launcher=joblib",
+            "hydra.launcher.n_jobs=1",
+            "seed=0,1",
+            *_tiny(1),
+            "hydra.sweep.dir=multi",
+        ],
+        root,
+    )
     (root / "elsewhere").mkdir()
     return root
 
@@ -79,8 +101,12 @@ def test_a_joblib_multirun_reproduces_job_by_job_as_single_runs(originals, monke
 
 def test_a_table_spec_reproduces_and_a_tampered_committed_number_differs(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
-    assert table_tool.main(["../multi", "--rows", "loss", "--metrics", "val/acc", "test_unbiased/acc",
-                            "--save-spec", "tiny.yaml"]) == 0
+    assert (
+        table_tool.main(
+            ["../multi", "--rows", "loss", "--metrics", "val/acc", "test_unbiased/acc", "--save-spec", "tiny.yaml"]
+        )
+        == 0
+    )
     spec = yaml.safe_load(Path("tiny.yaml").read_text())
     assert [j["row"] for j in spec["jobs"]] == [{"loss": "gain_ext"}] * 2 and spec["rows"] == ["loss"]
     assert spec["jobs"][0]["config_dirs"] == ["sweeps"] and spec["jobs"][0]["threads"] >= 1  # repo-relative
@@ -114,8 +140,10 @@ def test_a_single_job_spec_has_no_spread_so_any_difference_differs(monkeypatch, 
     summary = json.loads(Path("out/a/summary.json").read_text())
     Path("out/a/summary.json").write_text(json.dumps({**summary, "final": {"val/acc": 0.75}}))
     assert main(["one.yaml", "--out", "out", "--resume"]) == 1
-    assert "| all | val/acc | 0.500 (n=1) | 0.750 (n=1) | +0.25 | differs (n=1: no seed spread) |" in \
-        capsys.readouterr().out
+    assert (
+        "| all | val/acc | 0.500 (n=1) | 0.750 (n=1) | +0.25 | differs (n=1: no seed spread) |"
+        in capsys.readouterr().out
+    )
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(originals, monkeypatch, capsys):
@@ -130,12 +158,15 @@ def test_dry_run_prints_the_commands_and_runs_nothing(originals, monkeypatch, ca
         assert line.endswith(f"hydra.mode=RUN hydra.run.dir={originals / 'elsewhere' / 'dry' / 'multi' / str(job)}")
 
 
-@pytest.mark.parametrize("args,phrase", [
-    (["nowhere"], "SOURCE nowhere does not exist (relative to "),
-    (["notes.txt"], "SOURCE notes.txt is a file but not a table spec (.yaml)"),
-    (["bad.yaml"], "bad.yaml is not a table spec (kind: gain_exp.table/1 with a list of jobs)"),
-    (["empty"], "empty holds no runs (no summary.json at or below it)"),
-])
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["nowhere"], "SOURCE nowhere does not exist (relative to "),
+        (["notes.txt"], "SOURCE notes.txt is a file but not a table spec (.yaml)"),
+        (["bad.yaml"], "bad.yaml is not a table spec (kind: gain_exp.table/1 with a list of jobs)"),
+        (["empty"], "empty holds no runs (no summary.json at or below it)"),
+    ],
+)
 def test_user_errors_are_one_sentence_with_exit_2(tmp_path, monkeypatch, capsys, args, phrase):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("x")
@@ -166,8 +197,15 @@ def test_relative_paths_in_overrides_resolve_against_the_original_cwd(tmp_path):
     assert resolve_override("dataset.root=data/shapes", tmp_path) == f"dataset.root={tmp_path}/data/shapes"
     weights = resolve_override("backbone.weights_file=weights.pth", tmp_path)  # no slash, but an existing file
     assert weights == f"backbone.weights_file={tmp_path}/weights.pth"
-    for kept in ("trainer.resume=auto", "+setting=gain_ext_5pct", "loss=gain", "dataset.root=/abs/shapes",
-                 "backbone.name=hf-hub:timm/resnet18", "gain.sigma=0.5", "hydra.run.dir=out/x"):
+    for kept in (
+        "trainer.resume=auto",
+        "+setting=gain_ext_5pct",
+        "loss=gain",
+        "dataset.root=/abs/shapes",
+        "backbone.name=hf-hub:timm/resnet18",
+        "gain.sigma=0.5",
+        "hydra.run.dir=out/x",
+    ):
         assert resolve_override(kept, tmp_path) == kept
     assert resolve_override("dataset.root=data/shapes", None) == "dataset.root=data/shapes"
 
@@ -180,13 +218,16 @@ def test_a_config_dir_that_is_gone_falls_back_to_the_package_sweeps(tmp_path):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(rundir.package_root())
 
 
-@pytest.mark.parametrize("original,again,expected", [
-    ((0.5, 0.1, 3), (0.5, 0.1, 3), "identical"),
-    ((0.5, 0.1, 3), (0.5 + 1e-12, 0.1, 3), "identical"),
-    ((0.5, 0.1, 3), (0.58, 0.1, 3), "within spread"),
-    ((0.5, 0.1, 3), (0.65, 0.1, 3), "differs"),
-    ((0.5, None, 1), (0.51, None, 1), "differs (n=1: no seed spread)"),
-    ((0.5, 0.1, 3), (0.5, 0.0, 2), "differs"),  # a job failed: not the same cell
-])
+@pytest.mark.parametrize(
+    "original,again,expected",
+    [
+        ((0.5, 0.1, 3), (0.5, 0.1, 3), "identical"),
+        ((0.5, 0.1, 3), (0.5 + 1e-12, 0.1, 3), "identical"),
+        ((0.5, 0.1, 3), (0.58, 0.1, 3), "within spread"),
+        ((0.5, 0.1, 3), (0.65, 0.1, 3), "differs"),
+        ((0.5, None, 1), (0.51, None, 1), "differs (n=1: no seed spread)"),
+        ((0.5, 0.1, 3), (0.5, 0.0, 2), "differs"),  # a job failed: not the same cell
+    ],
+)
 def test_verdicts(original, again, expected):
     assert verdict(original, again)[1] == expected

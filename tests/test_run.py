@@ -1,21 +1,22 @@
 """The Hydra app end to end: composition, training, outputs, resume, re-run, multirun, errors."""
+
 from __future__ import annotations
 
 import json
 import os
 import signal
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CONF, ROOT, compose, tiny_overrides
-from gain_exp.train.engine import Diverged, Interrupted
+
 from gain_exp.run import train
 from gain_exp.tracking import Tracker
+from gain_exp.train.engine import Diverged, Interrupted
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -74,8 +75,12 @@ def test_localisation_scores_do_not_depend_on_the_map_normalisation(tmp_path, ti
     # Baseline training ignores the maps, so only the evaluation sees gain.normalisation: the scores must agree.
     # gain_cnn4: test_resnet's random-init maps are ~1e-7, where the normalisations' eps terms dominate.
     tiny = [o for o in tiny if not o.startswith("backbone.name=")]
-    runs = {how: train(compose(tiny + ["loss=baseline", "trainer.epochs=1", f"gain.normalisation={how}"]),
-                       out_dir=tmp_path / how)["final"] for how in ("minmax", "max", "none")}
+    runs = {
+        how: train(
+            compose(tiny + ["loss=baseline", "trainer.epochs=1", f"gain.normalisation={how}"]), out_dir=tmp_path / how
+        )["final"]
+        for how in ("minmax", "max", "none")
+    }
     keys = [f"{split}/{m}" for split in ("val", "test_unbiased") for m in ("loc_iou", "pointing_game", "energy_pg")]
     for how in ("max", "none"):
         assert runs[how]["val/acc"] == runs["minmax"]["val/acc"]
@@ -89,8 +94,9 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, tiny):
 
 def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_multirun_then_rerun_from_saved_config(tmp_path):
@@ -151,15 +157,22 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     assert "resnet18, resnet50" in options
     assert proc.stderr.strip().splitlines() == [
         "error: backbone=resnet81: group backbone has no option 'resnet81' (did you mean resnet18 or resnet50?); "
-        f"choose one of {options}."]
+        f"choose one of {options}."
+    ]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     out = tmp_path / "r"
     args = tiny_overrides(tmp_path) + ["trainer.epochs=200", f"hydra.run.dir={out}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gain_exp.run", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gain_exp.run", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -229,18 +242,23 @@ def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step
         f.write(json.dumps({"step": 4, "epoch": 0, "train/loss": 9.0}) + "\n")
     train(compose(tiny + ["trainer.resume=auto"]), out_dir=out)
     assert not list((out / "checkpoints").glob("*.tmp"))
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
-    assert steps == sorted(set(steps)) and 9.0 not in [json.loads(x).get("train/loss") for x in
-                                                       (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ]
+    assert steps == sorted(set(steps)) and 9.0 not in [
+        json.loads(x).get("train/loss") for x in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path):
     # a fresh process: the file mode is taken from the umask when gain_exp.output.files is imported
-    code = ("import os, sys; os.umask(0o022); from gain_exp.output.files import atomic_write\n"
-            "with atomic_write(sys.argv[1]) as f: f.write(b'1')")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.bin")], check=True, env={**os.environ,
-                   "PYTHONPATH": str(ROOT)})
+    code = (
+        "import os, sys; os.umask(0o022); from gain_exp.output.files import atomic_write\n"
+        "with atomic_write(sys.argv[1]) as f: f.write(b'1')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "x.bin")], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert (tmp_path / "x.bin").stat().st_mode & 0o777 == 0o644
 
 
@@ -281,8 +299,16 @@ def test_a_diverging_run_stops_says_so_and_saves_no_nonfinite_weights(tmp_path, 
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), ckpt
 
 
-@pytest.mark.parametrize("override", ["gain.omega=nan", "loss.ex_weight=inf", "trainer.optimizer.lr=inf",
-                                      "gain.am_grad_scale=nan", "trainer.grad_clip=-1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "gain.omega=nan",
+        "loss.ex_weight=inf",
+        "trainer.optimizer.lr=inf",
+        "gain.am_grad_scale=nan",
+        "trainer.grad_clip=-1",
+    ],
+)
 def test_non_finite_numbers_and_a_negative_clip_are_refused(tmp_path, tiny, override):
     key = override.split("=")[0].replace(".", r"\.")
     with pytest.raises(ValueError, match=rf"^{key}=\S+ (is not a finite number|must be > 0)"):
@@ -316,13 +342,19 @@ def test_the_app_exits_non_zero_on_divergence(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("override,phrase", [
-    ("trainer.monitor=val/nonexistent", r"trainer\.monitor=val/nonexistent is not a metric of this run"),
-    ("optimize_metric=val/acc_typo", r"optimize_metric=val/acc_typo is not a metric of this run; did you mean val/acc"),
-    ("trainer.monitor=test_unbiased/acc", r"must be a validation metric"),
-    ("optimize_metric=tset/acc", r"optimize_metric=tset/acc names no split of this run"),
-    ("dataset.masks_to_use=0", r"loss\.ex_weight=1\.0 needs pixel masks but dataset\.masks_to_use=0"),
-])
+@pytest.mark.parametrize(
+    "override,phrase",
+    [
+        ("trainer.monitor=val/nonexistent", r"trainer\.monitor=val/nonexistent is not a metric of this run"),
+        (
+            "optimize_metric=val/acc_typo",
+            r"optimize_metric=val/acc_typo is not a metric of this run; did you mean val/acc",
+        ),
+        ("trainer.monitor=test_unbiased/acc", r"must be a validation metric"),
+        ("optimize_metric=tset/acc", r"optimize_metric=tset/acc names no split of this run"),
+        ("dataset.masks_to_use=0", r"loss\.ex_weight=1\.0 needs pixel masks but dataset\.masks_to_use=0"),
+    ],
+)
 def test_names_and_budgets_that_cannot_work_are_one_sentence(tmp_path, tiny, override, phrase):
     with pytest.raises(ValueError, match=phrase):
         train(compose(tiny + [override, "trainer.epochs=1"]), out_dir=tmp_path / "r")
@@ -332,8 +364,10 @@ def test_names_and_budgets_that_cannot_work_are_one_sentence(tmp_path, tiny, ove
 def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
     with pytest.raises(Interrupted):
         train(compose(tiny + ["trainer.interrupt_after_steps=6"]), out_dir=tmp_path / "cut")  # end of epoch 0
-    resumed = train(compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", "trainer.optimizer.lr=0.0005",
-                                    "trainer.epochs=4"]), out_dir=tmp_path / "r")
+    resumed = train(
+        compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", "trainer.optimizer.lr=0.0005", "trainer.epochs=4"]),
+        out_dir=tmp_path / "r",
+    )
     assert resumed["resumed"]["changed"]["trainer.optimizer.lr"] == [0.001, 0.0005]
     assert resumed["resumed"]["changed"]["trainer.epochs"] == [2, 4] and resumed["epochs_completed"] == 4
     lrs = {}
@@ -343,6 +377,7 @@ def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
             lrs.setdefault(row["epoch"], row["train/lr"])
     # cosine over 4 epochs from the new lr, continued at epoch 1: 0.0005 * (1 + cos(pi * e / 4)) / 2
     import math
+
     for epoch in (1, 2, 3):
         assert lrs[epoch] == pytest.approx(0.0005 * (1 + math.cos(math.pi * epoch / 4)) / 2), epoch
 
@@ -354,8 +389,10 @@ def test_resuming_from_best_ckpt_continues_at_the_next_epoch(tmp_path, tiny):
     assert whole["best"]["epoch"] == 0
     best = torch.load(tmp_path / "whole" / "checkpoints" / "best.ckpt", weights_only=True)
     assert (best["epoch"], best["batch_in_epoch"], best["best"]["epoch"]) == (1, 0, 0)
-    again = train(compose(pick_first + [f"trainer.resume={tmp_path / 'whole' / 'checkpoints' / 'best.ckpt'}"]),
-                  out_dir=tmp_path / "again")
+    again = train(
+        compose(pick_first + [f"trainer.resume={tmp_path / 'whole' / 'checkpoints' / 'best.ckpt'}"]),
+        out_dir=tmp_path / "again",
+    )
     assert [h["epoch"] for h in again_history(tmp_path / "again")] == [0, 1, 2]  # epoch 0 is not trained twice
     val = {k: v for k, v in whole["final"].items() if not k.startswith("test_")}
     assert {k: v for k, v in again["final"].items() if not k.startswith("test_")} == val
@@ -366,11 +403,16 @@ def again_history(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["history"]
 
 
-@pytest.mark.parametrize("override,key", [("backbone.name=gain_cnn4", "backbone.name"),
-                                          ("dataset.n_train=40", "dataset.n_train"),
-                                          ("formulation=per_label", "gain.formulation"),
-                                          ("trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer._target_"),
-                                          ("trainer.batch_size=4", "trainer.batch_size")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("backbone.name=gain_cnn4", "backbone.name"),
+        ("dataset.n_train=40", "dataset.n_train"),
+        ("formulation=per_label", "gain.formulation"),
+        ("trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer._target_"),
+        ("trainer.batch_size=4", "trainer.batch_size"),
+    ],
+)
 def test_resume_refuses_what_defines_the_experiment_in_one_sentence(tmp_path, tiny, override, key):
     with pytest.raises(Interrupted):
         train(compose(tiny + ["trainer.interrupt_after_steps=3"]), out_dir=tmp_path / "cut")  # mid-epoch 0
@@ -384,8 +426,14 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     run = tiny + ["trainer.epochs=20", "trainer.workers=2", "loss=baseline"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "stderr.log", "w")  # a file, not a pipe: forked workers must not hold the reader open
-    proc = subprocess.Popen([sys.executable, "-m", "gain_exp.run", *run, f"hydra.run.dir={out}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gain_exp.run", *run, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
+    )
     deadline = time.time() + 180
     while not (out / "checkpoints" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -413,19 +461,23 @@ def test_compile_trains_like_eager_and_checkpoints_load_uncompiled(tmp_path, tin
     # aot_eager: the same graph capture as inductor (Dynamo + AOTAutograd) without a C++ toolchain
     run = tiny + ["trainer.epochs=1", "grad_mode=features"]
     plain = train(compose(run), out_dir=tmp_path / "plain")
-    compiled = train(compose(run + ["trainer.compile=true", "trainer.compile_backend=aot_eager"]),
-                     out_dir=tmp_path / "compiled")
+    compiled = train(
+        compose(run + ["trainer.compile=true", "trainer.compile_backend=aot_eager"]), out_dir=tmp_path / "compiled"
+    )
     for key in ("val/loss_cl", "val/acc", "test_unbiased/acc"):
         assert compiled["final"][key] == pytest.approx(plain["final"][key], rel=1e-4, abs=1e-6), key
     weights = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in weights)  # the state dict of the uncompiled model
 
 
-@pytest.mark.parametrize("override,phrase", [
-    (["grad_mode=full"], r"^trainer\.compile: torch\.compile has no double backward, which gain\.grad_mode=full"),
-    (["formulation=per_label", "trainer.compile_backend=inductor"], r"inductor cannot batch per_label.*aot_eager"),
-    (["backbone.grad_layer=layer2"], r"the map layer layer2 lies inside the compiled forward_features"),
-])
+@pytest.mark.parametrize(
+    "override,phrase",
+    [
+        (["grad_mode=full"], r"^trainer\.compile: torch\.compile has no double backward, which gain\.grad_mode=full"),
+        (["formulation=per_label", "trainer.compile_backend=inductor"], r"inductor cannot batch per_label.*aot_eager"),
+        (["backbone.grad_layer=layer2"], r"the map layer layer2 lies inside the compiled forward_features"),
+    ],
+)
 def test_compile_refuses_what_it_cannot_run_in_one_sentence(tmp_path, tiny, override, phrase):
     with pytest.raises(ValueError, match=phrase):
         train(compose(tiny + ["trainer.compile=true", *override]), out_dir=tmp_path / "r")

@@ -1,27 +1,48 @@
 """GAIN_ext end to end through the app on the on-disk VOC and mask-folder fixtures."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose
 from fixtures_data import make_mask_folder, make_voc
-from gain_exp.runs.reload import run_evaluator
+
 from gain_exp.config.plan import make_plan
-from gain_exp.train.experiment import build_experiment
 from gain_exp.run import train
+from gain_exp.runs.reload import run_evaluator
+from gain_exp.train.experiment import build_experiment
 from gain_exp.train.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMMON = ["backbone.name=test_resnet", "dataset.image_size=32", "trainer.epochs=1", "trainer.batch_size=4",
-          "trainer.num_panels=2", "logger=json", "loss=gain_ext", "loss.am_weight=1", "loss.am_start_epoch=0"]
+COMMON = [
+    "backbone.name=test_resnet",
+    "dataset.image_size=32",
+    "trainer.epochs=1",
+    "trainer.batch_size=4",
+    "trainer.num_panels=2",
+    "logger=json",
+    "loss=gain_ext",
+    "loss.am_weight=1",
+    "loss.am_start_epoch=0",
+]
 
 
 def test_gain_ext_on_voc_fixture(tmp_path):
     root = make_voc(tmp_path / "voc", n=16, size=48)
-    summary = train(compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3",
-                                      "formulation=per_label", "grad_mode=full"]), out_dir=tmp_path / "run")
+    summary = train(
+        compose(
+            COMMON
+            + [
+                "dataset=voc2012",
+                f"dataset.root={root}",
+                "dataset.masks_to_use=3",
+                "formulation=per_label",
+                "grad_mode=full",
+            ]
+        ),
+        out_dir=tmp_path / "run",
+    )
     final = summary["final"]
     assert summary["status"] == "completed" and summary["best"]["metric"] == "val/mAP"
     for key in ("val/mAP", "val/loc_iou", "val/pointing_game", "val/energy_pg", "val/am_drop"):
@@ -33,9 +54,20 @@ def test_gain_ext_on_voc_fixture(tmp_path):
 
 def test_gain_ext_on_mask_folder_fixture(tmp_path):
     root = make_mask_folder(tmp_path / "folder", n_per_class=6, size=48)
-    summary = train(compose(COMMON + ["dataset=mask_folder", f"dataset.root={root}", "dataset.negative_class=negative",
-                                      "dataset.batch_pos_dist=0.5", "dataset.steps_per_epoch=3",
-                                      "loss.am_on_all=false"]), out_dir=tmp_path / "run")
+    summary = train(
+        compose(
+            COMMON
+            + [
+                "dataset=mask_folder",
+                f"dataset.root={root}",
+                "dataset.negative_class=negative",
+                "dataset.batch_pos_dist=0.5",
+                "dataset.steps_per_epoch=3",
+                "loss.am_on_all=false",
+            ]
+        ),
+        out_dir=tmp_path / "run",
+    )
     final = summary["final"]
     tests = sorted({k.split("/")[0] for k in final if "/" in k} - {"train", "val"})
     assert tests, "the test split was not evaluated"
@@ -58,8 +90,16 @@ def test_per_image_iou_scores_like_the_split_on_ignore_pixels(tmp_path, monkeypa
 
     monkeypatch.setattr(JsonTracker, "log_panels", keep)
     root = make_voc(tmp_path / "voc", n=16, size=48)
-    cfg = compose(COMMON + ["dataset=voc2012", f"dataset.root={root}", "dataset.masks_to_use=3",
-                            "trainer.num_panels=64", "trainer.eval_batch_size=64"])
+    cfg = compose(
+        COMMON
+        + [
+            "dataset=voc2012",
+            f"dataset.root={root}",
+            "dataset.masks_to_use=3",
+            "trainer.num_panels=64",
+            "trainer.eval_batch_size=64",
+        ]
+    )
     final = train(cfg, out_dir=tmp_path / "run")["final"]
     # A panel shows each image's first map; on multi-label data the split scores one map per (image, true class).
     # (An in-process run saves no overrides, so load_experiment cannot rebuild it: the same cfg and its best weights.)

@@ -1,5 +1,6 @@
 """Typed config schemas (gain_exp/config/schema.py): every option composes typed, defaults live only in the YAML, Python
 signature defaults agree with it, and the schemas stay out of the user-facing groups."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +10,16 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from conftest import CONF, compose
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import CONF, compose
 from gain_exp.config import schema
-from gain_exp.data.base import RUNTIME_ARGS
 from gain_exp.config.plan import make_plan
+from gain_exp.data.base import RUNTIME_ARGS
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -100,7 +101,9 @@ def test_yaml_values_match_python_signature_defaults_except_the_allowed_differen
             yaml_keys = {k for k in node if not str(k).startswith("_")}
             if target.startswith("gain_exp."):  # our API: every argument is a YAML key or a runtime argument
                 missing = set(params) - yaml_keys - RUNTIME.get(target, set()) - {"self"}
-                missing = {m for m in missing if params[m].kind not in (params[m].VAR_KEYWORD, params[m].VAR_POSITIONAL)}
+                missing = {
+                    m for m in missing if params[m].kind not in (params[m].VAR_KEYWORD, params[m].VAR_POSITIONAL)
+                }
                 if missing:
                     problems.append(f"{where}: {path} lacks YAML keys {sorted(missing)} of {target}")
             for key in yaml_keys:
@@ -156,13 +159,16 @@ def test_the_plan_gives_the_loop_the_typed_trainer_settings_with_every_auto_reso
     assert keys == {f.name for f in dataclasses.fields(schema.TrainerSchema)}
 
 
-@pytest.mark.parametrize("override, sentence", [
-    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1."),
-    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be >= 1."),
-    ("trainer.eval_metrics.steps=0", "trainer.eval_metrics.steps=0 must be >= 1."),
-    ("trainer.scheduler._target_=torch.optim.lr_scheduler.NoSuchLR", "trainer.scheduler._target_=torch.optim."),
-    ("trainer.scheduler._partial_=false", "trainer.scheduler needs _partial_: true"),
-])
+@pytest.mark.parametrize(
+    "override, sentence",
+    [
+        ("trainer.epochs=0", "trainer.epochs=0 must be >= 1."),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be >= 1."),
+        ("trainer.eval_metrics.steps=0", "trainer.eval_metrics.steps=0 must be >= 1."),
+        ("trainer.scheduler._target_=torch.optim.lr_scheduler.NoSuchLR", "trainer.scheduler._target_=torch.optim."),
+        ("trainer.scheduler._partial_=false", "trainer.scheduler needs _partial_: true"),
+    ],
+)
 def test_the_trainer_ranges_are_checked_where_the_keys_are_typed(override, sentence):
     with pytest.raises(ValueError) as err:
         make_plan(compose([override]))
@@ -184,7 +190,8 @@ def test_masks_to_use_keeps_int_counts_and_float_fractions(value, kept):
 
 
 def test_open_optimizer_node_takes_class_specific_keys_with_a_typed_lr():
-    cfg = compose(["trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer.momentum=0.9",
-                   "trainer.optimizer.lr=1"])
+    cfg = compose(
+        ["trainer.optimizer._target_=torch.optim.SGD", "trainer.optimizer.momentum=0.9", "trainer.optimizer.lr=1"]
+    )
     assert cfg.trainer.optimizer.momentum == 0.9 and isinstance(cfg.trainer.optimizer.lr, float)
     assert compose(["experiment=voc_paper"]).trainer.optimizer.momentum == 0.9

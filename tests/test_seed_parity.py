@@ -1,14 +1,15 @@
 """The seed repository's remaining switches: loss.cl_weight, trainer.test_first, checkpoint_every, training panels,
 positive/negative panel counts, steps_per_epoch (docs/seed.md)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import compose
 from fixtures_data import make_mask_folder
+
 from gain_exp.run import train
 from gain_exp.tracking import JsonTracker
 
@@ -59,8 +60,10 @@ def test_checkpoint_every_keeps_those_epochs_and_a_run_resumes_from_one(tmp_path
     assert kept == ["best.ckpt", "epoch_002.ckpt", "last.ckpt"]
     saved = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_002.ckpt", weights_only=True)
     assert (saved["epoch"], saved["batch_in_epoch"], len(saved["history"])) == (2, 0, 2)
-    again = train(compose(tiny + ["trainer.epochs=3", f"trainer.resume={tmp_path / 'whole/checkpoints/epoch_002.ckpt'}"]),
-                  out_dir=tmp_path / "again")
+    again = train(
+        compose(tiny + ["trainer.epochs=3", f"trainer.resume={tmp_path / 'whole/checkpoints/epoch_002.ckpt'}"]),
+        out_dir=tmp_path / "again",
+    )
     assert again["final"]["val/loss_cl"] == whole["final"]["val/loss_cl"]
 
 
@@ -90,23 +93,41 @@ def test_positive_and_negative_panel_counts_on_binary_data(tmp_path, tiny, monke
 
     monkeypatch.setattr(JsonTracker, "log_panels", keep)
     root = make_mask_folder(tmp_path / "folder", n_per_class=6, size=48)
-    train(compose(["backbone.name=test_resnet", "dataset=mask_folder", f"dataset.root={root}",
-                   "dataset.negative_class=negative", "dataset.image_size=32", "trainer.epochs=1",
-                   "trainer.batch_size=4", "trainer.eval_batch_size=4", "logger=json", "loss=baseline",
-                   "trainer.panel_positives=1", "trainer.panel_negatives=3"]), out_dir=tmp_path / "run")
+    train(
+        compose(
+            [
+                "backbone.name=test_resnet",
+                "dataset=mask_folder",
+                f"dataset.root={root}",
+                "dataset.negative_class=negative",
+                "dataset.image_size=32",
+                "trainer.epochs=1",
+                "trainer.batch_size=4",
+                "trainer.eval_batch_size=4",
+                "logger=json",
+                "loss=baseline",
+                "trainer.panel_positives=1",
+                "trainer.panel_negatives=3",
+            ]
+        ),
+        out_dir=tmp_path / "run",
+    )
     assert sorted(shown["val"]) == [["lesion"], ["negative"], ["negative"], ["negative"]]
     with pytest.raises(ValueError, match=r"^trainer\.panel_positives / panel_negatives need binary data"):
         train(compose(tiny + ["trainer.panel_positives=2"]), out_dir=tmp_path / "shapes")
 
 
-@pytest.mark.parametrize("override,phrase", [
-    ("trainer.checkpoint_every=0", "trainer.checkpoint_every=0 must be >= 1 or null."),
-    ("trainer.steps_per_epoch=0", "trainer.steps_per_epoch=0 must be >= 1 or null."),
-    ("trainer.train_panels_every=0", "trainer.train_panels_every=0 must be >= 1 or null."),
-    ("trainer.train_panels=0", "trainer.train_panels=0 must be >= 1."),
-    ("trainer.panel_positives=-1", "trainer.panel_positives=-1 must be >= 0 or null."),
-    ("loss.cl_weight=-1", "loss.cl_weight=-1"),
-])
+@pytest.mark.parametrize(
+    "override,phrase",
+    [
+        ("trainer.checkpoint_every=0", "trainer.checkpoint_every=0 must be >= 1 or null."),
+        ("trainer.steps_per_epoch=0", "trainer.steps_per_epoch=0 must be >= 1 or null."),
+        ("trainer.train_panels_every=0", "trainer.train_panels_every=0 must be >= 1 or null."),
+        ("trainer.train_panels=0", "trainer.train_panels=0 must be >= 1."),
+        ("trainer.panel_positives=-1", "trainer.panel_positives=-1 must be >= 0 or null."),
+        ("loss.cl_weight=-1", "loss.cl_weight=-1"),
+    ],
+)
 def test_the_new_keys_out_of_range_are_one_sentence(override, phrase):
     from gain_exp.config.checks import check_config
 

@@ -1,4 +1,5 @@
 """Tests for the built-in biased-shapes dataset (gain_exp/data/shapes.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """DataLoader workers never die of a stop signal, whenever it lands (the CI flake of stop 17: SIGTERM to the process
 group reached a freshly forked worker before its worker_init_fn ran, and the main process crashed mid-step)."""
+
 from __future__ import annotations
 
 import os

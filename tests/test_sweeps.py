@@ -1,4 +1,5 @@
 """Sweep recipes in sweeps/: every file composes, and the Optuna, joblib and submitit recipes run at tiny size."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
-
 from conftest import CONF, ROOT, tiny_overrides
+from omegaconf import OmegaConf
 
 SWEEPS = ROOT / "sweeps"
 
@@ -21,8 +21,11 @@ def compose_with_sweeps(overrides: list[str], hydra_config: bool = False):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"hydra.searchpath=[file://{SWEEPS}]", *overrides],
-                       return_hydra_config=hydra_config)
+        return compose(
+            config_name="config",
+            overrides=[f"hydra.searchpath=[file://{SWEEPS}]", *overrides],
+            return_hydra_config=hydra_config,
+        )
 
 
 def _options(group: str) -> list[str]:
@@ -88,8 +91,14 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 def _sweep(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "gain_exp.run", "--config-dir", str(SWEEPS), *args],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", "--config-dir", str(SWEEPS), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -105,8 +114,17 @@ def _jobs(sweep_dir: Path) -> list[tuple[dict, dict]]:
 
 def test_optuna_recipe_runs_its_trials_in_parallel_with_the_joblib_recipe(tmp_path):
     sweep_dir = tmp_path / "optuna"
-    _sweep(["+sweep=optuna", "+launcher=joblib", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-            f"hydra.sweep.dir={sweep_dir}", *_tiny(tmp_path)], tmp_path)
+    _sweep(
+        [
+            "+sweep=optuna",
+            "+launcher=joblib",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            f"hydra.sweep.dir={sweep_dir}",
+            *_tiny(tmp_path),
+        ],
+        tmp_path,
+    )
     jobs = _jobs(sweep_dir)
     assert len(jobs) == 2 and all(s["status"] == "completed" for s, _ in jobs)
     assert {c["hydra/sweeper"] for _, c in jobs} == {"optuna"} and {c["hydra/launcher"] for _, c in jobs} == {"joblib"}

@@ -1,4 +1,5 @@
 """The table tool: run discovery, seed grouping, mean ± std, Markdown/CSV, notes and one-sentence errors."""
+
 from __future__ import annotations
 
 import csv
@@ -10,34 +11,58 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, tiny_overrides
+
 from gain_exp import run as app
 from gain_exp.runs.rundir import find_runs, read_run
 from gain_exp.runs.tables import build_table, completed_runs
 from gain_exp.table import main
 
 
-def make_run(path: Path, overrides: list[str], final: dict, status: str = "completed",
-             choices: dict | None = None, config: dict | None = None) -> Path:
+def make_run(
+    path: Path,
+    overrides: list[str],
+    final: dict,
+    status: str = "completed",
+    choices: dict | None = None,
+    config: dict | None = None,
+) -> Path:
     """A run directory as the app writes it: summary.json and the .hydra files the table reads."""
     (path / ".hydra").mkdir(parents=True)
-    summary = {"status": status, "final": final, "choices": choices or {"loss": "gain_ext"}, "overrides": overrides,
-               "seed": 0, "best": {}}
+    summary = {
+        "status": status,
+        "final": final,
+        "choices": choices or {"loss": "gain_ext"},
+        "overrides": overrides,
+        "seed": 0,
+        "best": {},
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {"gain": {"sigma": 0.5}}))
     return path
 
 
-def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_runner, hydra_restore_singletons,
-                                                        capsys):
+def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_runner, hydra_restore_singletons, capsys):
     sweep_dir = tmp_path / "sweep"
-    overrides = [f"hydra.searchpath=[file://{ROOT / 'sweeps'}]", "+setting=baseline,gain_ext_5pct", "seed=0,1",
-                 *tiny_overrides(tmp_path), "trainer.epochs=1", "dataset.n_train=16", "logger=json"]
-    runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
-                                task_function=app.task, config_path="../conf", config_name="config",
-                                overrides=overrides, temp_dir=sweep_dir)
+    overrides = [
+        f"hydra.searchpath=[file://{ROOT / 'sweeps'}]",
+        "+setting=baseline,gain_ext_5pct",
+        "seed=0,1",
+        *tiny_overrides(tmp_path),
+        "trainer.epochs=1",
+        "dataset.n_train=16",
+        "logger=json",
+    ]
+    runner = hydra_sweep_runner(
+        calling_file=str(ROOT / "gain_exp" / "run.py"),
+        calling_module=None,
+        task_function=app.task,
+        config_path="../conf",
+        config_name="config",
+        overrides=overrides,
+        temp_dir=sweep_dir,
+    )
     with runner:  # the runner deletes its sweep dir on exit
         md, out_csv = tmp_path / "t.md", tmp_path / "t.csv"
         capsys.readouterr()  # the jobs' own output
@@ -61,10 +86,14 @@ def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_ru
 
 
 def test_seeds_group_into_mean_std_n_and_unfinished_runs_are_skipped_with_a_note(tmp_path, capsys):
-    for i, (loss, seed, acc) in enumerate([("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8),
-                                           ("gain", 1, 0.9), ("gain", 2, 1.0)]):
-        make_run(tmp_path / "m" / str(i), [f"loss={loss}", f"seed={seed}", "trainer.epochs=3"],
-                 {"test_unbiased/acc": acc, "val/acc": acc})
+    for i, (loss, seed, acc) in enumerate(
+        [("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8), ("gain", 1, 0.9), ("gain", 2, 1.0)]
+    ):
+        make_run(
+            tmp_path / "m" / str(i),
+            [f"loss={loss}", f"seed={seed}", "trainer.epochs=3"],
+            {"test_unbiased/acc": acc, "val/acc": acc},
+        )
     make_run(tmp_path / "m" / "5", ["loss=gain", "seed=3", "trainer.epochs=3"], {"val/acc": 0.0}, status="interrupted")
     assert main([str(tmp_path / "m")]) == 0
     out, err = capsys.readouterr()
@@ -78,10 +107,16 @@ def test_seeds_group_into_mean_std_n_and_unfinished_runs_are_skipped_with_a_note
 
 
 def test_rows_fall_back_to_group_choices_and_config_values(tmp_path):
-    a = make_run(tmp_path / "a", ["seed=0"], {"val/acc": 0.4}, choices={"loss": "gain_ext"},
-                 config={"gain": {"sigma": 0.5}})
-    b = make_run(tmp_path / "b", ["loss=gain", "gain.sigma=0.3"], {"val/acc": 0.6}, choices={"loss": "gain"},
-                 config={"gain": {"sigma": 0.3}})
+    a = make_run(
+        tmp_path / "a", ["seed=0"], {"val/acc": 0.4}, choices={"loss": "gain_ext"}, config={"gain": {"sigma": 0.5}}
+    )
+    b = make_run(
+        tmp_path / "b",
+        ["loss=gain", "gain.sigma=0.3"],
+        {"val/acc": 0.6},
+        choices={"loss": "gain"},
+        config={"gain": {"sigma": 0.3}},
+    )
     runs = [read_run(p) for p in find_runs([a, b])]
     table = build_table(runs)
     assert table.row_keys == ["loss", "gain.sigma"] and table.metrics == ["val/acc"]  # no test split: val
@@ -93,27 +128,38 @@ def test_optuna_sweep_dirs_are_found_without_multirun_yaml_and_the_best_trial_is
     sweep = tmp_path / "optuna"
     for i, sigma in enumerate([0.31234567891, 0.6]):
         make_run(sweep / str(i), [f"gain.sigma={sigma}", "+sweep=optuna"], {"val/acc": 0.5 + i / 10})
-    (sweep / "optimization_results.yaml").write_text(yaml.safe_dump(
-        {"name": "optuna", "best_params": {"gain.sigma": 0.6}, "best_value": 0.6}))
+    (sweep / "optimization_results.yaml").write_text(
+        yaml.safe_dump({"name": "optuna", "best_params": {"gain.sigma": 0.6}, "best_value": 0.6})
+    )
     assert main([str(sweep), "--metrics", "val/acc"]) == 0
     out, err = capsys.readouterr()
     assert "| 0.3123 | 1 | 0.500 |" in out and "| 0.6 | 1 | 0.600 |" in out
     assert "Optuna best" in err and "gain.sigma=0.6" in err
 
 
-@pytest.mark.parametrize("setup,args,phrase", [
-    ("none", ["missing"], "missing does not exist; pass a multirun directory"),
-    ("empty", ["empty"], "empty holds no runs (no summary.json at or below it)"),
-    ("interrupted", ["m"], "no completed runs under"),
-    ("runs", ["m", "--metrics", "val/acc_top"], "--metrics val/acc_top is in no run's summary.json final metrics; "
-                                                "did you mean val/acc"),
-])
+@pytest.mark.parametrize(
+    "setup,args,phrase",
+    [
+        ("none", ["missing"], "missing does not exist; pass a multirun directory"),
+        ("empty", ["empty"], "empty holds no runs (no summary.json at or below it)"),
+        ("interrupted", ["m"], "no completed runs under"),
+        (
+            "runs",
+            ["m", "--metrics", "val/acc_top"],
+            "--metrics val/acc_top is in no run's summary.json final metrics; did you mean val/acc",
+        ),
+    ],
+)
 def test_bad_input_is_one_sentence_on_stderr(tmp_path, monkeypatch, capsys, setup, args, phrase):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     if setup in ("interrupted", "runs"):
-        make_run(tmp_path / "m" / "0", ["seed=0"], {"val/acc": 0.5},
-                 status="interrupted" if setup == "interrupted" else "completed")
+        make_run(
+            tmp_path / "m" / "0",
+            ["seed=0"],
+            {"val/acc": 0.5},
+            status="interrupted" if setup == "interrupted" else "completed",
+        )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err
@@ -135,20 +181,41 @@ def test_wandb_flag_logs_the_table_offline(tmp_path, monkeypatch, capsys):
 
 def _spec_runs(root: Path) -> None:
     """Two losses x two seeds; the gain runs are older (no choices in summary.json, only .hydra/hydra.yaml)."""
-    for i, (loss, seed, acc) in enumerate([("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8),
-                                           ("gain", 1, 0.9)]):
-        path = make_run(root / "m" / str(i), [f"seed={seed}"], {"val/acc": acc, "test_unbiased/acc": acc / 2},
-                        choices={"loss": loss}, config={"loss": {"_target_": "x", "am_weight": float(loss == "gain")}})
+    for i, (loss, seed, acc) in enumerate(
+        [("baseline", 0, 0.5), ("baseline", 1, 0.7), ("gain", 0, 0.8), ("gain", 1, 0.9)]
+    ):
+        path = make_run(
+            root / "m" / str(i),
+            [f"seed={seed}"],
+            {"val/acc": acc, "test_unbiased/acc": acc / 2},
+            choices={"loss": loss},
+            config={"loss": {"_target_": "x", "am_weight": float(loss == "gain")}},
+        )
         if loss == "gain":
             summary = json.loads((path / "summary.json").read_text())
             del summary["choices"]
             (path / "summary.json").write_text(json.dumps(summary))
-            (path / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {
-                "mode": "MULTIRUN", "sweep": {"dir": str(root / "m")},
-                "runtime": {"choices": {"loss": "gain", "hydra/launcher": "basic"}, "cwd": str(root),
-                            "config_sources": [{"path": str(ROOT / "sweeps"), "schema": "file",
-                                                "provider": "command-line"}]},
-                "overrides": {"task": [f"seed={seed}"], "hydra": ["hydra.mode=MULTIRUN", "hydra.job.chdir=false"]}}}))
+            (path / ".hydra" / "hydra.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "hydra": {
+                            "mode": "MULTIRUN",
+                            "sweep": {"dir": str(root / "m")},
+                            "runtime": {
+                                "choices": {"loss": "gain", "hydra/launcher": "basic"},
+                                "cwd": str(root),
+                                "config_sources": [
+                                    {"path": str(ROOT / "sweeps"), "schema": "file", "provider": "command-line"}
+                                ],
+                            },
+                            "overrides": {
+                                "task": [f"seed={seed}"],
+                                "hydra": ["hydra.mode=MULTIRUN", "hydra.job.chdir=false"],
+                            },
+                        }
+                    }
+                )
+            )
 
 
 def test_a_spec_is_written_beside_the_markdown_and_reprints_the_same_table(tmp_path, monkeypatch, capsys):
@@ -204,8 +271,9 @@ def test_where_keeps_the_runs_with_the_given_values_from_run_dirs_and_specs(tmp_
     _spec_runs(tmp_path)
     assert main(["m", "--rows", "loss", "--save-spec", "s.yaml"]) == 0
     capsys.readouterr()
-    make_run(tmp_path / "later" / "0", ["seed=0", "gain.sigma=0.3"], {"test_unbiased/acc": 0.5},
-             choices={"loss": "gain"})
+    make_run(
+        tmp_path / "later" / "0", ["seed=0", "gain.sigma=0.3"], {"test_unbiased/acc": 0.5}, choices={"loss": "gain"}
+    )
     # the spec's gain jobs (sigma from their config: 0.5) next to a new sigma, the baseline left out
     assert main(["s.yaml", "later", "--where", "loss=gain", "--rows", "gain.sigma"]) == 0
     out = capsys.readouterr().out
@@ -220,15 +288,21 @@ def test_where_keeps_the_runs_with_the_given_values_from_run_dirs_and_specs(tmp_
     assert "--where loss: write KEY=VALUE" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content,args,phrase", [
-    (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
-    ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
-    ("kind: gain_exp.table/1\njobs: [{name: a}]\n", ["--spec", "s.yaml"],
-     "job 0 of s.yaml lacks overrides, row, final"),
-    ("kind: x\n", ["--spec", "s.yaml", "m"], "--spec s.yaml and run directories were both given"),
-    (None, [], "no runs given; pass multirun or run directories, or --spec"),
-    ("kind: x\n", ["s.yaml"], "s.yaml is not a table spec (kind: gain_exp.table/1 with a list of jobs)"),
-])
+@pytest.mark.parametrize(
+    "content,args,phrase",
+    [
+        (None, ["--spec", "gone.yaml"], "table spec gone.yaml does not exist; write one with python -m gain_exp.table"),
+        ("a: [", ["--spec", "s.yaml"], "s.yaml is not valid YAML"),
+        (
+            "kind: gain_exp.table/1\njobs: [{name: a}]\n",
+            ["--spec", "s.yaml"],
+            "job 0 of s.yaml lacks overrides, row, final",
+        ),
+        ("kind: x\n", ["--spec", "s.yaml", "m"], "--spec s.yaml and run directories were both given"),
+        (None, [], "no runs given; pass multirun or run directories, or --spec"),
+        ("kind: x\n", ["s.yaml"], "s.yaml is not a table spec (kind: gain_exp.table/1 with a list of jobs)"),
+    ],
+)
 def test_bad_specs_are_one_sentence_errors(tmp_path, monkeypatch, capsys, content, args, phrase):
     monkeypatch.chdir(tmp_path)
     if content is not None:

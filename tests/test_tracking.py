@@ -1,4 +1,5 @@
 """Tracking backends: W&B offline runs read back from disk, multirun groups, TensorBoard events, failure isolation."""
+
 from __future__ import annotations
 
 import http.server
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, compose, tiny_overrides
+from wandb_offline import offline_runs
+
 from gain_exp import run as app
 from gain_exp.tracking import JsonTracker, Tracker, Trackers, build_tracker
 from gain_exp.tracking import wandb as wandb_backend
 from gain_exp.tracking.wandb import WandbTracker, _probe, _run_name, wandb_mode
-from wandb_offline import offline_runs
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like an API key; must never reach the disk
 
@@ -46,16 +47,34 @@ def _one_epoch(tmp_path: Path, *extra: str) -> list[str]:
 def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = tmp_path / "run"
-    summary = app.train(compose(_one_epoch(tmp_path, "logger=wandb", "logger.wandb.mode=offline",
-                                           "logger.wandb.log_checkpoint=true", "logger.wandb.tags=[paper]")), out_dir=out)
+    summary = app.train(
+        compose(
+            _one_epoch(
+                tmp_path,
+                "logger=wandb",
+                "logger.wandb.mode=offline",
+                "logger.wandb.log_checkpoint=true",
+                "logger.wandb.tags=[paper]",
+            )
+        ),
+        out_dir=out,
+    )
     assert "wandb sync " + str(out / "wandb") in capsys.readouterr().out
 
     [run] = offline_runs(out / "wandb")
     assert run.name == "run" and run.job_type == "train" and run.tags == ["paper"] and run.group == ""
     assert run.config["gain"]["sigma"] == 0.5 and run.config["logger"]["wandb"]["project"] == "gain-exp"
     keys = run.history_keys()
-    assert {"train/loss", "train/loss_cl", "train/loss_am", "train/lr", "val/acc", "val/loc_iou",
-            "test_unbiased/acc", "test_biased/acc"} <= keys
+    assert {
+        "train/loss",
+        "train/loss_cl",
+        "train/loss_am",
+        "train/lr",
+        "val/acc",
+        "val/loc_iou",
+        "test_unbiased/acc",
+        "test_biased/acc",
+    } <= keys
     assert {"val/attention/all_masks", "val/panels/filenames", "test_unbiased/results/path"} <= keys
     steps = [row["_step"] for row in run.history]
     assert steps == sorted(steps)  # nothing was dropped for going back in time
@@ -86,13 +105,20 @@ def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
 
 
-def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(tmp_path, hydra_sweep_runner,
-                                                                          hydra_restore_singletons):
+def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(
+    tmp_path, hydra_sweep_runner, hydra_restore_singletons
+):
     sweep_dir = tmp_path / "my_sweep"
     overrides = _one_epoch(tmp_path, "logger=wandb", "seed=0,1")
-    runner = hydra_sweep_runner(calling_file=str(ROOT / "gain_exp" / "run.py"), calling_module=None,
-                                task_function=app.task, config_path="../conf", config_name="config",
-                                overrides=overrides, temp_dir=sweep_dir)
+    runner = hydra_sweep_runner(
+        calling_file=str(ROOT / "gain_exp" / "run.py"),
+        calling_module=None,
+        task_function=app.task,
+        config_path="../conf",
+        config_name="config",
+        overrides=overrides,
+        temp_dir=sweep_dir,
+    )
     with runner:  # the runner deletes its sweep dir on exit
         runs = offline_runs(sweep_dir)
         assert len(runs) == 2 and runs[0].run_id != runs[1].run_id
@@ -107,8 +133,14 @@ def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(tmp_pa
 
 def _epoch_record(epoch: int, acc: float, loss_cl: float) -> dict[str, float]:
     """What the engine logs after an epoch: the epoch, train means and the val metrics."""
-    return {"epoch": epoch, "train/mean_loss": loss_cl + 0.1, "val/acc": acc, "val/loss_cl": loss_cl,
-            "val/loc_iou": acc / 2, "val/am_drop": 0.1}
+    return {
+        "epoch": epoch,
+        "train/mean_loss": loss_cl + 0.1,
+        "val/acc": acc,
+        "val/loss_cl": loss_cl,
+        "val/loc_iou": acc / 2,
+        "val/am_drop": 0.1,
+    }
 
 
 def _read_back(out: Path):
@@ -187,8 +219,9 @@ def _agent_env(monkeypatch, tmp_path: Path, params: dict[str, object], run_id: s
     """The environment `wandb agent` gives a job: sweep id, run id and its parameters in a config file."""
     path = tmp_path / "wandb" / "sweep-abc123" / f"config-{run_id}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in params.items()}},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({"wandb_version": 1, **{k: {"value": v} for k, v in params.items()}}, sort_keys=False)
+    )
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     monkeypatch.setenv("WANDB_RUN_ID", run_id)
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(path))
@@ -318,7 +351,9 @@ def _counting_probe(monkeypatch, answer: str | None = None) -> list[str]:
 def test_wandb_mode_resolution(tmp_path, monkeypatch):
     _counting_probe(monkeypatch)  # the server answers
     assert wandb_mode("disabled") == "disabled" and wandb_mode("online") == "online"
-    with pytest.raises(ValueError, match=r"logger\.wandb\.mode=cloud is unknown; use auto, online, offline or disabled"):
+    with pytest.raises(
+        ValueError, match=r"logger\.wandb\.mode=cloud is unknown; use auto, online, offline or disabled"
+    ):
         wandb_mode("cloud")
     assert wandb_mode("auto") == "offline"  # WANDB_MODE=offline from the sandbox
     monkeypatch.delenv("WANDB_MODE")
@@ -459,8 +494,7 @@ def test_the_server_probe_is_bounded_and_any_http_answer_counts_as_reachable():
         silent.close()
 
 
-def test_an_online_start_that_fails_after_the_probe_logs_offline_within_the_init_timeout(tmp_path, monkeypatch,
-                                                                                         caplog):
+def test_an_online_start_that_fails_after_the_probe_logs_offline_within_the_init_timeout(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     url = f"http://127.0.0.1:{_closed_port()}"

@@ -1,4 +1,5 @@
 """Tests for the shared image + label-map transforms (gain_exp/data/transforms.py)."""
+
 from __future__ import annotations
 
 import numpy as np

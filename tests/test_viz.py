@@ -1,4 +1,5 @@
 """Attention panels: colours, sizes, value ranges and the written PNG."""
+
 import pytest
 import torch
 from PIL import Image

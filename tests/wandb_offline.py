@@ -1,4 +1,5 @@
 """Reads an offline W&B run back from its run-*.wandb file (wandb ships no public reader)."""
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,9 @@ def records(path: Path) -> Iterator[pb.Record]:
         if left_in_block < CHUNK_HEADER:  # block tail too short for a header is zero padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
         pos += CHUNK_HEADER
-        payload = data[pos:pos + length]
+        payload = data[pos : pos + length]
         pos += length
         if kind == 0 and length == 0:
             break  # preallocated space past the last record
@@ -102,8 +103,10 @@ def read_run(path: Path) -> OfflineRun:
         elif kind == "metric":
             m = record.metric
             run.metrics[m.name or m.glob_name] = MetricDefinition(
-                step_metric=m.step_metric, summary={f.name for f, on in m.summary.ListFields() if on},
-                hidden=m.options.hidden)
+                step_metric=m.step_metric,
+                summary={f.name for f, on in m.summary.ListFields() if on},
+                hidden=m.options.hidden,
+            )
         elif kind == "artifact":
             run.artifacts.append(record.artifact.name)
     return run

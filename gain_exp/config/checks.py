@@ -1,4 +1,5 @@
 """Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, normalisation)."""
+
 from __future__ import annotations
 
 import difflib
@@ -25,14 +26,34 @@ def check_config(cfg: DictConfig) -> None:
         if not math.isfinite(value):
             raise ValueError(f"{key}={value} is not a finite number; give a finite value (see its default in conf/).")
     g, loss, t = cfg.gain, cfg.loss, cfg.trainer
-    check_gain_options(g.sigma, g.omega, g.formulation, g.grad_mode, g.normalisation, g.fill, g.am_grad_scale,
-                       prefix="gain.", cam=g.cam)
-    check_loss_options(loss.am_weight, loss.ex_weight, loss.am_score, loss.ex_on, loss.am_start_epoch,
-                       loss.ex_start_epoch, prefix="loss.", cl_weight=loss.cl_weight, ex_loss=loss.ex_loss,
-                       rrr_norm_stats=loss.rrr_norm_stats)
+    check_gain_options(
+        g.sigma,
+        g.omega,
+        g.formulation,
+        g.grad_mode,
+        g.normalisation,
+        g.fill,
+        g.am_grad_scale,
+        prefix="gain.",
+        cam=g.cam,
+    )
+    check_loss_options(
+        loss.am_weight,
+        loss.ex_weight,
+        loss.am_score,
+        loss.ex_on,
+        loss.am_start_epoch,
+        loss.ex_start_epoch,
+        prefix="loss.",
+        cl_weight=loss.cl_weight,
+        ex_loss=loss.ex_loss,
+        rrr_norm_stats=loss.rrr_norm_stats,
+    )
     if t.compile and loss.ex_weight > 0 and loss.ex_loss == "rrr":
-        raise ValueError("trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
-                         "trains through input gradients); set trainer.compile=false.")
+        raise ValueError(
+            "trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
+            "trains through input gradients); set trainer.compile=false."
+        )
     trainer_settings(cfg.trainer)  # the range checks live beside the types (TrainerSchema)
     check_optimizer_keys(t.optimizer)
     check_scheduler(t.scheduler)
@@ -53,14 +74,21 @@ def check_scheduler(node: Any) -> None:
     if node is None:
         return
     if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ValueError(f"trainer.scheduler={node} is not a scheduler node; give one with a _target_ such as "
-                         f"torch.optim.lr_scheduler.CosineAnnealingLR (the default in conf/trainer/default.yaml), "
-                         f"or trainer.scheduler=null for a constant learning rate.")
-    _import_target(node._target_, "trainer.scheduler._target_",
-                   "name a torch.optim.lr_scheduler class such as torch.optim.lr_scheduler.CosineAnnealingLR")
+        raise ValueError(
+            f"trainer.scheduler={node} is not a scheduler node; give one with a _target_ such as "
+            f"torch.optim.lr_scheduler.CosineAnnealingLR (the default in conf/trainer/default.yaml), "
+            f"or trainer.scheduler=null for a constant learning rate."
+        )
+    _import_target(
+        node._target_,
+        "trainer.scheduler._target_",
+        "name a torch.optim.lr_scheduler class such as torch.optim.lr_scheduler.CosineAnnealingLR",
+    )
     if not node.get("_partial_"):
-        raise ValueError("trainer.scheduler needs _partial_: true (the app passes the optimizer when it builds it); "
-                         "add +trainer.scheduler._partial_=true or copy the default node in conf/trainer/default.yaml.")
+        raise ValueError(
+            "trainer.scheduler needs _partial_: true (the app passes the optimizer when it builds it); "
+            "add +trainer.scheduler._partial_=true or copy the default node in conf/trainer/default.yaml."
+        )
 
 
 def _import_target(target: Any, key: str, how: str) -> Any:
@@ -75,29 +103,37 @@ def check_data(cfg: DictConfig, data: Any) -> None:
     """What the built dataset must offer the chosen loss: pixel masks for L_e."""
     masked = data.extras.get("num_masked_train")
     if cfg.loss.ex_weight > 0 and masked == 0:
-        raise ValueError(f"loss.ex_weight={cfg.loss.ex_weight} needs pixel masks but dataset.masks_to_use="
-                         f"{cfg.dataset.get('masks_to_use')} puts none in the L_e budget; set dataset.masks_to_use "
-                         f"(a count >= 1 or a fraction) or use loss=gain / loss=baseline.")
+        raise ValueError(
+            f"loss.ex_weight={cfg.loss.ex_weight} needs pixel masks but dataset.masks_to_use="
+            f"{cfg.dataset.get('masks_to_use')} puts none in the L_e budget; set dataset.masks_to_use "
+            f"(a count >= 1 or a fraction) or use loss=gain / loss=baseline."
+        )
 
 
 def check_panels(cfg: DictConfig, data: Any) -> None:
     """Positive / negative panel counts need binary data with a negative class."""
     t = cfg.trainer
     if (t.panel_positives is not None or t.panel_negatives is not None) and data.negative_class is None:
-        raise ValueError(f"trainer.panel_positives / panel_negatives need binary data with a negative class, and "
-                         f"this dataset has {data.num_classes} classes and none is negative; use trainer.num_panels.")
+        raise ValueError(
+            f"trainer.panel_positives / panel_negatives need binary data with a negative class, and "
+            f"this dataset has {data.num_classes} classes and none is negative; use trainer.num_panels."
+        )
 
 
 def check_metric_names(cfg: DictConfig, monitor: str, data: Any) -> None:
     """The monitor reads validation metrics; the swept metric must come from a split this run evaluates."""
     if not monitor.startswith("val/"):
-        raise ValueError(f"trainer.monitor={monitor} must be a validation metric (val/<name>, e.g. val/acc): the best "
-                         f"checkpoint is chosen on val, never on a test split.")
+        raise ValueError(
+            f"trainer.monitor={monitor} must be a validation metric (val/<name>, e.g. val/acc): the best "
+            f"checkpoint is chosen on val, never on a test split."
+        )
     metric = cfg.optimize_metric
     splits = {"train", "val", *data.tests}
     if metric != "auto" and metric.split("/")[0] not in splits:
-        raise ValueError(f"optimize_metric={metric} names no split of this run; use auto or <split>/<metric> with "
-                         f"split one of {', '.join(sorted(splits))} (e.g. val/acc).")
+        raise ValueError(
+            f"optimize_metric={metric} names no split of this run; use auto or <split>/<metric> with "
+            f"split one of {', '.join(sorted(splits))} (e.g. val/acc)."
+        )
 
 
 def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -115,12 +151,15 @@ def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, float):
             found.append((key, value))
     return found
+
+
 def check_optimizer_keys(node: DictConfig) -> None:
     """Every trainer.optimizer key is an argument of its class: the node is open (keys vary by class), so the
     schema cannot catch a misspelt one."""
     target = node._target_
-    cls = _import_target(target, "trainer.optimizer._target_",
-                         "name a torch.optim class such as torch.optim.AdamW or torch.optim.SGD")
+    cls = _import_target(
+        target, "trainer.optimizer._target_", "name a torch.optim class such as torch.optim.AdamW or torch.optim.SGD"
+    )
     params = inspect.signature(cls).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
@@ -130,8 +169,10 @@ def check_optimizer_keys(node: DictConfig) -> None:
             continue
         close = difflib.get_close_matches(str(key), accepted, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"trainer.optimizer.{key} is not an argument of {target}{hint}; fix or remove it "
-                         f"(it takes {', '.join(accepted)}).")
+        raise ValueError(
+            f"trainer.optimizer.{key} is not an argument of {target}{hint}; fix or remove it "
+            f"(it takes {', '.join(accepted)})."
+        )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,5 +1,6 @@
 """One sentence (what, where, how to fix) for the config mistakes Hydra reports at composition, instead of its
 multi-line ``Error merging override`` text with OmegaConf's details."""
+
 from __future__ import annotations
 
 import difflib
@@ -41,11 +42,16 @@ def explain(err: BaseException) -> str | None:
 
 def _parse_error(err: OverrideParseException) -> str:
     """A malformed override: what the parser saw, and the forms that work."""
-    lines = [line for line in err.message.splitlines() if line.strip()
-             and not line.startswith(("Error parsing override", "See https"))]
+    lines = [
+        line
+        for line in err.message.splitlines()
+        if line.strip() and not line.startswith(("Error parsing override", "See https"))
+    ]
     reason = _first_line(lines[0]) if lines else "unparsable"
-    return (f"{err.override}: not a valid override ({reason}); write key=value, group=option, +key=value (new key) or "
-            f"~key (delete), and quote values with spaces or special characters ({GRAMMAR}).")
+    return (
+        f"{err.override}: not a valid override ({reason}); write key=value, group=option, +key=value (new key) or "
+        f"~key (delete), and quote values with spaces or special characters ({GRAMMAR})."
+    )
 
 
 def _missing_option(err: MissingConfigException) -> str:
@@ -84,8 +90,10 @@ def _unknown_key(message: str, cause: OmegaConfBaseException) -> str:
     close = difflib.get_close_matches(str(cause.key), keys, n=3, cutoff=0.6)
     owner = prefix or "the config"
     hint = f" (did you mean {', '.join(f'{prefix}.{k}' if prefix else k for k in close)}?)" if close else ""
-    return (f"{override}: {owner} has no key '{cause.key}'{hint}; fix the name, or write +{override.lstrip('+')} "
-            f"to add a new key.")
+    return (
+        f"{override}: {owner} has no key '{cause.key}'{hint}; fix the name, or write +{override.lstrip('+')} "
+        f"to add a new key."
+    )
 
 
 def _override_in(message: str) -> str | None:

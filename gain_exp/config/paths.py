@@ -1,5 +1,6 @@
 """Where the config tree and the sweep recipes live: the source checkout's top-level ``conf/`` and ``sweeps/`` when
 running from one (editable installs too), else the copies a wheel ships inside the package (``gain_exp/conf``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

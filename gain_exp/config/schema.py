@@ -5,6 +5,7 @@ drift from it: every field is MISSING. A YAML file opts in with a defaults entry
 ``defaults: [/gain_exp_schema_trainer@_here_, _self_]``. The schemas are stored at the ConfigStore's root, not in a
 config group, so they never appear as group options in ``--help``, tab completion or ``runtime.choices``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -64,13 +65,18 @@ class EvalMetricsSchema:
         if self.steps is MISSING:
             return
         for name in ("spurious_energy", "deletion_insertion"):
-            _require(getattr(self, name) in ("epoch", "test", "off"),
-                     f"trainer.eval_metrics.{name}={getattr(self, name)} is unknown; use epoch, test or off")
+            _require(
+                getattr(self, name) in ("epoch", "test", "off"),
+                f"trainer.eval_metrics.{name}={getattr(self, name)} is unknown; use epoch, test or off",
+            )
         _require(self.steps >= 1, f"trainer.eval_metrics.steps={self.steps} must be >= 1")
-        _require(self.baseline in ("blur", "mean", "zero"),
-                 f"trainer.eval_metrics.baseline={self.baseline} is unknown; use blur, mean or zero")
-        _require(self.images is None or self.images >= 1,
-                 f"trainer.eval_metrics.images={self.images} must be >= 1 or null")
+        _require(
+            self.baseline in ("blur", "mean", "zero"),
+            f"trainer.eval_metrics.baseline={self.baseline} is unknown; use blur, mean or zero",
+        )
+        _require(
+            self.images is None or self.images >= 1, f"trainer.eval_metrics.images={self.images} must be >= 1 or null"
+        )
 
 
 @dataclass
@@ -112,27 +118,40 @@ class TrainerSchema:
         """The range of every key, checked when the composed node becomes this object (``config.checks``)."""
         if self.epochs is MISSING:  # the ConfigStore's template, not a composed config
             return
-        for key, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
-                                ("num_panels", self.num_panels, 0), ("train_panels", self.train_panels, 1),
-                                ("table_images", self.table_images, 0), ("log_every_n_steps", self.log_every_n_steps, 1)):
+        for key, value, low in (
+            ("epochs", self.epochs, 1),
+            ("batch_size", self.batch_size, 1),
+            ("num_panels", self.num_panels, 0),
+            ("train_panels", self.train_panels, 1),
+            ("table_images", self.table_images, 0),
+            ("log_every_n_steps", self.log_every_n_steps, 1),
+        ):
             _require(value >= low, f"trainer.{key}={value} must be >= {low}")
-        for key, value, low in (("eval_batch_size", self.eval_batch_size, 1),
-                                ("train_panels_every", self.train_panels_every, 1),
-                                ("checkpoint_every", self.checkpoint_every, 1),
-                                ("steps_per_epoch", self.steps_per_epoch, 1),
-                                ("panel_positives", self.panel_positives, 0),
-                                ("panel_negatives", self.panel_negatives, 0)):
+        for key, value, low in (
+            ("eval_batch_size", self.eval_batch_size, 1),
+            ("train_panels_every", self.train_panels_every, 1),
+            ("checkpoint_every", self.checkpoint_every, 1),
+            ("steps_per_epoch", self.steps_per_epoch, 1),
+            ("panel_positives", self.panel_positives, 0),
+            ("panel_negatives", self.panel_negatives, 0),
+        ):
             _require(value is None or value >= low, f"trainer.{key}={value} must be >= {low} or null")
         _require(self.optimizer.lr > 0, f"trainer.optimizer.lr={self.optimizer.lr} must be > 0")
         _require(self.monitor_mode in ("max", "min"), f"trainer.monitor_mode={self.monitor_mode} must be max or min")
         _require(self.test_on in ("best", "last"), f"trainer.test_on={self.test_on} is unknown; use best or last")
-        _require(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
-                 f"trainer.device={self.device} is unknown; use auto, cpu or cuda")
-        _require(self.workers == "auto" or (isinstance(self.workers, int) and not isinstance(self.workers, bool)
-                                            and self.workers >= 0),
-                 f"trainer.workers={self.workers} must be auto or a count >= 0")
-        _require(self.grad_clip is None or self.grad_clip > 0,
-                 f"trainer.grad_clip={self.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
+            f"trainer.device={self.device} is unknown; use auto, cpu or cuda",
+        )
+        _require(
+            self.workers == "auto"
+            or (isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0),
+            f"trainer.workers={self.workers} must be auto or a count >= 0",
+        )
+        _require(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"trainer.grad_clip={self.grad_clip} must be > 0 (a gradient-norm bound) or null for no clipping",
+        )
 
 
 @dataclass

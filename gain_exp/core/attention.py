@@ -1,4 +1,5 @@
 """Differentiable CAMs (Grad-CAM and variants) for timm classifiers: feature-map resolution and the maps."""
+
 from __future__ import annotations
 
 import difflib
@@ -44,15 +45,14 @@ class FeatureExtractor:
             if self.layer not in modules:
                 close = difflib.get_close_matches(self.layer, modules, n=5, cutoff=0.4)
                 hint = f"close matches: {close}" if close else f"valid layers include {_suggest_layers(model)}"
-                raise ValueError(
-                    f"grad_layer '{self.layer}' does not exist in {type(model).__name__}; {hint}."
-                )
+                raise ValueError(f"grad_layer '{self.layer}' does not exist in {type(model).__name__}; {hint}.")
             self.module = modules[self.layer]
             if hasattr(self.module, "output_fmt"):  # timm PatchEmbed says its own layout
                 self.nhwc = _is_nhwc_model(self.module)
             else:
                 self.nhwc = _is_nhwc_model(model) and not isinstance(
-                    self.module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))
+                    self.module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+                )
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (features B x C x h x w, logits B x K)."""
@@ -116,13 +116,17 @@ class FeatureExtractor:
         for p in prefixes:
             for gh, gw in grids:
                 # the patch grid, or a later stage's grid (Swin halves it per stage, rounding up)
-                for scale in (2 ** i for i in range(max(gh, gw).bit_length())):
+                for scale in (2**i for i in range(max(gh, gw).bit_length())):
                     if -(-gh // scale) * -(-gw // scale) == n - p:
                         return p, (-(-gh // scale), -(-gw // scale))
         if not grids:  # no patch embedding to ask: the grid with the image's aspect ratio
             for p in prefixes:
                 h = max(1, round(math.sqrt(max(n - p, 0) * size[0] / size[1])))
-                if n - p > 0 and (n - p) % h == 0 and abs((n - p) // h / h - size[1] / size[0]) < 0.5 * size[1] / size[0]:
+                if (
+                    n - p > 0
+                    and (n - p) % h == 0
+                    and abs((n - p) // h / h - size[1] / size[0]) < 0.5 * size[1] / size[0]
+                ):
                     return p, (h, (n - p) // h)
         expected = f"the {grids[0][0]} x {grids[0][1]} patch grid" if grids else "an h x w grid"
         raise ValueError(
@@ -152,7 +156,7 @@ def unfuse_attention_after(model: nn.Module, layer: str | None) -> list[str]:
     if layer is None:
         return []
     names = [name for name, _ in model.named_modules()]
-    after = names[names.index(layer) + 1:] if layer in names else []
+    after = names[names.index(layer) + 1 :] if layer in names else []
     switched = []
     for name in after:
         module = model.get_submodule(name)
@@ -165,12 +169,20 @@ def unfuse_attention_after(model: nn.Module, layer: str | None) -> list[str]:
 def default_layer(model: nn.Module) -> str | None:
     """The map layer a transformer family needs (ViT/DeiT: last block's norm1; Swin: last block); None for CNNs."""
     blocks = getattr(model, "blocks", None)
-    if hasattr(model, "num_prefix_tokens") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) \
-            and hasattr(blocks[-1], "norm1"):
+    if (
+        hasattr(model, "num_prefix_tokens")
+        and isinstance(blocks, (nn.Sequential, nn.ModuleList))
+        and len(blocks)
+        and hasattr(blocks[-1], "norm1")
+    ):
         return f"blocks.{len(blocks) - 1}.norm1"
     layers = getattr(model, "layers", None)
-    if _is_nhwc_model(model) and isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers) \
-            and len(getattr(layers[-1], "blocks", ())):
+    if (
+        _is_nhwc_model(model)
+        and isinstance(layers, (nn.Sequential, nn.ModuleList))
+        and len(layers)
+        and len(getattr(layers[-1], "blocks", ()))
+    ):
         return f"layers.{len(layers) - 1}.blocks.{len(layers[-1].blocks) - 1}"
     return None
 
@@ -183,10 +195,13 @@ def _is_nhwc_model(model: nn.Module) -> bool:
 def _check_map(features: torch.Tensor, where: str, token_hint: str = "a convolutional layer") -> torch.Tensor:
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-        hint = token_hint if token_hint == "a convolutional layer" else f"a layer with one token per patch, e.g. '{token_hint}'"
+        hint = (
+            token_hint
+            if token_hint == "a convolutional layer"
+            else f"a layer with one token per patch, e.g. '{token_hint}'"
+        )
         raise ValueError(
-            f"Grad-CAM needs a B x C x h x w feature map but {where} gives {shape}; "
-            f"set grad_layer to {hint}."
+            f"Grad-CAM needs a B x C x h x w feature map but {where} gives {shape}; set grad_layer to {hint}."
         )
     return features
 
@@ -202,6 +217,7 @@ def _suggest_layers(model: nn.Module, limit: int = 12) -> list[str]:
 # formulas and constants follow pytorch-grad-cam 1.5 (see docs/methods.md, "CAM methods"); all are plain torch ops, so with
 # grad_mode=full (create_graph) the loss differentiates through g (second order through the layers after A) and
 # through every use of A inside the weights.
+
 
 def gradcam_weights(features: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """Grad-CAM (Selvaraju 2017, Eq. 1): w_k = mean_ij g_kij. Full: d/dtheta through g only."""
@@ -246,8 +262,9 @@ CAM_METHODS = {
 }
 
 
-def cam_map(features: torch.Tensor, grads: torch.Tensor, method: str = "gradcam",
-            detach_weights: bool = False) -> torch.Tensor:
+def cam_map(
+    features: torch.Tensor, grads: torch.Tensor, method: str = "gradcam", detach_weights: bool = False
+) -> torch.Tensor:
     """The map sum_k w_k A_k of ``method`` before ReLU (... x h x w); ``detach_weights`` treats w as constants."""
     weights = CAM_METHODS[method](features, grads)
     if detach_weights:

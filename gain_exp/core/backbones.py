@@ -1,4 +1,5 @@
 """timm classifiers by name, with clear errors for typos and for missing offline weights."""
+
 from __future__ import annotations
 
 import difflib
@@ -28,8 +29,9 @@ def create_backbone(
                 f"backbone.weights_file={weights_file} does not exist; point it at a local .pth/.safetensors "
                 f"file for {name} or set backbone.pretrained=false."
             )
-        return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                 pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        return timm.create_model(
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+        )
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except Exception as err:  # timm raises hub/network errors of many types when offline

@@ -4,6 +4,7 @@ All functions are pure (the caller's model and tensors are never modified) and b
 deletion/insertion from Petsiuk et al., "RISE", BMVC 2018; the cascading model-parameter randomisation check
 from Adebayo et al., "Sanity Checks for Saliency Maps", NeurIPS 2018 (Quantus calls it MPRT).
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,9 +27,15 @@ BLUR_SIGMA = 5.0
 # ------------------------------------------------------------------------------------------- deletion / insertion
 
 
-def deletion_insertion(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, maps: torch.Tensor,
-                       classes: torch.Tensor, steps: int = 16, baseline: str = "blur",
-                       **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion(
+    model_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    classes: torch.Tensor,
+    steps: int = 16,
+    baseline: str = "blur",
+    **options: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUC per map (Petsiuk et al. 2018): two tensors of N floats in [0, 1].
 
     AUC = trapezoid rule over the curve of the explained class's probability against x = fraction of pixels
@@ -88,10 +95,15 @@ def deletion_insertion_curves(
     # Deletion's first and last images are insertion's last and first (clean, baseline): 2 * steps forwards
     # per map instead of 2 * (steps + 1). Rows: every deletion step, then insertion's inner steps.
     device, inner = images.device, max(steps - 1, 0)
-    row_image = torch.cat([torch.arange(n, device=device).repeat_interleave(steps + 1),
-                           torch.arange(n, device=device).repeat_interleave(inner)])
-    row_step = torch.cat([torch.arange(steps + 1, device=device).repeat(n),
-                          torch.arange(1, steps, device=device).repeat(n)])
+    row_image = torch.cat(
+        [
+            torch.arange(n, device=device).repeat_interleave(steps + 1),
+            torch.arange(n, device=device).repeat_interleave(inner),
+        ]
+    )
+    row_step = torch.cat(
+        [torch.arange(steps + 1, device=device).repeat(n), torch.arange(1, steps, device=device).repeat(n)]
+    )
     row_inserts = torch.arange(len(row_image), device=device) >= n * (steps + 1)
     probs = torch.empty(len(row_image), device=device)
     for start in range(0, len(row_image), batch_size):
@@ -101,9 +113,9 @@ def deletion_insertion_curves(
         from_baseline = (chosen ^ row_inserts[rows].unsqueeze(1)).view(-1, 1, h, w)
         perturbed = torch.where(from_baseline, base[idx], images[idx])
         probs[rows] = _class_probability(model_fn(perturbed), classes[idx], multi_label)
-    deletion = probs[:n * (steps + 1)].view(n, steps + 1)
+    deletion = probs[: n * (steps + 1)].view(n, steps + 1)
     insertion = torch.empty_like(deletion)
-    insertion[:, 1:-1] = probs[n * (steps + 1):].view(n, inner)
+    insertion[:, 1:-1] = probs[n * (steps + 1) :].view(n, inner)
     insertion[:, 0], insertion[:, -1] = deletion[:, -1], deletion[:, 0]
     x = counts.float() / pixels
     return deletion, insertion, x
@@ -121,12 +133,16 @@ def _baseline(images: torch.Tensor, baseline: str, kernel: int, sigma: float) ->
 def _class_probability(logits: torch.Tensor, classes: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Probability of each row's class: sigmoid of its logit (multi-label) or its softmax share."""
     if logits.ndim != 2 or len(logits) != len(classes):
-        raise ValueError(f"model_fn must return B x K logits for B = {len(classes)} images; got shape "
-                         f"{tuple(logits.shape)}; wrap the model so it returns logits (e.g. lambda x: gain(x, "
-                         f"attention=False).logits).")
+        raise ValueError(
+            f"model_fn must return B x K logits for B = {len(classes)} images; got shape "
+            f"{tuple(logits.shape)}; wrap the model so it returns logits (e.g. lambda x: gain(x, "
+            f"attention=False).logits)."
+        )
     if bool((classes >= logits.shape[1]).any()):
-        raise ValueError(f"classes holds index {int(classes.max())} but the model has {logits.shape[1]} classes; "
-                         f"pass class indices in 0..{logits.shape[1] - 1}.")
+        raise ValueError(
+            f"classes holds index {int(classes.max())} but the model has {logits.shape[1]} classes; "
+            f"pass class indices in 0..{logits.shape[1] - 1}."
+        )
     logits = logits.float()
     probs = logits.sigmoid() if multi_label else logits.softmax(dim=1)
     return probs.gather(1, classes.view(-1, 1)).squeeze(1)
@@ -137,12 +153,20 @@ def _check_curve_inputs(images, maps, classes, steps, baseline, batch_size, blur
         raise ValueError(f"images must be a float N x C x H x W tensor; got {_describe(images)}.")
     n = images.shape[0]
     if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or maps.shape[0] != n:
-        raise ValueError(f"maps must be an N x h x w tensor with N = {n} (one per image); got {_describe(maps)}; "
-                         f"for per-label maps pass images[out.image_index] as the images.")
-    if (not isinstance(classes, torch.Tensor) or classes.shape != (n,) or classes.is_floating_point()
-            or bool((classes < 0).any())):
-        raise ValueError(f"classes must be {n} non-negative integer class indices (one per map); got "
-                         f"{_describe(classes)}; for one-hot targets use targets.argmax(dim=1).")
+        raise ValueError(
+            f"maps must be an N x h x w tensor with N = {n} (one per image); got {_describe(maps)}; "
+            f"for per-label maps pass images[out.image_index] as the images."
+        )
+    if (
+        not isinstance(classes, torch.Tensor)
+        or classes.shape != (n,)
+        or classes.is_floating_point()
+        or bool((classes < 0).any())
+    ):
+        raise ValueError(
+            f"classes must be {n} non-negative integer class indices (one per map); got "
+            f"{_describe(classes)}; for one-hot targets use targets.argmax(dim=1)."
+        )
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer (the curve has steps + 1 points); got {steps!r}.")
     if baseline not in BASELINES:
@@ -150,8 +174,10 @@ def _check_curve_inputs(images, maps, classes, steps, baseline, batch_size, blur
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     if baseline == "blur" and (blur_kernel < 1 or blur_kernel % 2 == 0 or not blur_sigma > 0):
-        raise ValueError(f"the blur baseline needs an odd positive blur_kernel and a positive blur_sigma; got "
-                         f"{blur_kernel} and {blur_sigma}.")
+        raise ValueError(
+            f"the blur baseline needs an odd positive blur_kernel and a positive blur_sigma; got "
+            f"{blur_kernel} and {blur_sigma}."
+        )
 
 
 def _describe(value: object) -> str:
@@ -175,12 +201,16 @@ def spurious_energy(maps: torch.Tensor, region: torch.Tensor, valid: torch.Tenso
     """
     shapes = [maps.shape, region.shape] + ([] if valid is None else [valid.shape])
     if maps.ndim != 3 or any(s != maps.shape for s in shapes):
-        raise ValueError("spurious_energy expects maps, region and valid of the same shape N x H x W, got "
-                         f"{', '.join(str(tuple(s)) for s in shapes)}.")
+        raise ValueError(
+            "spurious_energy expects maps, region and valid of the same shape N x H x W, got "
+            f"{', '.join(str(tuple(s)) for s in shapes)}."
+        )
     maps = maps.detach().float()
     if bool((maps < 0).any()):
-        raise ValueError(f"spurious_energy needs non-negative maps; got a minimum of {float(maps.min()):g}; "
-                         f"apply a ReLU or min-max normalise the maps first.")
+        raise ValueError(
+            f"spurious_energy needs non-negative maps; got a minimum of {float(maps.min()):g}; "
+            f"apply a ReLU or min-max normalise the maps first."
+        )
     valid = torch.ones_like(maps, dtype=torch.bool) if valid is None else valid.bool()
     inside = region.bool() & valid
     masses = (maps * valid).flatten(1).sum(dim=1)
@@ -216,8 +246,10 @@ class FaithfulnessMetrics:
     def update(self, deletion: torch.Tensor, insertion: torch.Tensor) -> None:
         """Add N deletion and N insertion AUCs (from ``deletion_insertion``)."""
         if deletion.ndim != 1 or deletion.shape != insertion.shape:
-            raise ValueError(f"update expects deletion and insertion AUCs as two tensors of N values; got shapes "
-                             f"{tuple(deletion.shape)} and {tuple(insertion.shape)}.")
+            raise ValueError(
+                f"update expects deletion and insertion AUCs as two tensors of N values; got shapes "
+                f"{tuple(deletion.shape)} and {tuple(insertion.shape)}."
+            )
         if bool(deletion.isnan().any() | insertion.isnan().any()):
             raise ValueError("update got a NaN deletion or insertion AUC; check the model's logits for NaN.")
         self._deletion += float(deletion.double().sum())
@@ -244,8 +276,11 @@ class FaithfulnessMetrics:
 
     def compute(self) -> dict[str, float]:
         """Means over everything seen since the last reset; counts always, means once defined."""
-        out = {"faith_n": float(self._n), "spurious_n": float(self._spurious_n),
-               "spurious_skipped": float(self._spurious_skipped)}
+        out = {
+            "faith_n": float(self._n),
+            "spurious_n": float(self._spurious_n),
+            "spurious_skipped": float(self._spurious_skipped),
+        }
         if self._n:
             out |= {"deletion_auc": self._deletion / self._n, "insertion_auc": self._insertion / self._n}
         if self._spurious_n:
@@ -295,16 +330,18 @@ def randomisation_check(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     if not hasattr(gain, "model"):
-        raise ValueError(f"randomisation_check needs a GAIN module (with .model, the backbone); got "
-                         f"{type(gain).__name__}.")
+        raise ValueError(
+            f"randomisation_check needs a GAIN module (with .model, the backbone); got {type(gain).__name__}."
+        )
     copied = copy.deepcopy(gain).eval()
     backbone = copied.model
     groups = list(order) if order is not None else randomisation_groups(backbone)
     modules = _resolve_groups(backbone, groups)
     if targets is None:
         with torch.no_grad():
-            targets = torch.cat([copied.predicted_classes(copied(chunk, attention=False).logits)
-                                 for chunk in images.split(batch_size)])
+            targets = torch.cat(
+                [copied.predicted_classes(copied(chunk, attention=False).logits) for chunk in images.split(batch_size)]
+            )
     original = _attention_maps(copied, images, targets, batch_size)
     results = []
     device = next(backbone.parameters()).device
@@ -326,8 +363,10 @@ def randomisation_groups(model: nn.Module) -> list[str]:
         elif _has_parameters(child):
             names.append(name)
     if not names:
-        raise ValueError(f"{type(model).__name__} has no child module with parameters to re-initialise; pass "
-                         f"order= with module names.")
+        raise ValueError(
+            f"{type(model).__name__} has no child module with parameters to re-initialise; pass "
+            f"order= with module names."
+        )
     return names[::-1]
 
 
@@ -343,8 +382,9 @@ def _resolve_groups(model: nn.Module, names: list[str]) -> list[nn.Module]:
             with_params = [n for n, m in named.items() if n and _has_parameters(m)]
             close = difflib.get_close_matches(name, with_params, n=5, cutoff=0.4)
             hint = f"close matches: {close}" if close else f"e.g. {randomisation_groups(model)[:5]}"
-            raise ValueError(f"order names '{name}', which is not a module with parameters in "
-                             f"{type(model).__name__}; {hint}.")
+            raise ValueError(
+                f"order names '{name}', which is not a module with parameters in {type(model).__name__}; {hint}."
+            )
         modules.append(named[name])
     return modules
 
@@ -365,8 +405,10 @@ def _reinitialise(module: nn.Module) -> None:
 
 
 def _attention_maps(gain: nn.Module, images: torch.Tensor, targets: torch.Tensor, batch_size: int) -> torch.Tensor:
-    maps = [gain(images[i:i + batch_size], targets[i:i + batch_size], mining=False).attention.detach().float()
-            for i in range(0, len(images), batch_size)]
+    maps = [
+        gain(images[i : i + batch_size], targets[i : i + batch_size], mining=False).attention.detach().float()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(maps)
 
 
@@ -406,10 +448,12 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
     new_group[:, 1:] = (sorted_values[:, 1:] != sorted_values[:, :-1]).long()
     group = new_group.cumsum(dim=1) - 1 + torch.arange(n, device=values.device).unsqueeze(1) * p  # unique per row
     positions = torch.arange(1, p + 1, device=values.device, dtype=torch.float64).expand(n, p)
-    total = torch.zeros(n * p, dtype=torch.float64, device=values.device).index_add_(0, group.flatten(),
-                                                                                     positions.flatten())
+    total = torch.zeros(n * p, dtype=torch.float64, device=values.device).index_add_(
+        0, group.flatten(), positions.flatten()
+    )
     count = torch.zeros(n * p, dtype=torch.float64, device=values.device).index_add_(
-        0, group.flatten(), torch.ones(n * p, dtype=torch.float64, device=values.device))
+        0, group.flatten(), torch.ones(n * p, dtype=torch.float64, device=values.device)
+    )
     mean_rank = (total / count.clamp(min=1))[group]
     return torch.empty_like(mean_rank).scatter_(1, order, mean_rank)
 

@@ -1,4 +1,5 @@
 """GAIN: a classifier whose Grad-CAM attention is trained through an attention-mining stream."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -157,8 +158,9 @@ class GAIN(nn.Module):
             if targets is None:
                 targets = self.predicted_classes(logits.detach())
             targets = targets.to(logits.dtype)
-            out = self._attention(images, features, logits, targets, formulation,
-                                  create_graph=track and self.grad_mode == "full")
+            out = self._attention(
+                images, features, logits, targets, formulation, create_graph=track and self.grad_mode == "full"
+            )
         if not track:
             out.logits, out.attention, out.mask = out.logits.detach(), out.attention.detach(), out.mask.detach()
             out.masked_images = out.masked_images.detach()
@@ -198,18 +200,30 @@ class GAIN(nn.Module):
             # batched backward, so the cost grows with the most labels on one image, not their sum.
             first = torch.searchsorted(image_index, image_index, right=False)
             rank = torch.arange(image_index.numel(), device=images.device) - first
-            weights = torch.zeros((int(rank.max()) + 1 if rank.numel() else 1, *targets.shape),
-                                  dtype=logits.dtype, device=logits.device)
+            weights = torch.zeros(
+                (int(rank.max()) + 1 if rank.numel() else 1, *targets.shape), dtype=logits.dtype, device=logits.device
+            )
             weights[rank, image_index, class_index] = 1.0
             cams = class_activation_maps(features, logits, weights, create_graph, self.cam)[rank, image_index]
             map_targets = F.one_hot(class_index, targets.shape[1]).to(logits.dtype)
-        attention = F.interpolate(normalise(cams, self.normalisation).unsqueeze(1), size=images.shape[-2:],
-                                  mode="bilinear", align_corners=False).squeeze(1)
+        attention = F.interpolate(
+            normalise(cams, self.normalisation).unsqueeze(1),
+            size=images.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        ).squeeze(1)
         mask = torch.sigmoid(self.omega * (attention - self.sigma))  # Eq. 4
         source = images[image_index] if formulation == "per_label" else images
         masked = source - mask.unsqueeze(1) * (source - self._fill_like(source))  # Eq. 3
-        return GAINOutput(logits=logits, attention=attention, mask=mask, masked_images=masked,
-                          image_index=image_index, class_index=class_index, map_targets=map_targets)
+        return GAINOutput(
+            logits=logits,
+            attention=attention,
+            mask=mask,
+            masked_images=masked,
+            image_index=image_index,
+            class_index=class_index,
+            map_targets=map_targets,
+        )
 
     def _fill_like(self, source: torch.Tensor) -> torch.Tensor | float:
         if self.fill == "zero":
@@ -241,7 +255,9 @@ class GAIN(nn.Module):
 
     def _check_inputs(self, images: torch.Tensor, targets: torch.Tensor | None) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            desc = (
+                f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            )
             raise ValueError(f"images must be a float B x C x H x W tensor; got {desc}.")
         if targets is None:
             return
@@ -260,8 +276,10 @@ class GAIN(nn.Module):
             bad = ~((targets == 0) | (targets == 1))
             if bool(bad.any()):
                 value = targets[bad][0].item()
-                raise ValueError(f"targets must be 0/1 (multi-hot or one-hot); got {value}; GAIN explains the "
-                                 f"classes marked 1, so pass hard labels (e.g. (soft > 0.5).float()).")
+                raise ValueError(
+                    f"targets must be 0/1 (multi-hot or one-hot); got {value}; GAIN explains the "
+                    f"classes marked 1, so pass hard labels (e.g. (soft > 0.5).float())."
+                )
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
@@ -293,15 +311,21 @@ def compile_gain(gain: GAIN, backend: str = "inductor") -> GAIN:
     """
     fix = "or set trainer.compile=false"
     if gain.grad_mode == "full":
-        raise ValueError("trainer.compile: torch.compile has no double backward, which gain.grad_mode=full needs; "
-                         f"use grad_mode=features or frozen, {fix}.")
+        raise ValueError(
+            "trainer.compile: torch.compile has no double backward, which gain.grad_mode=full needs; "
+            f"use grad_mode=features or frozen, {fix}."
+        )
     if gain.formulation == "per_label" and backend == "inductor":
-        raise ValueError("trainer.compile: inductor cannot batch per_label's Grad-CAM backward (vmap over a compiled "
-                         f"graph); use formulation=batch or trainer.compile_backend=aot_eager, {fix}.")
+        raise ValueError(
+            "trainer.compile: inductor cannot batch per_label's Grad-CAM backward (vmap over a compiled "
+            f"graph); use formulation=batch or trainer.compile_backend=aot_eager, {fix}."
+        )
     if gain.extractor.module is not None:
-        raise ValueError(f"trainer.compile: the map layer {gain.extractor.layer} lies inside the compiled "
-                         "forward_features, where autograd.grad cannot reach it; compile needs the map at "
-                         f"forward_features' output (backbone.grad_layer=null on a CNN), {fix}.")
+        raise ValueError(
+            f"trainer.compile: the map layer {gain.extractor.layer} lies inside the compiled "
+            "forward_features, where autograd.grad cannot reach it; compile needs the map at "
+            f"forward_features' output (backbone.grad_layer=null on a CNN), {fix}."
+        )
     import torch._functorch.config
 
     torch._functorch.config.donated_buffer = False
@@ -309,20 +333,33 @@ def compile_gain(gain: GAIN, backend: str = "inductor") -> GAIN:
     return gain
 
 
-def check_options(sigma: float, omega: float, formulation: str, grad_mode: str, normalisation: str,
-                  fill: str | Sequence[float], am_grad_scale: float, prefix: str = "", cam: str = "gradcam") -> None:
+def check_options(
+    sigma: float,
+    omega: float,
+    formulation: str,
+    grad_mode: str,
+    normalisation: str,
+    fill: str | Sequence[float],
+    am_grad_scale: float,
+    prefix: str = "",
+    cam: str = "gradcam",
+) -> None:
     """Raise ValueError with one sentence for the first invalid GAIN option (``prefix`` names its config node)."""
     _check_choice(f"{prefix}formulation", formulation, FORMULATIONS)
     _check_choice(f"{prefix}cam", cam, tuple(CAM_METHODS))
     _check_choice(f"{prefix}grad_mode", grad_mode, GRAD_MODES)
     _check_choice(f"{prefix}normalisation", normalisation, NORMALISATIONS)
     if not 0.0 < sigma < 1.0:
-        raise ValueError(f"{prefix}sigma={sigma} is outside (0, 1); pick a threshold strictly between 0 and 1, "
-                         f"e.g. {prefix}sigma=0.5.")
+        raise ValueError(
+            f"{prefix}sigma={sigma} is outside (0, 1); pick a threshold strictly between 0 and 1, "
+            f"e.g. {prefix}sigma=0.5."
+        )
     if omega <= 0:
         raise ValueError(f"{prefix}omega={omega} must be > 0; it is the soft mask's steepness (the seed uses 10).")
     if am_grad_scale < 0:
-        raise ValueError(f"{prefix}am_grad_scale={am_grad_scale} must be >= 0; it multiplies the AM stream's input gradient.")
+        raise ValueError(
+            f"{prefix}am_grad_scale={am_grad_scale} must be >= 0; it multiplies the AM stream's input gradient."
+        )
     _parse_fill(fill, prefix)
 
 

@@ -4,6 +4,7 @@ L_e takes one of five forms (``ex_loss``), all supervised by the pixel masks H o
 MSE (Eq. 7) and four peer guidance losses, three on GAIN's attention map (GRADIA, HAICS, energy) and one on input
 gradients (RRR). docs/methods.md, "Peer guidance losses", gives their sources.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class StepInputs:
     (RightReasonsInputs). Any other loss: the images as given, nothing else for the loss.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, needs: StepNeeds,
-                 has_masks: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, needs: StepNeeds, has_masks: bool = True
+    ) -> None:
         through = needs.input_gradients and not needs.held_norm_stats
         self.images = images.detach().requires_grad_(True) if through else images
         self.use_mask, self.has_masks = use_mask, has_masks
@@ -133,8 +135,17 @@ class GAINLoss(nn.Module):
         rrr_norm_stats: str = "through",
     ) -> None:
         super().__init__()
-        check_options(am_weight, ex_weight, am_score, ex_on, am_start_epoch, ex_start_epoch, cl_weight=cl_weight,
-                      ex_loss=ex_loss, rrr_norm_stats=rrr_norm_stats)
+        check_options(
+            am_weight,
+            ex_weight,
+            am_score,
+            ex_on,
+            am_start_epoch,
+            ex_start_epoch,
+            cl_weight=cl_weight,
+            ex_loss=ex_loss,
+            rrr_norm_stats=rrr_norm_stats,
+        )
         self.cl_weight = float(cl_weight)
         self.multi_label = multi_label
         self.am_weight = float(am_weight)
@@ -150,8 +161,10 @@ class GAINLoss(nn.Module):
 
     def active(self, epoch: int) -> tuple[bool, bool]:
         """Whether (L_am, L_e) are on in this epoch: decides which GAIN streams the step must run."""
-        return (self.am_weight > 0 and epoch >= self.am_start_epoch,
-                self.ex_weight > 0 and epoch >= self.ex_start_epoch)
+        return (
+            self.am_weight > 0 and epoch >= self.am_start_epoch,
+            self.ex_weight > 0 and epoch >= self.ex_start_epoch,
+        )
 
     def input_gradients(self, epoch: int) -> bool:
         """Whether this epoch's step must pass ``images`` with requires_grad (RRR's L_e), instead of attention."""
@@ -161,8 +174,12 @@ class GAINLoss(nn.Module):
         """What this epoch's training step must give the loss: which GAIN streams to run, and input gradients."""
         am_on, ex_on = self.active(epoch)
         input_grad = self.input_gradients(epoch)
-        return StepNeeds(mining=am_on, maps=ex_on and not input_grad, input_gradients=input_grad,
-                         held_norm_stats=input_grad and self.rrr_norm_stats == "held")
+        return StepNeeds(
+            mining=am_on,
+            maps=ex_on and not input_grad,
+            input_gradients=input_grad,
+            held_norm_stats=input_grad and self.rrr_norm_stats == "held",
+        )
 
     def prepare(self, model: nn.Module, epoch: int) -> None:
         """Set ``model`` up for this epoch's training steps, before the first.
@@ -176,8 +193,9 @@ class GAINLoss(nn.Module):
                 if getattr(module, "fused_attn", False):
                     module.fused_attn = False
 
-    def step_inputs(self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, epoch: int,
-                    has_masks: bool = True) -> StepInputs:
+    def step_inputs(
+        self, model: nn.Module, images: torch.Tensor, use_mask: torch.Tensor, epoch: int, has_masks: bool = True
+    ) -> StepInputs:
         """This epoch's step inputs for one batch (see StepInputs); ``has_masks``: any image of the batch annotated
         (under several processes always True: every process runs what the loss's collectives need)."""
         return StepInputs(model, images, use_mask, self.step_needs(epoch), has_masks)
@@ -207,8 +225,10 @@ class GAINLoss(nn.Module):
         ex = zero
         if ex_on and self.ex_loss == "rrr" and seg is not None and use_mask is not None:
             if (count is not None or use_mask.any()) and (images is None or not images.requires_grad):
-                raise ValueError("loss.ex_loss=rrr differentiates the log-probabilities w.r.t. the images; call "
-                                 "images.requires_grad_() before the model's forward and pass images= to the loss.")
+                raise ValueError(
+                    "loss.ex_loss=rrr differentiates the log-probabilities w.r.t. the images; call "
+                    "images.requires_grad_() before the model's forward and pass images= to the loss."
+                )
             if images is None:  # no annotated image in this batch: no penalty
                 ex = zero
             elif input_logits is None:
@@ -221,8 +241,9 @@ class GAINLoss(nn.Module):
         total = (cl if self.cl_weight == 1.0 else self.cl_weight * cl) + self.am_weight * am + self.ex_weight * ex
         return LossTerms(total=total, cl=cl, am=am, ex=ex)
 
-    def classification(self, logits: torch.Tensor, targets: torch.Tensor,
-                       count: CountReducer | None = None) -> torch.Tensor:
+    def classification(
+        self, logits: torch.Tensor, targets: torch.Tensor, count: CountReducer | None = None
+    ) -> torch.Tensor:
         """L_cl: BCE-with-logits averaged over classes (multi-label) or cross-entropy (single-label)."""
         if count is not None:
             if self.multi_label:
@@ -234,8 +255,9 @@ class GAINLoss(nn.Module):
             return F.binary_cross_entropy_with_logits(logits, targets)
         return F.cross_entropy(logits, targets.argmax(dim=1))
 
-    def attention_mining(self, out: GAINOutput, targets: torch.Tensor,
-                         count: CountReducer | None = None) -> torch.Tensor:
+    def attention_mining(
+        self, out: GAINOutput, targets: torch.Tensor, count: CountReducer | None = None
+    ) -> torch.Tensor:
         """L_am (Eq. 5): per image, the mean over its target labels of I*'s score, averaged over images."""
         logits = out.am_logits
         if self.am_score == "softmax":
@@ -257,8 +279,9 @@ class GAINLoss(nn.Module):
             return per_map.sum() * 0.0
         return (per_image[keep] / n_labels[keep]).mean()
 
-    def extra_supervision(self, out: GAINOutput, seg: torch.Tensor, use_mask: torch.Tensor,
-                          count: CountReducer | None = None) -> torch.Tensor:
+    def extra_supervision(
+        self, out: GAINOutput, seg: torch.Tensor, use_mask: torch.Tensor, count: CountReducer | None = None
+    ) -> torch.Tensor:
         """L_e on the maps whose image has a mask: the mean over maps of ``MAP_LOSSES[ex_loss]`` (mse: Eq. 7).
 
         HAICS and energy leave out maps whose mask is empty (nothing to point at: constant loss, no gradient).
@@ -275,8 +298,15 @@ class GAINLoss(nn.Module):
                 return pred.sum() * 0.0
         return per_map.mean() if count is None else _global_mean(per_map, count)
 
-    def right_reasons(self, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, seg: torch.Tensor,
-                      use_mask: torch.Tensor, count: CountReducer | None = None) -> torch.Tensor:
+    def right_reasons(
+        self,
+        logits: torch.Tensor,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        seg: torch.Tensor,
+        use_mask: torch.Tensor,
+        count: CountReducer | None = None,
+    ) -> torch.Tensor:
         """RRR (Ross et al., IJCAI 2017, Eq. 1): per annotated image, sum_{c,i,j} ((1 - H_ij) dS/dx_cij)^2.
 
         S = sum over the batch and the K classes of log p_k (log-softmax; log-sigmoid per class if multi-label),
@@ -316,8 +346,11 @@ class RightReasonsInputs:
 
     def __enter__(self) -> RightReasonsInputs:
         self.stats = {}
-        self._handles = [m.register_forward_hook(self._record) for m in self.model.modules()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        self._handles = [
+            m.register_forward_hook(self._record)
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -385,8 +418,12 @@ def energy_map_loss(pred: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor
     return 1 - share, inside.flatten(1).sum(1) > 0
 
 
-MAP_LOSSES: dict[str, MapLoss] = {"mse": mse_map_loss, "gradia": gradia_map_loss, "haics": haics_map_loss,
-                                  "energy": energy_map_loss}
+MAP_LOSSES: dict[str, MapLoss] = {
+    "mse": mse_map_loss,
+    "gradia": gradia_map_loss,
+    "haics": haics_map_loss,
+    "energy": energy_map_loss,
+}
 
 
 def _global_mean(values: torch.Tensor, count: CountReducer) -> torch.Tensor:
@@ -395,13 +432,24 @@ def _global_mean(values: torch.Tensor, count: CountReducer) -> torch.Tensor:
     return values.sum() / torch.where(share > 0, share, torch.ones_like(share))
 
 
-def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str, am_start_epoch: int,
-                  ex_start_epoch: int, prefix: str = "", cl_weight: float = 1.0, ex_loss: str = "mse",
-                  rrr_norm_stats: str = "through") -> None:
+def check_options(
+    am_weight: float,
+    ex_weight: float,
+    am_score: str,
+    ex_on: str,
+    am_start_epoch: int,
+    ex_start_epoch: int,
+    prefix: str = "",
+    cl_weight: float = 1.0,
+    ex_loss: str = "mse",
+    rrr_norm_stats: str = "through",
+) -> None:
     """Raise ValueError with one sentence for the first invalid loss option (``prefix`` names its config node)."""
     for name, value in (("cl_weight", cl_weight), ("am_weight", am_weight), ("ex_weight", ex_weight)):
         if value < 0:
-            raise ValueError(f"{prefix}{name}={value} is negative; loss weights must be >= 0 (0 switches the term off).")
+            raise ValueError(
+                f"{prefix}{name}={value} is negative; loss weights must be >= 0 (0 switches the term off)."
+            )
     for name, value in (("am_start_epoch", am_start_epoch), ("ex_start_epoch", ex_start_epoch)):
         if value < 0:
             raise ValueError(f"{prefix}{name}={value} is negative; use 0 to start that loss term in the first epoch.")
@@ -410,13 +458,17 @@ def check_options(am_weight: float, ex_weight: float, am_score: str, ex_on: str,
     if ex_on not in EX_ON:
         raise ValueError(f"{prefix}ex_on='{ex_on}' is unknown; choose one of {list(EX_ON)}.")
     if ex_loss not in EX_LOSSES:
-        raise ValueError(f"{prefix}ex_loss='{ex_loss}' is unknown; choose one of {list(EX_LOSSES)} (mse is GAIN_ext's "
-                         f"L_e, the others peer guidance losses, each with its own conf/loss/<name>.yaml).")
+        raise ValueError(
+            f"{prefix}ex_loss='{ex_loss}' is unknown; choose one of {list(EX_LOSSES)} (mse is GAIN_ext's "
+            f"L_e, the others peer guidance losses, each with its own conf/loss/<name>.yaml)."
+        )
     if rrr_norm_stats not in RRR_NORM_STATS:
         raise ValueError(f"{prefix}rrr_norm_stats='{rrr_norm_stats}' is unknown; choose one of {list(RRR_NORM_STATS)}.")
 
 
-def map_masks(out: GAINOutput, seg: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def map_masks(
+    out: GAINOutput, seg: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for each map: the pixels of the classes it explains (per_label: its class; batch: the union).
 
     Returns (truth, valid), both N x H x W (``rows`` selects maps); valid is False on ignore pixels.

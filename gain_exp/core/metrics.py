@@ -1,4 +1,5 @@
 """Classification and attention-localisation metrics, accumulated over an epoch (thin over torchmetrics)."""
+
 from __future__ import annotations
 
 import warnings

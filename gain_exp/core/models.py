@@ -4,6 +4,7 @@
 Unlike ImageNet backbones at 64 px, whose last layer sees the whole image, these keep a limited
 receptive field (38 px at the Grad-CAM layer) and an 8 x 8 attention map at 64 px.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,16 +22,26 @@ class SmallCNN(nn.Module):
     gradient losses such as RRR) or ``none``; choose it with ``+backbone.kwargs.norm=group``.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64), num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, norm: str = "batch", **_: object) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 32, 64, 64),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        norm: str = "batch",
+        **_: object,
+    ) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"backbone.kwargs.norm={norm!r} is unknown for gain_cnn4; choose one of {list(NORMS)}.")
         layers: list[nn.Module] = []
         prev = in_chans
         for i, width in enumerate(widths):
-            layers += [nn.Conv2d(prev, width, 3, padding=1, bias=norm == "none"), _norm(norm, width),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(prev, width, 3, padding=1, bias=norm == "none"),
+                _norm(norm, width),
+                nn.ReLU(inplace=True),
+            ]
             if i < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
             prev = width

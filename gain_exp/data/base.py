@@ -5,6 +5,7 @@ its schema in gain_exp/config/schema.py). ``build`` takes that YAML's keys as ke
 the app passes to every builder (RUNTIME_ARGS, keyword-only; a builder that does not use one still accepts it) and
 returns a DataSplits. run.py calls ``instantiate(cfg.dataset, **runtime)`` with exactly these, no signature inspection.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,9 +54,19 @@ class TensorSplit(Dataset):
     ``spurious`` N x H x W bool where the split's known cue lives, None: the background (seg == 0); ``augment``:
     random horizontal flip of the image with its masks."""
 
-    def __init__(self, images: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor, use_mask: torch.Tensor,
-                 classes: list[str], multi_label: bool, mean: Sequence[float], std: Sequence[float],
-                 spurious: torch.Tensor | None = None, augment: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        seg: torch.Tensor,
+        targets: torch.Tensor,
+        use_mask: torch.Tensor,
+        classes: list[str],
+        multi_label: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        spurious: torch.Tensor | None = None,
+        augment: bool = False,
+    ) -> None:
         self.images, self.seg, self.targets, self.use_mask = images, seg, targets, use_mask
         self.spurious = spurious
         self.classes, self.multi_label, self.augment = classes, multi_label, augment
@@ -71,9 +82,15 @@ class TensorSplit(Dataset):
         spurious = seg == 0 if self.spurious is None else self.spurious[index].clone()
         if self.augment and torch.rand(()) < 0.5:
             image, seg, spurious = image.flip(-1), seg.flip(-1), spurious.flip(-1)
-        return Sample(image=(image - self._mean) / self._std, target=self.targets[index].clone(), seg=seg,
-                      has_mask=torch.tensor(True), use_mask=self.use_mask[index].clone(), index=index,
-                      spurious=spurious)
+        return Sample(
+            image=(image - self._mean) / self._std,
+            target=self.targets[index].clone(),
+            seg=seg,
+            has_mask=torch.tensor(True),
+            use_mask=self.use_mask[index].clone(),
+            index=index,
+            spurious=spurious,
+        )
 
 
 RUNTIME_ARGS = ("mean", "std", "seed", "batch_size")  # what the app passes to every builder besides the YAML keys
@@ -82,8 +99,9 @@ RUNTIME_ARGS = ("mean", "std", "seed", "batch_size")  # what the app passes to e
 class DatasetBuilder(Protocol):
     """``build(**yaml_keys, *, mean, std, seed, batch_size) -> DataSplits``: every dataset module's entry point."""
 
-    def __call__(self, *, mean: Sequence[float], std: Sequence[float], seed: int, batch_size: int,
-                 **config: Any) -> DataSplits:
+    def __call__(
+        self, *, mean: Sequence[float], std: Sequence[float], seed: int, batch_size: int, **config: Any
+    ) -> DataSplits:
         """mean/std: the backbone's input normalisation; seed: the run's seed; batch_size: trainer.batch_size."""
         ...
 
@@ -124,8 +142,9 @@ def mask_count(masks_to_use: int | float, available: int, dataset: str) -> int:
     return int(round(masks_to_use * available))
 
 
-def classes_without_images(classes: Sequence[str], train_targets: torch.Tensor,
-                           others: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+def classes_without_images(
+    classes: Sequence[str], train_targets: torch.Tensor, others: dict[str, torch.Tensor]
+) -> dict[str, list[str]]:
     """{split: names} of the classes train has an image of but that split has none of (from N x K targets)."""
     in_train = train_targets.sum(0) > 0
     found = {}

@@ -19,6 +19,7 @@ so an evaluator can measure attention on the decoy.
 The 1,797 scans are split by the seed into disjoint train / val / test pools; test_biased and test_unbiased show the
 same test scans with their own decoys.
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,15 +102,26 @@ def load_scans() -> tuple[torch.Tensor, torch.Tensor]:
 class DecoyDigitsDataset(TensorSplit):
     """One split: uint8 RGB images with their decoy, labels and masks; the spurious cue is the decoy patch."""
 
-    def __init__(self, images: torch.Tensor, patch: int, labels: torch.Tensor, cue: torch.Tensor,
-                 corner: torch.Tensor, source: torch.Tensor, use_mask: torch.Tensor, mask_threshold: float,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        patch: int,
+        labels: torch.Tensor,
+        cue: torch.Tensor,
+        corner: torch.Tensor,
+        source: torch.Tensor,
+        use_mask: torch.Tensor,
+        mask_threshold: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         # images: N x 3 x H x W uint8, the grey scan replicated plus the decoy patch
         spurious = patch_masks(corner, images.shape[-1], patch)  # N x H x W bool
         strokes = (images[:, 0].float() > mask_threshold * 255) & ~spurious  # the scan is grey: any channel
         seg = torch.where(strokes, (labels + 1).view(-1, 1, 1), 0).to(torch.uint8)  # N x H x W
-        super().__init__(images, seg, F.one_hot(labels, len(CLASSES)).float(), use_mask, CLASSES, False, mean, std,
-                         spurious=spurious)
+        super().__init__(
+            images, seg, F.one_hot(labels, len(CLASSES)).float(), use_mask, CLASSES, False, mean, std, spurious=spurious
+        )
         self.labels = labels  # N long: the digit
         self.cue = cue  # N long: the digit whose colour the patch carries
         self.corner = corner  # N long: 0 TL, 1 TR, 2 BL, 3 BR
@@ -138,9 +150,16 @@ def build(
     _validate(image_size, n_train, n_val, n_test, bias, decoy, patch_fraction, mask_threshold, mean, std)
     n_masked = mask_count(masks_to_use, n_train, NAME)
     params = dict(
-        version=GENERATOR_VERSION, constants=_generator_constants(), image_size=int(image_size),
-        n_train=int(n_train), n_val=int(n_val), n_test=int(n_test), bias=float(bias), decoy=str(decoy),
-        patch=patch_size(int(image_size), float(patch_fraction)), seed=int(seed),
+        version=GENERATOR_VERSION,
+        constants=_generator_constants(),
+        image_size=int(image_size),
+        n_train=int(n_train),
+        n_val=int(n_val),
+        n_test=int(n_test),
+        bias=float(bias),
+        decoy=str(decoy),
+        patch=patch_size(int(image_size), float(patch_fraction)),
+        seed=int(seed),
     )
     data = _load_or_generate(Path(root), params)
     # Which training images carry masks is fixed by the seed alone; a smaller budget is a subset of a larger one.
@@ -150,8 +169,16 @@ def build(
         d = data[split]
         n = d["images"].shape[0]
         return DecoyDigitsDataset(
-            d["images"], params["patch"], d["labels"], d["cue"], d["corner"], d["source"],
-            use_mask if use_mask is not None else torch.zeros(n, dtype=torch.bool), float(mask_threshold), mean, std,
+            d["images"],
+            params["patch"],
+            d["labels"],
+            d["cue"],
+            d["corner"],
+            d["source"],
+            use_mask if use_mask is not None else torch.zeros(n, dtype=torch.bool),
+            float(mask_threshold),
+            mean,
+            std,
         )
 
     return DataSplits(
@@ -165,8 +192,16 @@ def build(
 
 
 def _validate(
-    image_size: int, n_train: int, n_val: int, n_test: int, bias: float, decoy: str, patch_fraction: float,
-    mask_threshold: float, mean: Sequence[float], std: Sequence[float],
+    image_size: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    bias: float,
+    decoy: str,
+    patch_fraction: float,
+    mask_threshold: float,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> None:
     """Raise ValueError with one sentence for the first bad argument."""
     if decoy not in DECOYS:
@@ -222,13 +257,17 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
     return data
 
 
-def generate(image_size: int, n_train: int, n_val: int, n_test: int, bias: float, decoy: str, patch: int,
-             seed: int) -> dict[str, dict[str, torch.Tensor]]:
+def generate(
+    image_size: int, n_train: int, n_val: int, n_test: int, bias: float, decoy: str, patch: int, seed: int
+) -> dict[str, dict[str, torch.Tensor]]:
     """All four splits: disjoint scan pools drawn by the seed, each split's decoys from its own random stream."""
     scans, labels = load_scans()
     order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(derive_seed(seed, "pools")))
-    pools = {"train": order[:n_train], "val": order[n_train:n_train + n_val],
-             "test": order[n_train + n_val:n_train + n_val + n_test]}
+    pools = {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val : n_train + n_val + n_test],
+    }
     out = {}
     for split in SPLITS:
         source = pools["test" if split.startswith("test") else split]
@@ -252,14 +291,15 @@ def draw_cue(labels: torch.Tensor, bias: float, unbiased: bool, gen: torch.Gener
     return torch.where(agree, labels, other)
 
 
-def render(scans: torch.Tensor, cue: torch.Tensor, corner: torch.Tensor, image_size: int, patch: int,
-           decoy: str) -> torch.Tensor:
+def render(
+    scans: torch.Tensor, cue: torch.Tensor, corner: torch.Tensor, image_size: int, patch: int, decoy: str
+) -> torch.Tensor:
     """N x 3 x H x W uint8: each scan upsampled bilinearly into the centre box (grey in all three channels), the
     patch x patch decoy painted in its corner."""
     box = image_size - 2 * patch
     ink = F.interpolate((scans / INK_MAX).unsqueeze(1), size=(box, box), mode=UPSAMPLE, align_corners=False)
     images = torch.zeros(len(scans), 1, image_size, image_size, dtype=torch.uint8)
-    images[:, :, patch:patch + box, patch:patch + box] = (ink.clamp(0, 1) * 255).round().to(torch.uint8)
+    images[:, :, patch : patch + box, patch : patch + box] = (ink.clamp(0, 1) * 255).round().to(torch.uint8)
     images = images.expand(-1, 3, -1, -1)
     colours = decoy_colours(cue, decoy).view(-1, 3, 1, 1).expand_as(images)
     return torch.where(patch_masks(corner, image_size, patch).unsqueeze(1), colours, images).contiguous()

@@ -18,6 +18,7 @@ Errors: a file that cannot be opened or decoded (not an image, truncated) raises
 FileNotFoundError (the datasets skip and count those unless strict); a decodable file whose content is wrong (an
 unsupported mode, out-of-range values, a mask with several channels) raises a plain ValueError, which stops the run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -103,9 +104,7 @@ def mask_array(path: Path, fix: str, source: str = "") -> tuple[np.ndarray, str 
         if im.format == "JPEG":
             return np.asarray(im.convert("L")), im.format
         if im.mode not in MASK_MODES and not im.mode.startswith("I;16"):
-            raise ValueError(
-                f"{source}mask {path} is a {im.mode} image with {len(im.getbands())} channel(s); {fix}"
-            )
+            raise ValueError(f"{source}mask {path} is a {im.mode} image with {len(im.getbands())} channel(s); {fix}")
         arr = np.asarray(im)
         return (arr.astype(np.uint8) if arr.dtype == bool else arr), im.format
 

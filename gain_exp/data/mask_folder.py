@@ -31,6 +31,7 @@ another image scored twice.
 This module also holds the file-backed dataset, the per-file error policy, the mask budget and the
 balanced sampler that `voc.py` reuses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -96,7 +97,9 @@ class BadFiles:
         self.extras["skipped_files"] = self.count
         log.warning(
             "%s: skipped: %s (%d file(s) skipped so far; set strict=true to stop at the first bad file)",
-            self.dataset, error, self.count,
+            self.dataset,
+            error,
+            self.count,
         )
 
 
@@ -104,7 +107,10 @@ SKIPPABLE = (UnreadableFile, FileNotFoundError)  # unreadable files; a readable 
 
 
 def check_files(
-    images: Sequence[Path], masks: Sequence[Path | None], targets: torch.Tensor, read_mask: MaskReader,
+    images: Sequence[Path],
+    masks: Sequence[Path | None],
+    targets: torch.Tensor,
+    read_mask: MaskReader,
     bad_files: BadFiles,
 ) -> tuple[list[int], list[Path | None]]:
     """(indices of the decodable images, their masks or None where the mask is unreadable); wrong masks raise.
@@ -143,9 +149,16 @@ def check_mask_size(seg: torch.Tensor, mask: Path, image: Path, size: tuple[int,
 
 
 def file_split(
-    images: Sequence[Path], masks: Sequence[Path | None], targets: torch.Tensor, read_mask: MaskReader,
-    transform: ImageMaskTransform, bad_files: BadFiles, masks_to_use: int | float | None, seed: int,
-    dataset: str, empty_error: str,
+    images: Sequence[Path],
+    masks: Sequence[Path | None],
+    targets: torch.Tensor,
+    read_mask: MaskReader,
+    transform: ImageMaskTransform,
+    bad_files: BadFiles,
+    masks_to_use: int | float | None,
+    seed: int,
+    dataset: str,
+    empty_error: str,
 ) -> FileDataset:
     """One split of files as a FileDataset: unreadable images dropped (``empty_error`` if none is left), unreadable
     masks dropped from their images and, when ``masks_to_use`` is given (the training split), the L_e mask budget
@@ -154,8 +167,11 @@ def file_split(
     if not keep:
         raise ValueError(empty_error)
     has_mask = torch.tensor([m is not None for m in kept_masks], dtype=torch.bool)
-    use_mask = (choose_masks(has_mask, masks_to_use, seed, dataset) if masks_to_use is not None
-                else torch.zeros(len(keep), dtype=torch.bool))
+    use_mask = (
+        choose_masks(has_mask, masks_to_use, seed, dataset)
+        if masks_to_use is not None
+        else torch.zeros(len(keep), dtype=torch.bool)
+    )
     return FileDataset([images[i] for i in keep], kept_masks, targets[keep], use_mask, read_mask, transform, bad_files)
 
 
@@ -225,8 +241,13 @@ class BalancedSampler(Sampler[int]):
     """
 
     def __init__(
-        self, labels: torch.Tensor, batch_size: int, num_samples: int, seed: int,
-        negative_class: int | None = None, pos_share: float | None = None,
+        self,
+        labels: torch.Tensor,
+        batch_size: int,
+        num_samples: int,
+        seed: int,
+        negative_class: int | None = None,
+        pos_share: float | None = None,
     ) -> None:
         self.labels = labels
         self.batch_size = batch_size
@@ -260,7 +281,9 @@ class BalancedSampler(Sampler[int]):
         is_pos = torch.arange(b).unsqueeze(0) < n_pos.unsqueeze(1)  # blocks x b, positives first
         pos_classes = [c for c in self.labels.unique().tolist() if c != self.negative_class]
         slot_class = torch.full((blocks, b), self.negative_class, dtype=torch.long)
-        slot_class[is_pos] = torch.tensor(pos_classes)[torch.randint(len(pos_classes), (int(is_pos.sum()),), generator=gen)]
+        slot_class[is_pos] = torch.tensor(pos_classes)[
+            torch.randint(len(pos_classes), (int(is_pos.sum()),), generator=gen)
+        ]
         order = torch.empty(blocks, b, dtype=torch.long)
         for c in slot_class.unique().tolist():
             members = torch.nonzero(self.labels == c).flatten()
@@ -300,9 +323,7 @@ def _split_dir(root: Path, split: str, required: bool) -> Path | None:
     if path.is_dir():
         return path
     if required:
-        raise FileNotFoundError(
-            f"mask_folder dataset: split folder {path} does not exist; lay out images as {LAYOUT}."
-        )
+        raise FileNotFoundError(f"mask_folder dataset: split folder {path} does not exist; lay out images as {LAYOUT}.")
     return None
 
 
@@ -347,7 +368,8 @@ def _check_same_classes(root: Path, split: str, split_dir: Path, classes: list[s
     if not (missing or extra):
         return
     parts = ([f"has no folder for {_quoted(missing)}, which train/ has"] if missing else []) + (
-        [f"has {_quoted(extra)}, which train/ lacks"] if extra else [])
+        [f"has {_quoted(extra)}, which train/ lacks"] if extra else []
+    )
     them = "it" if len(missing + extra) == 1 else "them"
     raise ValueError(
         f"mask_folder dataset: the {split} split of {root} {', and '.join(parts)}; every split needs the same class"
@@ -361,7 +383,10 @@ def _quoted(names: list[str]) -> str:
 
 
 def _scan_split(
-    split_dir: Path, classes: list[str], negative_class: str | None, extensions: tuple[str, ...],
+    split_dir: Path,
+    classes: list[str],
+    negative_class: str | None,
+    extensions: tuple[str, ...],
 ) -> tuple[list[Path], list[Path | None], list[int]]:
     images: list[Path] = []
     masks: list[Path | None] = []
@@ -371,7 +396,8 @@ def _scan_split(
         if folder.name == negative_class and any(m is not None for m in msks):
             log.warning(
                 "mask_folder: ignoring %d mask file(s) in the negative class folder %s (negative images have no objects)",
-                sum(m is not None for m in msks), folder,
+                sum(m is not None for m in msks),
+                folder,
             )
             msks = [None] * len(imgs)
         images += imgs
@@ -431,8 +457,11 @@ def build(
     extras: dict = {}
     bad_files = BadFiles("mask_folder dataset", strict, extras)
     neg_idx = classes.index(negative_class) if negative_class is not None else None
-    dirs = {"train": train_dir, "val": _split_dir(root_path, "val", required=True),
-            "test": _split_dir(root_path, "test", required=False)}
+    dirs = {
+        "train": train_dir,
+        "val": _split_dir(root_path, "val", required=True),
+        "test": _split_dir(root_path, "test", required=False),
+    }
     scanned = {}  # every split listed (class sets compared) before any file is decoded
     for split, split_dir in dirs.items():
         if split_dir is not None:
@@ -443,9 +472,15 @@ def build(
     for split, (images, masks, labels) in scanned.items():
         split_dir = dirs[split]
         datasets[split] = file_split(
-            images, masks, torch.nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), len(classes)).float(),
-            read_binary_mask, build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
-            masks_to_use if split == "train" else None, seed, "mask_folder dataset",
+            images,
+            masks,
+            torch.nn.functional.one_hot(torch.tensor(labels, dtype=torch.long), len(classes)).float(),
+            read_binary_mask,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
+            bad_files,
+            masks_to_use if split == "train" else None,
+            seed,
+            "mask_folder dataset",
             f"mask_folder dataset: no readable image in {split_dir}; fix the files named in the warnings above.",
         )
 
@@ -453,15 +488,24 @@ def build(
     extras["num_masked_train"] = int(train.use_mask.sum())
     empty = classes_without_images(classes, train.targets, {s: d.targets for s, d in datasets.items() if s != "train"})
     if empty:  # every folder had images, but all of a class's were unreadable (skipped)
-        log.warning("mask_folder dataset: some classes of train have no image in another split of %s (%s), because"
-                    " all their files there were skipped as unreadable, so their per-class metrics on that split are"
-                    " NaN or left out; fix the files named above.", root_path, describe_classes_without_images(empty))
+        log.warning(
+            "mask_folder dataset: some classes of train have no image in another split of %s (%s), because"
+            " all their files there were skipped as unreadable, so their per-class metrics on that split are"
+            " NaN or left out; fix the files named above.",
+            root_path,
+            describe_classes_without_images(empty),
+        )
         extras["classes_without_images"] = empty
     sampler = None
     if batch_pos_dist is not None or steps_per_epoch is not None:
         num_samples = steps_per_epoch * batch_size if steps_per_epoch is not None else len(train)
         sampler = BalancedSampler(
-            train.targets.argmax(1), batch_size, num_samples, seed, neg_idx, batch_pos_dist,
+            train.targets.argmax(1),
+            batch_size,
+            num_samples,
+            seed,
+            neg_idx,
+            batch_pos_dist,
         )
     return DataSplits(
         train=train,

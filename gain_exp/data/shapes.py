@@ -11,6 +11,7 @@ probability `bias` the tint is that of one present class chosen uniformly, other
 absent class chosen uniformly (any class when all are present); in test_unbiased it is uniform over
 all classes. "Cue agrees" therefore means "the tint's class is present in the image".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,16 +91,33 @@ def _crescent(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 SHAPE_FNS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
-    _circle, _square, _triangle, _cross, _star, _ring, _diamond, _crescent,
+    _circle,
+    _square,
+    _triangle,
+    _cross,
+    _star,
+    _ring,
+    _diamond,
+    _crescent,
 )
 
 
 class ShapesDataset(TensorSplit):
     """One split of the biased-shapes data; the spurious cue is the tinted background (seg == 0)."""
 
-    def __init__(self, images: torch.Tensor, seg: torch.Tensor, targets: torch.Tensor, cue: torch.Tensor,
-                 use_mask: torch.Tensor, classes: list[str], multi_label: bool, mean: Sequence[float],
-                 std: Sequence[float], augment: bool = False) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        seg: torch.Tensor,
+        targets: torch.Tensor,
+        cue: torch.Tensor,
+        use_mask: torch.Tensor,
+        classes: list[str],
+        multi_label: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+    ) -> None:
         super().__init__(images, seg, targets, use_mask, classes, multi_label, mean, std, augment=augment)
         self.cue = cue  # N long: the class whose tint the background carries
 
@@ -126,9 +144,16 @@ def build(
     _validate(num_classes, image_size, n_train, n_val, n_test, bias, max_objects, mean, std)
     n_masked = _mask_count(masks_to_use, n_train)
     params = dict(
-        version=GENERATOR_VERSION, constants=_generator_constants(), num_classes=int(num_classes), image_size=int(image_size),
-        n_train=int(n_train), n_val=int(n_val), n_test=int(n_test), bias=float(bias),
-        max_objects=int(max_objects), seed=int(seed),
+        version=GENERATOR_VERSION,
+        constants=_generator_constants(),
+        num_classes=int(num_classes),
+        image_size=int(image_size),
+        n_train=int(n_train),
+        n_val=int(n_val),
+        n_test=int(n_test),
+        bias=float(bias),
+        max_objects=int(max_objects),
+        seed=int(seed),
     )
     data = _load_or_generate(Path(root), params)
     classes = list(SHAPE_NAMES[:num_classes])
@@ -142,9 +167,16 @@ def build(
         d = data[split]
         n = d["images"].shape[0]
         return ShapesDataset(
-            d["images"], d["seg"], d["targets"], d["cue"],
+            d["images"],
+            d["seg"],
+            d["targets"],
+            d["cue"],
             use_mask if use_mask is not None else torch.zeros(n, dtype=torch.bool),
-            classes, multi_label, mean, std, augment=aug,
+            classes,
+            multi_label,
+            mean,
+            std,
+            augment=aug,
         )
 
     return DataSplits(
@@ -158,8 +190,15 @@ def build(
 
 
 def _validate(
-    num_classes: int, image_size: int, n_train: int, n_val: int, n_test: int,
-    bias: float, max_objects: int, mean: Sequence[float], std: Sequence[float],
+    num_classes: int,
+    image_size: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    bias: float,
+    max_objects: int,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> None:
     """Raise ValueError with one sentence for the first bad argument."""
     if not 2 <= num_classes <= MAX_CLASSES:
@@ -212,8 +251,13 @@ def _mask_count(masks_to_use: float | int, n_train: int) -> int:
 def _generator_constants() -> dict:
     """The module-level tuning knobs that shape the generated pixels (part of the cache key)."""
     return dict(
-        size_single=list(SIZE_RANGE_SINGLE), size_multi=list(SIZE_RANGE_MULTI), rotation=MAX_ROTATION_DEG,
-        tint=TINT_STRENGTH, tint_value=TINT_VALUE, texture=TEXTURE_STRENGTH, noise=PIXEL_NOISE,
+        size_single=list(SIZE_RANGE_SINGLE),
+        size_multi=list(SIZE_RANGE_MULTI),
+        rotation=MAX_ROTATION_DEG,
+        tint=TINT_STRENGTH,
+        tint_value=TINT_VALUE,
+        texture=TEXTURE_STRENGTH,
+        noise=PIXEL_NOISE,
         tries=PLACEMENT_TRIES,
     )
 
@@ -248,8 +292,15 @@ def _tint_palette(num_classes: int) -> torch.Tensor:
 
 
 def _generate_split(
-    split: str, num_classes: int, image_size: int, n_train: int, n_val: int, n_test: int,
-    bias: float, max_objects: int, seed: int,
+    split: str,
+    num_classes: int,
+    image_size: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    bias: float,
+    max_objects: int,
+    seed: int,
 ) -> dict[str, torch.Tensor]:
     """Generate one split: uint8 images and label maps, float targets, long cue labels."""
     n = {"train": n_train, "val": n_val}.get(split, n_test)
@@ -266,8 +317,12 @@ def _generate_split(
     # contrasts with the mid-value tints by brightness whatever the hue.
     hue = torch.rand(cls.shape, generator=gen)
     dark = torch.rand(cls.shape, generator=gen) < 0.5
-    sat = torch.where(dark, 0.3 + 0.7 * torch.rand(cls.shape, generator=gen), 0.5 * torch.rand(cls.shape, generator=gen))
-    val = torch.where(dark, 0.25 * torch.rand(cls.shape, generator=gen), 0.9 + 0.1 * torch.rand(cls.shape, generator=gen))
+    sat = torch.where(
+        dark, 0.3 + 0.7 * torch.rand(cls.shape, generator=gen), 0.5 * torch.rand(cls.shape, generator=gen)
+    )
+    val = torch.where(
+        dark, 0.25 * torch.rand(cls.shape, generator=gen), 0.9 + 0.1 * torch.rand(cls.shape, generator=gen)
+    )
     obj_rgb = _hsv_to_rgb(hue, sat, val)  # slots x N x 3
 
     targets = torch.zeros(n, k)
@@ -302,7 +357,13 @@ def _generate_split(
 
 
 def _layout(
-    n: int, k: int, size: int, max_objects: int, lo: float, hi: float, gen: torch.Generator,
+    n: int,
+    k: int,
+    size: int,
+    max_objects: int,
+    lo: float,
+    hi: float,
+    gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Classes, centres, radii and presence of up to max_objects non-overlapping objects per image."""
     slots = max_objects
@@ -349,8 +410,15 @@ def _draw_cue(targets: torch.Tensor, p_agree: float, uniform: bool, gen: torch.G
 
 
 def _render_slot(
-    cls: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, rad: torch.Tensor, rot: torch.Tensor,
-    present: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, k: int,
+    cls: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    rad: torch.Tensor,
+    rot: torch.Tensor,
+    present: torch.Tensor,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    k: int,
 ) -> torch.Tensor:
     """B x H x W bool: pixels inside each image's object in this slot (False where the slot is empty)."""
     dx = (xs - cx.view(-1, 1, 1)) / rad.view(-1, 1, 1)

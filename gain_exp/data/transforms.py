@@ -11,6 +11,7 @@ so class ids and the 255 ignore label survive). torchvision's AutoAugment refuse
 to image and mask alike and its photometric ops to the image only. Areas that a geometric op moves
 in from outside the frame are black in the image and background (0) in the label map.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -61,8 +62,11 @@ class ImageMaskTransform:
     """Callable (PIL image, H x W label map or None) -> (3 x S x S normalised float image, S x S long label map)."""
 
     def __init__(
-        self, geometric: v2.Transform, autoaugment: JointAutoAugment | None,
-        mean: Sequence[float], std: Sequence[float],
+        self,
+        geometric: v2.Transform,
+        autoaugment: JointAutoAugment | None,
+        mean: Sequence[float],
+        std: Sequence[float],
     ) -> None:
         self.geometric = geometric
         self.autoaugment = autoaugment
@@ -86,15 +90,20 @@ class ImageMaskTransform:
             img, mask = self.autoaugment(img, mask)
         out = F.normalize(F.to_dtype(img, torch.float32, scale=True), mean=self.mean, std=self.std)
         out_seg = (
-            mask.as_subclass(torch.Tensor)[0].long() if mask is not None
+            mask.as_subclass(torch.Tensor)[0].long()
+            if mask is not None
             else torch.zeros(out.shape[-2:], dtype=torch.long)
         )
         return out.as_subclass(torch.Tensor), out_seg
 
 
 def build_transforms(
-    train: bool, image_size: int, mean: Sequence[float], std: Sequence[float],
-    autoaugment: bool = True, hflip: bool = True,
+    train: bool,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    autoaugment: bool = True,
+    hflip: bool = True,
 ) -> ImageMaskTransform:
     """The train (random) or eval (deterministic) transform of one split."""
     if image_size < 8:

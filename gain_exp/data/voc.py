@@ -20,6 +20,7 @@ naming an unknown class, stop the run whatever strict says.
 A class that train has an image of but val has none of (a trimmed val list, or its files skipped) is warned once and
 listed in extras["classes_without_images"] = {"val": [names]}; its per-class val metrics are NaN or left out.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,26 @@ from gain_exp.data.transforms import build_transforms
 log = logging.getLogger(__name__)
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 VALID_MASK_VALUES = frozenset(range(len(VOC_CLASSES) + 1)) | {IGNORE_INDEX}
 HOW_TO_GET = "point root at the folder holding VOCdevkit/ from the extracted VOCtrainval_11-May-2012.tar"
@@ -99,8 +118,10 @@ def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
 def read_voc_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
     """H x W uint8 label map from a SegmentationClass PNG (VOC class ids already equal our c + 1)."""
     arr, _ = mask_array(
-        path, "SegmentationClass masks are single-channel (palette) PNGs whose values are class ids, restore it"
-        " from the VOC tar.", "voc2012 dataset: ",
+        path,
+        "SegmentationClass masks are single-channel (palette) PNGs whose values are class ids, restore it"
+        " from the VOC tar.",
+        "voc2012 dataset: ",
     )
     bad = sorted(set(np.unique(arr).tolist()) - VALID_MASK_VALUES)
     if bad:
@@ -140,8 +161,11 @@ def build(
         train_ids = [i for i in listed if i not in val_set]
         if len(train_ids) < len(listed):
             # SBD's own train list overlaps VOC2012 val; training on those would leak into evaluation.
-            log.warning("voc2012: dropped %d VOC val image(s) from sbd_train_list %s", len(listed) - len(train_ids),
-                        sbd_train_list)
+            log.warning(
+                "voc2012: dropped %d VOC val image(s) from sbd_train_list %s",
+                len(listed) - len(train_ids),
+                sbd_train_list,
+            )
 
     mask_names = {p.name for p in seg_dir.iterdir()}
     extras: dict = {}
@@ -163,9 +187,15 @@ def build(
             masks.append(seg_dir / f"{image_id}.png" if f"{image_id}.png" in mask_names else None)
             targets.append([float(c in names) for c in VOC_CLASSES])
         datasets[split] = file_split(
-            images, masks, torch.tensor(targets).view(-1, len(VOC_CLASSES)), read_voc_mask,
-            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip), bad_files,
-            masks_to_use if split == "train" else None, seed, "voc2012 dataset",
+            images,
+            masks,
+            torch.tensor(targets).view(-1, len(VOC_CLASSES)),
+            read_voc_mask,
+            build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
+            bad_files,
+            masks_to_use if split == "train" else None,
+            seed,
+            "voc2012 dataset",
             f"voc2012 dataset: no readable image in the {split} split of {voc}; check the warnings above.",
         )
     if dropped:
@@ -173,9 +203,13 @@ def build(
     extras.update(num_masked_train=int(datasets["train"].use_mask.sum()), dropped_only_difficult=dropped)
     empty = classes_without_images(VOC_CLASSES, datasets["train"].targets, {"val": datasets["val"].targets})
     if empty:  # counted from the annotations' labels: no image is decoded for this
-        log.warning("voc2012 dataset: some classes of train have no image in another split of %s (%s), so their"
-                    " per-class metrics on that split (AP) are NaN or left out; use a val list (ImageSets/Main/val.txt)"
-                    " with images of every class to score them.", voc, describe_classes_without_images(empty))
+        log.warning(
+            "voc2012 dataset: some classes of train have no image in another split of %s (%s), so their"
+            " per-class metrics on that split (AP) are NaN or left out; use a val list (ImageSets/Main/val.txt)"
+            " with images of every class to score them.",
+            voc,
+            describe_classes_without_images(empty),
+        )
         extras["classes_without_images"] = empty
     return DataSplits(
         train=datasets["train"],

@@ -1,4 +1,5 @@
 """Files a run writes: atomic writes (a reader sees the old file or the new one, never part) and strict JSON records."""
+
 from __future__ import annotations
 
 import json
@@ -78,11 +79,15 @@ def load_state(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = 
     except pickle.UnpicklingError as err:
         # weights_only refuses anything that could run code on load; such a file was not written by gain-exp
         reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
-        raise CorruptFile(f"{path} holds objects other than tensors and plain values ({reason[:120]}); "
-                          f"gain-exp only loads files it wrote, so point at one of those.") from None
+        raise CorruptFile(
+            f"{path} holds objects other than tensors and plain values ({reason[:120]}); "
+            f"gain-exp only loads files it wrote, so point at one of those."
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise CorruptFile(f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is "
-                          f"truncated or not a gain-exp file.") from None
+        raise CorruptFile(
+            f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is "
+            f"truncated or not a gain-exp file."
+        ) from None
     if not isinstance(state, dict):
         raise CorruptFile(f"{path} is not a gain-exp file (it holds a {type(state).__name__}, not a dict).")
     return state

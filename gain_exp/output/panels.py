@@ -1,4 +1,5 @@
 """Attention overlay panels as plain PNGs (PIL + torch, no plotting library)."""
+
 from __future__ import annotations
 
 import functools
@@ -195,17 +196,26 @@ class Panel:
 
     @property
     def caption(self) -> str:
-        return (f"true: {', '.join(self.true_classes)} | pred: {', '.join(self.pred_classes)} ({self.score:.2f})"
-                f" | map: {self.explained} | AM drop {self.am_drop:+.2f}")
+        return (
+            f"true: {', '.join(self.true_classes)} | pred: {', '.join(self.pred_classes)} ({self.score:.2f})"
+            f" | map: {self.explained} | AM drop {self.am_drop:+.2f}"
+        )
 
     @functools.cached_property
     def strip(self) -> Any:
         """The PIL strip (image | overlay | soft mask | masked image | ground truth), drawn once for all backends."""
-        return attention_panel(self.image, self.attention, self.mask, self.masked_image, self.gt_mask,
-                               caption=self.caption)
+        return attention_panel(
+            self.image, self.attention, self.mask, self.masked_image, self.gt_mask, caption=self.caption
+        )
 
     def row(self, position: int) -> dict[str, Any]:
         """The per-image results row (JSON-ready) of this panel, ``position`` standing in for a missing index."""
-        return {"index": position if self.index is None else self.index, "true": self.true_classes,
-                "pred": self.pred_classes, "explained": self.explained, "score": jsonable(self.score),
-                "am_drop": jsonable(self.am_drop), "iou": jsonable(self.iou)}
+        return {
+            "index": position if self.index is None else self.index,
+            "true": self.true_classes,
+            "pred": self.pred_classes,
+            "explained": self.explained,
+            "score": jsonable(self.score),
+            "am_drop": jsonable(self.am_drop),
+            "iou": jsonable(self.iou),
+        }

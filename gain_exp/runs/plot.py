@@ -6,6 +6,7 @@ Needs matplotlib (``pip install 'gain-exp[plot]'``); gain_exp.table imports this
 Drawn with the Agg canvas (no display, no pyplot state) at a fixed size and DPI, without a Software tag, so the
 same table gives the same PNG bytes.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,14 @@ HATCHES = ("", "///", "...", "xxx", "\\\\\\", "ooo")  # one per value of the lea
 PANEL_HEIGHT = 2.6  # inches per row of panels
 SLOT = 0.24  # inches per bar
 GAP = 0.6  # bars' worth of space between groups of rows that share the leading row keys
-STYLE = {"font.size": 9, "axes.titlesize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
-         "hatch.linewidth": 0.8}
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "hatch.linewidth": 0.8,
+}
 
 
 def plot_table(table: Table, path: str | Path | None = None, title: str | None = None) -> Figure:
@@ -105,14 +112,15 @@ def _draw(table: Table, title: str | None) -> Figure:
     width = panel_width * grid_cols
     legend_cols = max(1, min(len(labels), int(width // (0.075 * max(map(len, labels)) + 0.6))))
     legend_rows = math.ceil(len(labels) / legend_cols)
-    heading = textwrap.fill(title if title is not None else default_title(table), width=int(width * 11),
-                            break_on_hyphens=False)
+    heading = textwrap.fill(
+        title if title is not None else default_title(table), width=int(width * 11), break_on_hyphens=False
+    )
     height = PANEL_HEIGHT * grid_rows + 0.22 * legend_rows + 0.2 * (heading.count("\n") + 1) + 0.3
 
     figure = Figure(figsize=(width, round(height, 2)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(grid_rows, grid_cols, squeeze=False).ravel()
-    for ax in axes[len(table.metrics):]:
+    for ax in axes[len(table.metrics) :]:
         ax.remove()
     for ax, metric in zip(axes, table.metrics):
         _panel(ax, table, metric, positions, styles, labels)
@@ -122,16 +130,26 @@ def _draw(table: Table, title: str | None) -> Figure:
     return figure
 
 
-def _panel(ax: Axes, table: Table, metric: str, positions: list[float], styles: list[Style],
-           labels: list[str]) -> None:
+def _panel(ax: Axes, table: Table, metric: str, positions: list[float], styles: list[Style], labels: list[str]) -> None:
     """One metric: a bar per row that reports it (labelled with the row), error bar = std when n > 1."""
     means, highs = [], []
     for row, x, (colour, hatch), label in zip(table.rows, positions, styles, labels):
         mean, std, _ = row.stats(metric)
         if mean is None:
             continue
-        ax.bar([x], [mean], width=0.8, color=colour, hatch=hatch, edgecolor="black", linewidth=0.5, label=label,
-               yerr=None if std is None else [std], capsize=2, error_kw={"elinewidth": 0.8, "capthick": 0.8})
+        ax.bar(
+            [x],
+            [mean],
+            width=0.8,
+            color=colour,
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.5,
+            label=label,
+            yerr=None if std is None else [std],
+            capsize=2,
+            error_kw={"elinewidth": 0.8, "capthick": 0.8},
+        )
         means.append(mean)
         highs.append(mean + (std or 0.0))
     ax.set_title(metric)

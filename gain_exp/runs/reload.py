@@ -1,4 +1,5 @@
 """A finished run's experiment again, with its weights: for scoring, figures and CAM export after training."""
+
 from __future__ import annotations
 
 import difflib
@@ -29,25 +30,32 @@ def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Dic
     searchpath = [f"file://{config_dir(d)}" for d in job.config_dirs]
     extra = [f"hydra.searchpath=[{','.join(searchpath)}]"] if searchpath else []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=job.config_name, overrides=[
-            *(resolve_override(o, cwd) for o in job.overrides), *extra, *overrides])
+        return compose(
+            config_name=job.config_name,
+            overrides=[*(resolve_override(o, cwd) for o in job.overrides), *extra, *overrides],
+        )
 
 
-def load_experiment(run_dir: str | os.PathLike, checkpoint: str | None = None, overrides: Sequence[str] = (),
-             device: str | None = None) -> Experiment:
+def load_experiment(
+    run_dir: str | os.PathLike, checkpoint: str | None = None, overrides: Sequence[str] = (), device: str | None = None
+) -> Experiment:
     """A run's experiment with the weights of ``checkpoint``: ``best`` (``last`` when the run kept no best),
     ``last``, or a checkpoint file; by default the one the run's own test splits were scored with. ``device``
     defaults to the run's ``trainer.device``; ``overrides`` apply on top of the run's own (e.g.
     ``dataset.root=<another folder>``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a directory; give a run directory written by "
-                                f"python -m gain_exp.run (it holds summary.json and checkpoints/).")
+        raise FileNotFoundError(
+            f"{run_dir} is not a directory; give a run directory written by "
+            f"python -m gain_exp.run (it holds summary.json and checkpoints/)."
+        )
     cfg = run_config(run_dir, [*overrides, *([f"trainer.device={device}"] if device else [])])
     plan = make_plan(cfg)
     path = checkpoint_file(run_dir, checkpoint or tested_on(run_dir))
     experiment = build_experiment(plan, Runtime(plan.device), training=False)
-    state = read_checkpoint(path, experiment.runtime.device, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
+    state = read_checkpoint(
+        path, experiment.runtime.device, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD
+    )
     experiment.model.load_state_dict(state["model"])
     experiment.gain.eval()
     experiment.checkpoint = path
@@ -65,10 +73,13 @@ def load_checked(run_dir: Path, checkpoint: str | None, overrides: Sequence[str]
         if "state_dict" not in str(err):
             raise
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        first = next((line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))),
-                     lines[0]).rstrip(":. ")
-        raise ValueError(f"the checkpoint does not fit the model this config builds ({first[:160]}); overrides may "
-                         f"point at other data with the same classes, not change the backbone or classes.") from None
+        first = next(
+            (line for line in lines[1:] if line.startswith(("size mismatch", "Missing", "Unexpected"))), lines[0]
+        ).rstrip(":. ")
+        raise ValueError(
+            f"the checkpoint does not fit the model this config builds ({first[:160]}); overrides may "
+            f"point at other data with the same classes, not change the backbone or classes."
+        ) from None
     except Exception as err:
         sentence = explain(err)
         if sentence is None:
@@ -89,8 +100,9 @@ def choose_splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[
         if name not in available:
             close = difflib.get_close_matches(name, available, n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ValueError(f"--split {name}: this run's dataset has no split '{name}'{hint}; choose from "
-                             f"{', '.join(available)}.")
+            raise ValueError(
+                f"--split {name}: this run's dataset has no split '{name}'{hint}; choose from {', '.join(available)}."
+            )
         chosen[name] = available[name]
     return chosen
 
@@ -107,9 +119,12 @@ def checkpoint_record(path: Path) -> dict[str, Any]:
     state = read_checkpoint(path, "cpu", mmap=True, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD)
     mid = int(state.get("batch_in_epoch") or 0)
     epoch, step = state.get("epoch"), state.get("step")  # a weights-only file (e.g. exported) has neither
-    record = {"path": str(path.resolve()), "name": path.stem,
-              "epoch": None if epoch is None else int(epoch) - (0 if mid else 1),
-              "step": None if step is None else int(step)}
+    record = {
+        "path": str(path.resolve()),
+        "name": path.stem,
+        "epoch": None if epoch is None else int(epoch) - (0 if mid else 1),
+        "step": None if step is None else int(step),
+    }
     if mid:
         record["batch_in_epoch"] = mid
     return record

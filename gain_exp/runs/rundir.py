@@ -2,6 +2,7 @@
 
 Everything that reads the run-directory format (summary.json, .hydra/, checkpoints/) lives here, so the format has one
 reader; tables, reproduce, evaluate, figure and cams build on it."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,17 @@ from gain_exp.train.checkpoints import saved_tracking
 from gain_exp.train.provenance import SOURCE_ROOT
 
 # Hydra overrides that only shape a sweep or place its output; a re-run of one job sets its own mode and run dir.
-SWEEP_ONLY = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.launcher", "hydra.sweeper", "hydra/launcher",
-              "hydra/sweeper", "hydra.job.num", "hydra.job.id")
+SWEEP_ONLY = (
+    "hydra.mode",
+    "hydra.run.",
+    "hydra.sweep.",
+    "hydra.launcher",
+    "hydra.sweeper",
+    "hydra/launcher",
+    "hydra/sweeper",
+    "hydra.job.num",
+    "hydra.job.id",
+)
 
 
 @dataclass
@@ -72,15 +82,19 @@ class Run:
         runtime = self.hydra.get("runtime") or {}
         saved_dirs = hydra_info.get("config_dirs")
         if saved_dirs is None:  # older runs: the --config-dir entries of Hydra's search path
-            saved_dirs = [s["path"] for s in runtime.get("config_sources") or []
-                          if s.get("provider") == "command-line" and s.get("schema") == "file"]
+            saved_dirs = [
+                s["path"]
+                for s in runtime.get("config_sources") or []
+                if s.get("provider") == "command-line" and s.get("schema") == "file"
+            ]
         hydra_overrides = (self.hydra.get("overrides") or {}).get("hydra") or []
         return {
             "name": job_name(self),
             "overrides": self.task_overrides,
             "hydra_overrides": [o for o in hydra_overrides if not o.lstrip("+~").startswith(SWEEP_ONLY)],
             "config_dirs": list(saved_dirs),
-            "config_name": hydra_info.get("config_name") or (self.hydra.get("job") or {}).get("config_name")
+            "config_name": hydra_info.get("config_name")
+            or (self.hydra.get("job") or {}).get("config_name")
             or "config",
             "cwd": hydra_info.get("cwd") or runtime.get("cwd"),
             "threads": self.summary.get("threads"),
@@ -112,13 +126,20 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; pass a multirun directory (outputs/multirun/<date>) "
-                                    f"or run directories written by python -m gain_exp.run.")
-        runs = [path] if (path / "summary.json").is_file() else sorted(
-            (p.parent for p in path.rglob("summary.json")), key=_natural)
+            raise FileNotFoundError(
+                f"{path} does not exist; pass a multirun directory (outputs/multirun/<date>) "
+                f"or run directories written by python -m gain_exp.run."
+            )
+        runs = (
+            [path]
+            if (path / "summary.json").is_file()
+            else sorted((p.parent for p in path.rglob("summary.json")), key=_natural)
+        )
         if not runs:
-            raise FileNotFoundError(f"{path} holds no runs (no summary.json at or below it); pass a multirun "
-                                    f"directory or run directories written by python -m gain_exp.run.")
+            raise FileNotFoundError(
+                f"{path} holds no runs (no summary.json at or below it); pass a multirun "
+                f"directory or run directories written by python -m gain_exp.run."
+            )
         found += [r for r in runs if r not in found]
     return found
 
@@ -128,11 +149,15 @@ def read_run(path: Path) -> Run:
     try:
         summary = json.loads((path / "summary.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / 'summary.json'} is not valid JSON ({err}); the job was cut off while writing it "
-                         f"or the file was edited: re-run the job (gain_exp.reproduce {path}) or remove the run.") from None
+        raise ValueError(
+            f"{path / 'summary.json'} is not valid JSON ({err}); the job was cut off while writing it "
+            f"or the file was edited: re-run the job (gain_exp.reproduce {path}) or remove the run."
+        ) from None
     if not isinstance(summary, dict):
-        raise ValueError(f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary; re-run the "
-                         f"job or remove the run.")
+        raise ValueError(
+            f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary; re-run the "
+            f"job or remove the run."
+        )
     hydra_dir = path / ".hydra"
     listed = summary.get("overrides") or []
     if (hydra_dir / "overrides.yaml").is_file():
@@ -234,8 +259,10 @@ class Job:
         """The app's command line for this job: config dir and name, saved overrides, then ``extra_overrides``."""
         argv: list[str] = []
         if len(self.config_dirs) > 1:
-            raise ValueError(f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
-                             f"--config-dir; pass the extra ones as hydra.searchpath overrides.")
+            raise ValueError(
+                f"job {self.name} saved {len(self.config_dirs)} config dirs but Hydra takes one "
+                f"--config-dir; pass the extra ones as hydra.searchpath overrides."
+            )
         argv += [arg for d in self.config_dirs for arg in ("--config-dir", str(config_dir(d)))]
         if self.config_name != "config":
             argv += ["--config-name", self.config_name]
@@ -246,8 +273,13 @@ class Job:
 
     def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
         """(argv, environment) that run this job again with its results in ``dest``."""
-        argv = [sys.executable, "-m", "gain_exp.run", *self.app_args(extra_overrides),
-                f"hydra.run.dir={_quote(str(Path(dest).resolve()))}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "gain_exp.run",
+            *self.app_args(extra_overrides),
+            f"hydra.run.dir={_quote(str(Path(dest).resolve()))}",
+        ]
         env = dict(os.environ)
         # run the code of this checkout, not whichever gain_exp the interpreter would find from the caller's cwd
         paths = [str(package_root()), *(env.get("PYTHONPATH") or "").split(os.pathsep)]
@@ -264,16 +296,19 @@ def saved_job(run_dir: str | os.PathLike) -> Job:
         return Job.from_recipe(read_run(path).recipe())
     hydra_file = path / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
-        raise FileNotFoundError(f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
-                                f"written by python -m gain_exp.run.")
+        raise FileNotFoundError(
+            f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
+            f"written by python -m gain_exp.run."
+        )
     from omegaconf import OmegaConf  # a run that died before summary.json: Hydra's own record is all there is
 
     hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
     return Job.from_recipe(Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra).recipe())
 
 
-def job_command(run_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+def job_command(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike, extra_overrides: Sequence[str] = ()
+) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that re-run the job saved in ``run_dir`` with its results in ``out_dir``."""
     return saved_job(run_dir).command(out_dir, extra_overrides)
 
@@ -312,8 +347,10 @@ def checkpoint_file(run_dir: Path, which: str) -> Path:
         if which == "best" and not path.is_file():
             path = ckpts / "last.ckpt"  # a run whose monitor never had a value keeps only last.ckpt
         if not path.is_file():
-            raise FileNotFoundError(f"{run_dir} has no checkpoints/{which}.ckpt; the run saved none yet (it stopped "
-                                    f"before its first epoch ended), or pass --checkpoint with a file.")
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoints/{which}.ckpt; the run saved none yet (it stopped "
+                f"before its first epoch ended), or pass --checkpoint with a file."
+            )
         return path
     path = Path(which)
     if not path.is_file():

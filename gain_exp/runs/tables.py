@@ -1,4 +1,5 @@
 """Runs grouped into a paper-style table (mean ± std over seeds, n per row) and the table as a saved spec."""
+
 from __future__ import annotations
 
 import csv
@@ -93,8 +94,9 @@ class Table:
         return buffer.getvalue()
 
 
-def build_table(runs: Sequence[Run], metrics: Sequence[str] | None = None,
-                rows: Sequence[str] | None = None, digits: int = 3) -> Table:
+def build_table(
+    runs: Sequence[Run], metrics: Sequence[str] | None = None, rows: Sequence[str] | None = None, digits: int = 3
+) -> Table:
     """Group ``runs`` by the row keys (auto: overrides that differ, except seed and hydra.*) and pick metrics."""
     row_keys = list(rows) if rows is not None else _differing_keys(runs)
     chosen = list(metrics) if metrics else default_metrics(runs)
@@ -127,19 +129,34 @@ def table_spec(table: Table, sources: Sequence[str | Path], command: str | None 
             recipe = run.recipe()
             recipe["config_dirs"] = [portable(d) for d in recipe["config_dirs"]]
             recipe["cwd"] = portable(recipe["cwd"]) if recipe["cwd"] else None
-            jobs.append({**recipe, "run_dir": portable(run.path), "choices": run.choices,
-                         "row": dict(zip(table.row_keys, row.values)),
-                         "final": {m: run.metrics.get(m) for m in table.metrics}})
-    return {"kind": SPEC_KIND, "command": command, "sources": [portable(s) for s in sources],
-            "rows": table.row_keys, "metrics": table.metrics, "format": {"digits": table.digits},
-            "jobs": jobs, "records": table.records()}
+            jobs.append(
+                {
+                    **recipe,
+                    "run_dir": portable(run.path),
+                    "choices": run.choices,
+                    "row": dict(zip(table.row_keys, row.values)),
+                    "final": {m: run.metrics.get(m) for m in table.metrics},
+                }
+            )
+    return {
+        "kind": SPEC_KIND,
+        "command": command,
+        "sources": [portable(s) for s in sources],
+        "rows": table.row_keys,
+        "metrics": table.metrics,
+        "format": {"digits": table.digits},
+        "jobs": jobs,
+        "records": table.records(),
+    }
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> None:
     """Write a table spec as YAML, with a header saying how to use it."""
-    header = ("# A table as a saved config (gain_exp.table). Re-print it: python -m gain_exp.table --spec <this file>\n"
-              "# Re-run every job and compare with the numbers below: python -m gain_exp.reproduce <this file>\n"
-              "# Relative paths are relative to the repository root.\n")
+    header = (
+        "# A table as a saved config (gain_exp.table). Re-print it: python -m gain_exp.table --spec <this file>\n"
+        "# Re-run every job and compare with the numbers below: python -m gain_exp.reproduce <this file>\n"
+        "# Relative paths are relative to the repository root.\n"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120))
 
@@ -153,8 +170,12 @@ def read_spec(path: Path) -> dict[str, Any]:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); fix it or {how}.") from None
-    if not isinstance(spec, dict) or spec.get("kind") != SPEC_KIND or not isinstance(spec.get("jobs"), list) \
-            or not spec["jobs"]:
+    if (
+        not isinstance(spec, dict)
+        or spec.get("kind") != SPEC_KIND
+        or not isinstance(spec.get("jobs"), list)
+        or not spec["jobs"]
+    ):
         raise ValueError(f"{path} is not a table spec (kind: {SPEC_KIND} with a list of jobs); {how}.")
     for i, job in enumerate(spec["jobs"]):
         missing = [k for k in ("name", "overrides", "row", "final") if not isinstance(job, dict) or k not in job]
@@ -167,11 +188,24 @@ def spec_runs(spec: dict[str, Any]) -> list[Run]:
     """The spec's jobs as runs that carry its committed numbers and row values (no run directory needed)."""
     runs = []
     for job in spec["jobs"]:
-        summary = {"status": "completed", "final": job["final"], "choices": job.get("choices") or {},
-                   "overrides": job["overrides"], "seed": job.get("seed"), "git": job.get("git"),
-                   "threads": job.get("threads")}
-        runs.append(Run(local(job.get("run_dir") or job["name"]), summary, _parse_overrides(job["overrides"]),
-                        listed=list(job["overrides"]), fixed={k: str(v) for k, v in job["row"].items()}))
+        summary = {
+            "status": "completed",
+            "final": job["final"],
+            "choices": job.get("choices") or {},
+            "overrides": job["overrides"],
+            "seed": job.get("seed"),
+            "git": job.get("git"),
+            "threads": job.get("threads"),
+        }
+        runs.append(
+            Run(
+                local(job.get("run_dir") or job["name"]),
+                summary,
+                _parse_overrides(job["overrides"]),
+                listed=list(job["overrides"]),
+                fixed={k: str(v) for k, v in job["row"].items()},
+            )
+        )
     return runs
 
 

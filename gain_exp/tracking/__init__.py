@@ -17,8 +17,9 @@ from gain_exp.tracking.json import JsonTracker
 __all__ = ["JsonTracker", "PanelSchedule", "Tracker", "Trackers", "build_tracker"]
 
 
-def build_tracker(logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[str, Any],
-                  resume: dict[str, Any] | None = None) -> Trackers:
+def build_tracker(
+    logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[str, Any], resume: dict[str, Any] | None = None
+) -> Trackers:
     """The local JSON tracker plus one backend per ``logger.<name>`` node, each built from its ``_target_``.
 
     ``resume``: the ``Trackers.state()`` saved with the checkpoint a resumed run continues from.
@@ -29,8 +30,10 @@ def build_tracker(logger_cfg: Any, out_dir: str | os.PathLike, run_config: dict[
         if node is None:  # logger.<name>=null switches a composed backend off
             continue
         if not hasattr(node, "get") or not node.get("_target_"):
-            raise ValueError(f"logger.{name} has no _target_; each logger.<name> entry is a backend config such as "
-                             f"conf/logger/wandb.yaml (pick one with logger=wandb, logger=tensorboard or logger=json).")
+            raise ValueError(
+                f"logger.{name} has no _target_; each logger.<name> entry is a backend config such as "
+                f"conf/logger/wandb.yaml (pick one with logger=wandb, logger=tensorboard or logger=json)."
+            )
         try:
             # partial first: instantiate would also try to build the _target_ nodes inside run_config
             make = instantiate(node, _partial_=True, _convert_="all")

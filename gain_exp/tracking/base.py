@@ -1,4 +1,5 @@
 """The tracking interface every backend implements, and the fan-out that builds and drives them from ``logger.*``."""
+
 from __future__ import annotations
 
 import logging
@@ -104,5 +105,10 @@ class Trackers(Tracker):
             if not backend.optional:
                 raise
             self.backends.remove(backend)
-            log.warning("%s failed in %s (%s: %s); it is dropped for the rest of this run, local JSON logging "
-                        "continues.", type(backend).__name__, method, type(err).__name__, err)
+            log.warning(
+                "%s failed in %s (%s: %s); it is dropped for the rest of this run, local JSON logging continues.",
+                type(backend).__name__,
+                method,
+                type(err).__name__,
+                err,
+            )

@@ -1,4 +1,5 @@
 """The always-on local record: metrics.jsonl, attention PNGs and per-image results under the run directory."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ class JsonTracker(Tracker):
         if self._file is None:
             if self.path.is_file() and self.path.stat().st_size > self._keep:
                 if self._keep == 0:
-                    log.warning("%s: dropping the %d line(s) of an earlier start in this run directory; this run "
-                                "logs its steps anew", self.path, self.path.read_bytes().count(b"\n"))
+                    log.warning(
+                        "%s: dropping the %d line(s) of an earlier start in this run directory; this run "
+                        "logs its steps anew",
+                        self.path,
+                        self.path.read_bytes().count(b"\n"),
+                    )
                 os.truncate(self.path, self._keep)
             self._file = open(self.path, "a", encoding="utf-8")
         return self._file

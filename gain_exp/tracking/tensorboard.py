@@ -1,4 +1,5 @@
 """TensorBoard backend: scalars, attention panel strips and per-image result tables as event files."""
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,11 @@ class TensorboardTracker(Tracker):
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
         header = "| index | true | pred | explained | score | AM drop | IoU |\n|---|---|---|---|---|---|---|\n"
-        rows = "".join(f"| {r['index']} | {', '.join(r['true'])} | {', '.join(r['pred'])} | {r['explained']} | "
-                       f"{_fmt(r['score'])} | {_fmt(r['am_drop'])} | {_fmt(r['iou'])} |\n"
-                       for r in (p.row(i) for i, p in enumerate(panels)))
+        rows = "".join(
+            f"| {r['index']} | {', '.join(r['true'])} | {', '.join(r['pred'])} | {r['explained']} | "
+            f"{_fmt(r['score'])} | {_fmt(r['am_drop'])} | {_fmt(r['iou'])} |\n"
+            for r in (p.row(i) for i, p in enumerate(panels))
+        )
         self.writer.add_text(f"{split}/results", header + rows, self._step)
 
     def finish(self, summary: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Weights & Biases backend: one W&B run per job with scalars, attention images with mask layers, per-image tables,
 summary metrics and the best checkpoint as an artifact. W&B trouble never stops training, and an unreachable
 server means an offline run after a short probe rather than a 90 s stall."""
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,19 @@ WANDB_MODES = ("online", "offline", "disabled")
 RECIPE_GROUPS = ("sweep", "launcher")  # sweeps/ selectors: the same for every job, so no part of a run name
 # Per-epoch metric names (after ``<split>/``, up to the next ``/``) whose best value is the largest; losses and
 # ``train/mean_*`` take the smallest; anything else (am_drop, loc_n, ...) keeps W&B's default, the last value.
-MAX_METRICS = {"acc", "acc_macro", "pos_acc", "neg_acc", "auroc", "mAP", "AP", "f1_macro", "loc_iou",
-               "pointing_game", "energy_pg"}
+MAX_METRICS = {
+    "acc",
+    "acc_macro",
+    "pos_acc",
+    "neg_acc",
+    "auroc",
+    "mAP",
+    "AP",
+    "f1_macro",
+    "loc_iou",
+    "pointing_game",
+    "energy_pg",
+}
 # Seconds the reachability probe of the W&B server may take before online mode is given up for offline: W&B's
 # own wait is init_timeout (90 s) per run, which a sweep pays once per job and then loses the run.
 PROBE_TIMEOUT_S = 3.0
@@ -62,10 +74,21 @@ class WandbTracker(Tracker):
     steps W&B already has.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, run_config: dict[str, Any], resume: dict[str, Any] | None = None,
-                 project: str | None = "gain-exp", entity: str | None = None, group: str | None = None,
-                 job_type: str | None = "train", tags: Sequence[str] | None = None, name: str | None = None,
-                 mode: str | None = "auto", log_checkpoint: bool = False, panel_every: int = 1) -> None:
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        run_config: dict[str, Any],
+        resume: dict[str, Any] | None = None,
+        project: str | None = "gain-exp",
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = "train",
+        tags: Sequence[str] | None = None,
+        name: str | None = None,
+        mode: str | None = "auto",
+        log_checkpoint: bool = False,
+        panel_every: int = 1,
+    ) -> None:
         self.run: Any = None
         self.out_dir = Path(out_dir)
         self.mode = wandb_mode(mode, self.out_dir / "wandb")
@@ -83,8 +106,11 @@ class WandbTracker(Tracker):
             return
         hydra_group, hydra_name, choices = _hydra_job_context()
         in_wandb_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))  # the agent's project/entity must win
-        config = {**run_config, "choices": {**choices, **(run_config.get("choices") or {})},
-                  "run_dir": str(self.out_dir.resolve())}
+        config = {
+            **run_config,
+            "choices": {**choices, **(run_config.get("choices") or {})},
+            "run_dir": str(self.out_dir.resolve()),
+        }
         try:
             import wandb
 
@@ -122,9 +148,15 @@ class WandbTracker(Tracker):
             return init(mode="online", settings=self._wandb.Settings(**settings))
         except Exception as err:  # noqa: BLE001 - the server answered the probe but not run creation
             self.mode = "offline"
-            log.warning("W&B could not start an online run at %s (%s: %s), so this run logs offline under %s; "
-                        "upload it later with `wandb sync %s`.", _base_url(), type(err).__name__,
-                        (str(err).splitlines() or [""])[0], self.out_dir / "wandb", self.out_dir / "wandb")
+            log.warning(
+                "W&B could not start an online run at %s (%s: %s), so this run logs offline under %s; "
+                "upload it later with `wandb sync %s`.",
+                _base_url(),
+                type(err).__name__,
+                (str(err).splitlines() or [""])[0],
+                self.out_dir / "wandb",
+                self.out_dir / "wandb",
+            )
             return init(mode="offline")
 
     @_best_effort
@@ -159,11 +191,14 @@ class WandbTracker(Tracker):
             return
         wandb, step = self._wandb, self._next(self._step)
         self._epoch_row = step
-        self.run.log({
-            f"{split}/attention": [self._image(p.image, p) for p in panels],
-            f"{split}/panels": [wandb.Image(p.strip, caption=p.caption) for p in panels],
-            "epoch": epoch,
-        }, step=step)
+        self.run.log(
+            {
+                f"{split}/attention": [self._image(p.image, p) for p in panels],
+                f"{split}/panels": [wandb.Image(p.strip, caption=p.caption) for p in panels],
+                "epoch": epoch,
+            },
+            step=step,
+        )
 
     @_best_effort
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
@@ -171,8 +206,16 @@ class WandbTracker(Tracker):
         table = self._wandb.Table(columns=columns)
         for i, p in enumerate(panels):
             row = p.row(i)
-            table.add_data(row["index"], self._image(overlay(p.image, p.attention), p), ", ".join(row["true"]),
-                           ", ".join(row["pred"]), row["explained"], row["score"], row["am_drop"], row["iou"])
+            table.add_data(
+                row["index"],
+                self._image(overlay(p.image, p.attention), p),
+                ", ".join(row["true"]),
+                ", ".join(row["pred"]),
+                row["explained"],
+                row["score"],
+                row["am_drop"],
+                row["iou"],
+            )
         self.run.log({f"{split}/results": table}, step=self._next(self._step))
 
     def log_checkpoint(self, path: Path, name: str) -> None:
@@ -211,12 +254,18 @@ class WandbTracker(Tracker):
         masks = {"attention": _mask_layer(p.attention, scale, f"attention >= {LOC_THRESHOLD}")}
         if p.gt_mask is not None:
             masks["ground_truth"] = _mask_layer(p.gt_mask, scale, "object")
-        return self._wandb.Image(upscale(base.float(), scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
-                                 caption=p.caption, masks=masks)
+        return self._wandb.Image(
+            upscale(base.float(), scale).permute(1, 2, 0).mul(255).round().byte().numpy(),
+            caption=p.caption,
+            masks=masks,
+        )
 
     def _disable(self, why: str) -> None:
-        log.warning("W&B is off for the rest of this run: %s; local JSON logging continues. "
-                    "Use logger.wandb.mode=offline (then `wandb sync`) or logger=json to silence this.", why)
+        log.warning(
+            "W&B is off for the rest of this run: %s; local JSON logging continues. "
+            "Use logger.wandb.mode=offline (then `wandb sync`) or logger=json to silence this.",
+            why,
+        )
         run, self.run = self.run, None
         if run is not None:
             try:
@@ -250,9 +299,14 @@ def wandb_mode(mode: str | None, sync_dir: str | os.PathLike | None = None) -> s
         return mode
     # An explicit online request also falls back (W&B trouble never stops training, and offline keeps the data).
     where = sync_dir or "<run dir>/wandb"
-    log.warning("%sW&B server %s is unreachable (%s), so this run logs offline under %s; upload it later with "
-                "`wandb sync %s`.",
-                f"{asked} but the " if asked not in (None, "auto") else "The ", url, problem, where, where)
+    log.warning(
+        "%sW&B server %s is unreachable (%s), so this run logs offline under %s; upload it later with `wandb sync %s`.",
+        f"{asked} but the " if asked not in (None, "auto") else "The ",
+        url,
+        problem,
+        where,
+        where,
+    )
     return "offline"
 
 
@@ -379,13 +433,19 @@ def _restore_clobbered_sections(run: Any, config: dict[str, Any]) -> None:
     The agent merges its parameters over ``config`` after init and locks those keys, so the section goes back
     under the same lock; the swept value stays visible as ``choices.<key>``.
     """
-    clobbered = {k: run.config[k] for k, v in config.items()
-                 if isinstance(v, dict) and k in run.config and not isinstance(run.config[k], dict)}
+    clobbered = {
+        k: run.config[k]
+        for k, v in config.items()
+        if isinstance(v, dict) and k in run.config and not isinstance(run.config[k], dict)
+    }
     if not clobbered:
         return
-    log.warning("W&B sweep parameter(s) %s replaced whole config sections; the sections are restored in the W&B "
-                "config with the swept values under choices (sweep over +setting or leaf keys such as "
-                "loss.am_weight instead, see sweeps/wandb_sweep.yaml).", ", ".join(sorted(clobbered)))
+    log.warning(
+        "W&B sweep parameter(s) %s replaced whole config sections; the sections are restored in the W&B "
+        "config with the swept values under choices (sweep over +setting or leaf keys such as "
+        "loss.am_weight instead, see sweeps/wandb_sweep.yaml).",
+        ", ".join(sorted(clobbered)),
+    )
     run.config.update_locked({k: config[k] for k in clobbered}, user="sweep", _allow_val_change=True)
     run.config.update({"choices": {**config["choices"], **clobbered}}, allow_val_change=True)
 

@@ -5,6 +5,7 @@ A checkpoint stores the config it was made with (``run.config``). On resume, set
 (backbone, classes, dataset, formulation, optimizer and schedule type) must match; the others (epochs, learning rate
 and other optimizer hyperparameters, loss weights, logger, ...) may change and are applied for real.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,28 @@ import torch
 from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 # Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
-MUST_MATCH = ("backbone.name", "backbone.kwargs", "backbone.grad_layer", "dataset", "gain.formulation",
-              "trainer.optimizer._target_", "trainer.scheduler._target_")
+MUST_MATCH = (
+    "backbone.name",
+    "backbone.kwargs",
+    "backbone.grad_layer",
+    "dataset",
+    "gain.formulation",
+    "trainer.optimizer._target_",
+    "trainer.scheduler._target_",
+)
 # Within those, keys that only locate or read the same data.
 MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
 # What the resumed run would not notice, so there is nothing to note.
-IGNORED = ("trainer.resume", "trainer.interrupt_after_steps", "trainer.progress", "trainer.device", "trainer.workers",
-           "trainer.compile", "trainer.compile_backend", "logger")
+IGNORED = (
+    "trainer.resume",
+    "trainer.interrupt_after_steps",
+    "trainer.progress",
+    "trainer.device",
+    "trainer.workers",
+    "trainer.compile",
+    "trainer.compile_backend",
+    "logger",
+)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
@@ -65,8 +81,9 @@ class CheckpointPolicy:
         best = self.best["value"]
         return best is None or (value > best if self.mode == "max" else value < best)
 
-    def after_epoch(self, epoch: int, metrics: dict[str, Any],
-                    state: Callable[[], dict[str, Any] | None]) -> dict[str, Path]:
+    def after_epoch(
+        self, epoch: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any] | None]
+    ) -> dict[str, Path]:
         """Epoch ``epoch`` (0-based) ended with val ``metrics``: update the best, then write this epoch's files from
         one call of ``state`` (after the update: best.ckpt records itself as the best). Returns {name: path}."""
         names = []
@@ -99,8 +116,11 @@ class CheckpointPolicy:
 
 def rng_state() -> dict[str, Any]:
     """The global RNG streams a mid-epoch resume must continue (torch CPU, Python, every CUDA device)."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -137,12 +157,19 @@ def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, 
 
 
 TRAINING_STATE = ("model", "optimizer", "epoch", "step")  # what resuming needs; evaluation needs only "model"
-RESUME_INSTEAD = ("resume from another one (checkpoints/best.ckpt or a checkpoint_every copy) or start fresh without "
-                  "trainer.resume")
+RESUME_INSTEAD = (
+    "resume from another one (checkpoints/best.ckpt or a checkpoint_every copy) or start fresh without trainer.resume"
+)
 
 
-def read_checkpoint(path: Path, device: Any, mmap: bool = False, option: str = "trainer.resume",
-                    needs: tuple[str, ...] = TRAINING_STATE, instead: str = RESUME_INSTEAD) -> dict[str, Any]:
+def read_checkpoint(
+    path: Path,
+    device: Any,
+    mmap: bool = False,
+    option: str = "trainer.resume",
+    needs: tuple[str, ...] = TRAINING_STATE,
+    instead: str = RESUME_INSTEAD,
+) -> dict[str, Any]:
     """A checkpoint's state, or one sentence: the option that named the file (``option``), what is wrong with it and
     what to do ``instead``. ``needs``: the entries the caller reads (resuming: all of TRAINING_STATE)."""
     try:
@@ -151,27 +178,32 @@ def read_checkpoint(path: Path, device: Any, mmap: bool = False, option: str = "
         raise ValueError(f"{option}: checkpoint {str(err).rstrip('.')}; {instead}.") from None
     missing = set(needs) - set(state)
     if missing:
-        raise ValueError(f"{option}: {path} is not a gain-exp checkpoint (no {', '.join(sorted(missing))}); "
-                         f"{instead}.")
+        raise ValueError(f"{option}: {path} is not a gain-exp checkpoint (no {', '.join(sorted(missing))}); {instead}.")
     return state
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     """{dotted key: [checkpoint value, new value]} of settings that changed; ValueError if one may not."""
     old_flat, new_flat = _flatten(_legacy_scheduler(saved, new)), _flatten(new)
-    changed = {k: [old_flat.get(k), new_flat.get(k)] for k in sorted(old_flat.keys() | new_flat.keys())
-               if old_flat.get(k) != new_flat.get(k) and not _under(k, IGNORED)}
+    changed = {
+        k: [old_flat.get(k), new_flat.get(k)]
+        for k in sorted(old_flat.keys() | new_flat.keys())
+        if old_flat.get(k) != new_flat.get(k) and not _under(k, IGNORED)
+    }
     fixed = [k for k in changed if _under(k, MUST_MATCH) and not _under(k, MAY_DIFFER)]
     if fixed:
         key = fixed[0]
         old, value = changed[key]
-        raise ValueError(f"trainer.resume: {path} was made with {key}={old}, this run has {key}={value}; a resumed "
-                         f"run keeps what defines the experiment, so resume with {key}={old} or start a new run.")
+        raise ValueError(
+            f"trainer.resume: {path} was made with {key}={old}, this run has {key}={value}; a resumed "
+            f"run keeps what defines the experiment, so resume with {key}={old} or start a new run."
+        )
     return changed
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, optimizer_cfg: dict[str, Any],
-                          epochs: int) -> None:
+def apply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: Any, optimizer_cfg: dict[str, Any], epochs: int
+) -> None:
     """After loading their states: the configured optimizer hyperparameters and schedule length take effect.
 
     ``load_state_dict`` restores the checkpoint's param_groups (its lr, weight decay, ...) and the scheduler's T_max,
@@ -198,8 +230,11 @@ def _legacy_scheduler(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, A
     old = trainer.get("scheduler")
     if not isinstance(old, str):
         return saved
-    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True,
-              "T_max": trainer.get("epochs")}
+    cosine = {
+        "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "_partial_": True,
+        "T_max": trainer.get("epochs"),
+    }
     return {**saved, "trainer": {**trainer, "scheduler": cosine if old == "cosine" else None}}
 
 

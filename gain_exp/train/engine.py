@@ -3,6 +3,7 @@
 Evaluation (metrics, panels) lives in gain_exp/train/evaluation.py, checkpoint files and RNG state in
 gain_exp/train/checkpoints.py, and everything that depends on how many processes run in gain_exp/train/runtime.py.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -58,12 +59,20 @@ def build_evaluator(experiment: Experiment) -> Evaluator:
     """The Evaluator an experiment's plan describes: eval batch size, workers, precision, memory format, progress and
     explanation metrics. The Trainer's, and gain_exp.evaluate's when it scores a saved run again."""
     t = experiment.plan.trainer
-    return Evaluator(experiment.gain, experiment.loss, experiment.data, experiment.runtime,
-                     batch_size=t.eval_batch_size or t.batch_size, workers=t.workers, amp=t.amp,
-                     mean=experiment.mean, std=experiment.std,
-                     progress=sys.stderr.isatty() if t.progress is None else t.progress,
-                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
-                     eval_metrics=t.eval_metrics)
+    return Evaluator(
+        experiment.gain,
+        experiment.loss,
+        experiment.data,
+        experiment.runtime,
+        batch_size=t.eval_batch_size or t.batch_size,
+        workers=t.workers,
+        amp=t.amp,
+        mean=experiment.mean,
+        std=experiment.std,
+        progress=sys.stderr.isatty() if t.progress is None else t.progress,
+        memory_format=torch.channels_last if t.channels_last else torch.contiguous_format,
+        eval_metrics=t.eval_metrics,
+    )
 
 
 class Trainer:
@@ -106,11 +115,15 @@ class Trainer:
         self._amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
         world = self.runtime.world_size
         if cfg.batch_size % world:
-            raise ValueError(f"trainer.batch_size={cfg.batch_size} is the global batch and must split evenly over "
-                             f"{world} processes; use a multiple of {world}.")
+            raise ValueError(
+                f"trainer.batch_size={cfg.batch_size} is the global batch and must split evenly over "
+                f"{world} processes; use a multiple of {world}."
+            )
         if len(data.train) < world:
-            raise ValueError(f"the train split has {len(data.train)} images, fewer than the {world} processes; "
-                             f"use fewer processes or a larger split.")
+            raise ValueError(
+                f"the train split has {len(data.train)} images, fewer than the {world} processes; "
+                f"use fewer processes or a larger split."
+            )
         # the module each training step calls: under several processes DDP wraps the whole GAIN module (both
         # streams and the Grad-CAM autograd.grad), so one backward reduces the gradients of both passes
         self.step_module: torch.nn.Module = gain
@@ -118,8 +131,9 @@ class Trainer:
         if self.runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.step_module = DistributedDataParallel(gain, device_ids=[self.device] if self.device.type == "cuda"
-                                                       else None)
+            self.step_module = DistributedDataParallel(
+                gain, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
             self._count = self.runtime.mean_count
         self.evaluator = build_evaluator(experiment)
 
@@ -137,8 +151,10 @@ class Trainer:
                 val = self.evaluate(self.data.val, "val", self.epoch)
                 self._check_names(val)
                 if not math.isfinite(val.get("val/loss_cl", 0.0)):
-                    raise Diverged(f"the weights are no longer finite after epoch {self.epoch} (val/loss_cl is "
-                                   f"{val['val/loss_cl']}); {_DIVERGED_FIX}")
+                    raise Diverged(
+                        f"the weights are no longer finite after epoch {self.epoch} (val/loss_cl is "
+                        f"{val['val/loss_cl']}); {_DIVERGED_FIX}"
+                    )
                 if self.scheduler is not None:
                     self.scheduler.step()
                 record = {"epoch": self.epoch, **train_stats, **val}
@@ -194,8 +210,9 @@ class Trainer:
 
     def _check_finite(self, epoch: int) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):
-            raise Diverged(f"the training loss became non-finite in epoch {epoch} (step {self.step + 1}); "
-                           f"{_DIVERGED_FIX}")
+            raise Diverged(
+                f"the training loss became non-finite in epoch {epoch} (step {self.step + 1}); {_DIVERGED_FIX}"
+            )
 
     def _load_test_weights(self) -> None:
         """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
@@ -206,11 +223,16 @@ class Trainer:
             self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
             return
         if self.cfg.test_on == "best" and self.best.get("epoch") is None:
-            log.warning("trainer.test_on=best but no epoch had a finite %s; testing the last epoch's weights",
-                        self.cfg.monitor)
+            log.warning(
+                "trainer.test_on=best but no epoch had a finite %s; testing the last epoch's weights", self.cfg.monitor
+            )
         elif self.cfg.test_on == "best":
-            log.warning("trainer.test_on=best but the best epoch (%d) was saved by the run this one resumed from, "
-                        "not in %s; testing the last epoch's weights", self.best["epoch"], self.ckpt_dir)
+            log.warning(
+                "trainer.test_on=best but the best epoch (%d) was saved by the run this one resumed from, "
+                "not in %s; testing the last epoch's weights",
+                self.best["epoch"],
+                self.ckpt_dir,
+            )
         self.tested_on = {"checkpoint": "last", "epoch": self.epoch - 1}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -238,10 +260,18 @@ class Trainer:
             inputs = self.loss.step_inputs(self.gain.model, images, use_mask, epoch, has_masks)  # as the loss needs
             with self._amp:
                 with inputs:
-                    out = self.step_module(inputs.images, targets, attention=needs.attention(has_masks),
-                                           mining=needs.mining)
-                terms = self.loss(out, targets, batch["seg"].to(self.device), use_mask, epoch, count=self._count,
-                                  **inputs.loss_inputs())
+                    out = self.step_module(
+                        inputs.images, targets, attention=needs.attention(has_masks), mining=needs.mining
+                    )
+                terms = self.loss(
+                    out,
+                    targets,
+                    batch["seg"].to(self.device),
+                    use_mask,
+                    epoch,
+                    count=self._count,
+                    **inputs.loss_inputs(),
+                )
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             parts = self.runtime.mean(terms.stacked())  # the global batch's loss terms, the same on every process
@@ -258,8 +288,9 @@ class Trainer:
             self.step += 1
             every = self.cfg.train_panels_every
             if every and self.step % every == 0 and self.runtime.is_main:
-                self.tracker.log_panels("train", self.evaluator.batch_panels(batch, self.cfg.train_panels), epoch,
-                                        step=self.step)
+                self.tracker.log_panels(
+                    "train", self.evaluator.batch_panels(batch, self.cfg.train_panels), epoch, step=self.step
+                )
             self.batch_in_epoch += 1
             sums, n = (parts if sums is None else sums + parts), n + 1
             self._epoch_sums = (sums, n)
@@ -278,10 +309,17 @@ class Trainer:
         self._check_finite(epoch)  # waits for the device: the epoch's time below is real
         elapsed = time.perf_counter() - started
         if steps:
-            self.speed = {"images_per_s": round(steps * self.cfg.batch_size / elapsed, 2),
-                          "data_wait_share": round(waited / elapsed, 4), "epoch": epoch}
-            log.info("epoch %d: %.1f images/s, %.0f%% of the time waiting for data", epoch + 1,
-                     self.speed["images_per_s"], 100 * self.speed["data_wait_share"])
+            self.speed = {
+                "images_per_s": round(steps * self.cfg.batch_size / elapsed, 2),
+                "data_wait_share": round(waited / elapsed, 4),
+                "epoch": epoch,
+            }
+            log.info(
+                "epoch %d: %.1f images/s, %.0f%% of the time waiting for data",
+                epoch + 1,
+                self.speed["images_per_s"],
+                100 * self.speed["data_wait_share"],
+            )
         means = (sums / n).tolist() if n else [math.nan] * len(LOSS_NAMES)
         return {f"train/mean_{k}": v for k, v in zip(LOSS_NAMES, means)}
 
@@ -293,8 +331,9 @@ class Trainer:
         quota = None
         if self.cfg.panel_positives is not None or self.cfg.panel_negatives is not None:
             quota = (self.cfg.panel_positives or 0, self.cfg.panel_negatives or 0)
-        result = self.evaluator.evaluate(dataset, split, panels=wanted, quota=quota,
-                                         stage="epoch" if split == "val" else "test")
+        result = self.evaluator.evaluate(
+            dataset, split, panels=wanted, quota=quota, stage="epoch" if split == "val" else "test"
+        )
         shown = result.chosen if result.chosen is not None else result.panels[: self.cfg.num_panels]
         self.tracker.log_panels(split, shown, epoch)
         if table:
@@ -354,9 +393,11 @@ class Trainer:
             self.resumed = {"from": str(path), "changed": config_changes(saved_cfg, new_cfg, path)}
             old_bs = saved_cfg["trainer"]["batch_size"]
             if state["batch_in_epoch"] and old_bs != self.cfg.batch_size:
-                raise ValueError(f"trainer.resume: {path} stopped mid-epoch (batch {state['batch_in_epoch']} of "
-                                 f"epoch {state['epoch']}) with trainer.batch_size={old_bs}; resume with that batch "
-                                 f"size, or from a checkpoint at an epoch boundary, to change it.")
+                raise ValueError(
+                    f"trainer.resume: {path} stopped mid-epoch (batch {state['batch_in_epoch']} of "
+                    f"epoch {state['epoch']}) with trainer.batch_size={old_bs}; resume with that batch "
+                    f"size, or from a checkpoint at an epoch boundary, to change it."
+                )
         self.gain.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -391,17 +432,22 @@ class Trainer:
         if wanted:
             indices = indices[:wanted]
         stop = len(indices) - len(indices) % bs if len(indices) > bs else len(indices)  # a batch of one breaks BN
-        batches = [indices[i:i + bs] for i in range(0, stop, bs)]
+        batches = [indices[i : i + bs] for i in range(0, stop, bs)]
         if self.batch_in_epoch:  # mid-epoch resume: skip what was done, continue the saved RNG stream
-            batches = batches[self.batch_in_epoch:]
+            batches = batches[self.batch_in_epoch :]
             if self._resume_rng is not None:
                 restore_rng(self._resume_rng)
                 self._resume_rng = None
         rt = self.runtime
         shards = [_shard(batch, rt.rank, rt.world_size) for batch in batches]
-        return StopSafeLoader(data, batch_sampler=shards, num_workers=self.cfg.workers,
-                              generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch)),
-                              persistent_workers=False, pin_memory=self.device.type == "cuda")
+        return StopSafeLoader(
+            data,
+            batch_sampler=shards,
+            num_workers=self.cfg.workers,
+            generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch)),
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
 
     @contextmanager
     def _signals(self) -> Iterator[None]:
@@ -431,7 +477,7 @@ def _shard(batch: list[int], rank: int, world: int) -> list[int]:
     """This process's contiguous share of a global batch (shares differ by at most one image)."""
     size, extra = divmod(len(batch), world)
     start = rank * size + min(rank, extra)
-    return batch[start:start + size + (rank < extra)]
+    return batch[start : start + size + (rank < extra)]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -4,6 +4,7 @@ Under several processes each one scores every W-th batch of the split (the batch
 one process), the per-batch results are gathered in batch order, and the metrics are computed from them exactly as
 one process would: every image counts once and the numbers equal a single-process run's.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def explanation_metrics(cfg: EvalMetricsSchema | None, stage: str) -> set[str]:
     """The ``trainer.eval_metrics`` that run at ``stage``: ``epoch`` ones at every evaluation, ``test`` ones at test."""
     if cfg is None:
         return set()
-    return {m for m in EXPLANATION_METRICS
-            if getattr(cfg, m) == "epoch" or (getattr(cfg, m) == "test" and stage == "test")}
+    return {
+        m for m in EXPLANATION_METRICS if getattr(cfg, m) == "epoch" or (getattr(cfg, m) == "test" and stage == "test")
+    }
 
 
 @dataclass
@@ -80,10 +82,22 @@ class Maps:
 class Evaluator:
     """Scores splits with the (unwrapped) GAIN module; ``workers`` DataLoader processes, ``progress`` bars."""
 
-    def __init__(self, gain: GAIN, loss: GAINLoss, data: DataSplits, runtime: Runtime, *, batch_size: int,
-                 workers: int, amp: bool, mean: tuple[float, ...], std: tuple[float, ...], progress: bool,
-                 memory_format: torch.memory_format = torch.contiguous_format,
-                 eval_metrics: EvalMetricsSchema | None = None) -> None:
+    def __init__(
+        self,
+        gain: GAIN,
+        loss: GAINLoss,
+        data: DataSplits,
+        runtime: Runtime,
+        *,
+        batch_size: int,
+        workers: int,
+        amp: bool,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        progress: bool,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        eval_metrics: EvalMetricsSchema | None = None,
+    ) -> None:
         self.gain, self.loss, self.data, self.runtime = gain, loss, data, runtime
         self.eval_metrics = eval_metrics  # trainer.eval_metrics: what runs when (None: none of them)
         self._explain: set[str] = set()  # the explanation metrics of the split being evaluated
@@ -97,8 +111,15 @@ class Evaluator:
         self.formulation = "per_label" if data.multi_label else None
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset, split: str, panels: int = 0,
-                 quota: tuple[int, int] | None = None, rows: bool = False, stage: str = "epoch") -> Evaluation:
+    def evaluate(
+        self,
+        dataset: Dataset,
+        split: str,
+        panels: int = 0,
+        quota: tuple[int, int] | None = None,
+        rows: bool = False,
+        stage: str = "epoch",
+    ) -> Evaluation:
         """Metrics of one split and the panels of its first ``panels`` images (and of its first positives and
         negatives, ``quota`` = (positives, negatives), on binary data); ``rows``: every image's results row too.
         ``stage``: ``epoch`` (a validation) or ``test``, which picks the ``eval_metrics`` that run."""
@@ -108,8 +129,12 @@ class Evaluator:
         n = len(dataset)
         batches = [list(range(b, min(b + self.batch_size, n))) for b in range(0, n, self.batch_size)]
         mine = list(range(rt.rank, len(batches), rt.world_size))
-        loader = StopSafeLoader(dataset, batch_sampler=[batches[b] for b in mine], num_workers=self.workers,
-                                pin_memory=rt.device.type == "cuda")
+        loader = StopSafeLoader(
+            dataset,
+            batch_sampler=[batches[b] for b in mine],
+            num_workers=self.workers,
+            pin_memory=rt.device.type == "cuda",
+        )
         results, left = [], [panels, *(quota or (0, 0))]  # still wanted here: first images, positives, negatives
         for b, batch in zip(mine, tqdm(loader, desc=f"eval {split}", disable=not self.progress, leave=False)):
             result = self._batch(b, batch, left, rows)
@@ -121,8 +146,12 @@ class Evaluator:
             pos = [p for p in made if p.positive][: quota[0]]
             neg = [p for p in made if not p.positive][: quota[1]]
             chosen = sorted(pos + neg, key=lambda p: p.index)
-        return Evaluation(self._metrics(results, split), [p for p in made if p.first][:panels], chosen,
-                          [row for r in results for row in r.rows] if rows else None)
+        return Evaluation(
+            self._metrics(results, split),
+            [p for p in made if p.first][:panels],
+            chosen,
+            [row for r in results for row in r.rows] if rows else None,
+        )
 
     @torch.no_grad()
     def batch_panels(self, batch: dict[str, Any], limit: int) -> list[Panel]:
@@ -183,8 +212,9 @@ class Evaluator:
         faith = self._faithfulness(batch, images, out, scored, valid) if index >= 0 else FaithfulnessMetrics()
         return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), faith, made, table)
 
-    def _faithfulness(self, batch: dict[str, Any], images: torch.Tensor, out: Any, scored: torch.Tensor,
-                      valid: torch.Tensor) -> FaithfulnessMetrics:
+    def _faithfulness(
+        self, batch: dict[str, Any], images: torch.Tensor, out: Any, scored: torch.Tensor, valid: torch.Tensor
+    ) -> FaithfulnessMetrics:
         """The batch's ``eval_metrics``: spurious-region energy (samples that mark the region; maps without any
         attention are skipped) and deletion /
         insertion AUC of the first ``eval_metrics.images`` images of the split, each curve following the class
@@ -198,20 +228,31 @@ class Evaluator:
             empty = (scored * valid).flatten(1).sum(dim=1) == 0
             faith.update_spurious(spurious_energy(scored, region, valid).masked_fill(empty, math.nan))
         if "deletion_insertion" in self._explain:
-            keep = batch["index"].to(scored.device)[out.image_index] < (cfg.images if cfg.images is not None
-                                                                        else math.inf)
+            keep = batch["index"].to(scored.device)[out.image_index] < (
+                cfg.images if cfg.images is not None else math.inf
+            )
             if keep.any():
                 explained = out.map_targets[keep]
-                classes = (explained * out.logits.float()[out.image_index][keep]).masked_fill(
-                    explained == 0, -math.inf).argmax(dim=1)
+                classes = (
+                    (explained * out.logits.float()[out.image_index][keep])
+                    .masked_fill(explained == 0, -math.inf)
+                    .argmax(dim=1)
+                )
 
                 def model_fn(x: torch.Tensor) -> torch.Tensor:
                     with self._amp():
                         return self.gain(x, attention=False).logits.float()
 
                 deletion, insertion = deletion_insertion(
-                    model_fn, images[out.image_index][keep], scored[keep], classes, cfg.steps, cfg.baseline,
-                    multi_label=self.data.multi_label, batch_size=max(len(images), 64))
+                    model_fn,
+                    images[out.image_index][keep],
+                    scored[keep],
+                    classes,
+                    cfg.steps,
+                    cfg.baseline,
+                    multi_label=self.data.multi_label,
+                    batch_size=max(len(images), 64),
+                )
                 faith.update(deletion, insertion)
         return faith
 
@@ -228,9 +269,12 @@ class Evaluator:
         faith = FaithfulnessMetrics()
         for r in results:
             faith.add(r.faith)
-        explained = {k: v for k, v in faith.compute().items()
-                     if ("deletion_insertion" in self._explain and k in ("faith_n", "deletion_auc", "insertion_auc"))
-                     or ("spurious_energy" in self._explain and k.startswith("spurious_"))}
+        explained = {
+            k: v
+            for k, v in faith.compute().items()
+            if ("deletion_insertion" in self._explain and k in ("faith_n", "deletion_auc", "insertion_auc"))
+            or ("spurious_energy" in self._explain and k.startswith("spurious_"))
+        }
         metrics = {**cls.compute(), **loc.compute(), **explained, "loss_cl": loss_sum / max(count, 1)}
         drops = torch.cat([r.drops for r in results]) if results else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(drops)) if drops.numel() else math.nan
@@ -258,27 +302,31 @@ class Evaluator:
             scores: dict[str, float] = {}
             if bool(masked[b]):
                 loc = LocalisationMetrics()
-                loc.update(scored[n:n + 1], truth[n:n + 1], valid[n:n + 1])
+                loc.update(scored[n : n + 1], truth[n : n + 1], valid[n : n + 1])
                 scores = loc.compute()
-            maps.setdefault(b, []).append({
-                "explains": [names[c] for c in explains[n].nonzero().flatten().tolist()],
-                "am_drop": jsonable(float(drop[n])),
-                "iou": jsonable(scores.get("loc_iou")),
-                "pointing": jsonable(scores.get("pointing_game")),
-            })
+            maps.setdefault(b, []).append(
+                {
+                    "explains": [names[c] for c in explains[n].nonzero().flatten().tolist()],
+                    "am_drop": jsonable(float(drop[n])),
+                    "iou": jsonable(scores.get("loc_iou")),
+                    "pointing": jsonable(scores.get("pointing_game")),
+                }
+            )
         rows = []
         for b in range(len(targets)):
             mine = maps.get(b, [])
-            rows.append({
-                "index": int(batch["index"][b]),
-                "true": [names[c] for c in targets[b].nonzero().flatten().tolist()],
-                "pred": [names[c] for c in pred[b].nonzero().flatten().tolist()],
-                "score": jsonable(float(probs[b].max())),
-                "probs": [jsonable(float(p)) for p in probs[b]],
-                "am_drop": _mean([m["am_drop"] for m in mine]),
-                "iou": _mean([m["iou"] for m in mine]),
-                "maps": mine,
-            })
+            rows.append(
+                {
+                    "index": int(batch["index"][b]),
+                    "true": [names[c] for c in targets[b].nonzero().flatten().tolist()],
+                    "pred": [names[c] for c in pred[b].nonzero().flatten().tolist()],
+                    "score": jsonable(float(probs[b].max())),
+                    "probs": [jsonable(float(p)) for p in probs[b]],
+                    "am_drop": _mean([m["am_drop"] for m in mine]),
+                    "iou": _mean([m["iou"] for m in mine]),
+                    "maps": mine,
+                }
+            )
         return rows
 
     def _panels(self, batch, out, scored, drop, truth, valid, has_mask, left: list[int]) -> list[Panel]:
@@ -307,20 +355,25 @@ class Evaluator:
             loc = LocalisationMetrics()
             gt = truth[n].cpu() if bool(has_mask[b]) else None
             if gt is not None:
-                loc.update(scored[n:n + 1].cpu(), gt.unsqueeze(0), valid[n:n + 1].cpu())  # as the split's loc_iou
-            panels.append(Panel(
-                index=int(batch["index"][b]),
-                image=denormalise(batch["image"][b], self.mean, self.std),
-                attention=scored[n].cpu(), mask=out.mask[n].float().cpu(),
-                masked_image=denormalise(masked, self.mean, self.std), gt_mask=gt,
-                true_classes=[names[c] for c in batch["target"][b].nonzero().flatten().tolist()],
-                pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
-                explained=", ".join(names[c] for c in out.map_targets[n].nonzero().flatten().tolist()),
-                score=float(probs[b].max()),
-                am_drop=float(drop[n]),
-                iou=loc.compute().get("loc_iou"),
-                positive=positive, first=first,
-            ))
+                loc.update(scored[n : n + 1].cpu(), gt.unsqueeze(0), valid[n : n + 1].cpu())  # as the split's loc_iou
+            panels.append(
+                Panel(
+                    index=int(batch["index"][b]),
+                    image=denormalise(batch["image"][b], self.mean, self.std),
+                    attention=scored[n].cpu(),
+                    mask=out.mask[n].float().cpu(),
+                    masked_image=denormalise(masked, self.mean, self.std),
+                    gt_mask=gt,
+                    true_classes=[names[c] for c in batch["target"][b].nonzero().flatten().tolist()],
+                    pred_classes=[names[c] for c in pred[b].nonzero().flatten().tolist()],
+                    explained=", ".join(names[c] for c in out.map_targets[n].nonzero().flatten().tolist()),
+                    score=float(probs[b].max()),
+                    am_drop=float(drop[n]),
+                    iou=loc.compute().get("loc_iou"),
+                    positive=positive,
+                    first=first,
+                )
+            )
         return panels
 
 

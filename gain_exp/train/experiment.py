@@ -70,13 +70,24 @@ def build_experiment(
     with runtime.main_first():  # caches (e.g. generated shapes) are written once, then read by the others
         data = instantiate_user(cfg.dataset, mean=mean, std=std, seed=plan.seed, batch_size=plan.trainer.batch_size)
     plan = plan.with_data(data, training)
-    model = create_backbone(cfg.backbone.name, num_classes=data.num_classes, pretrained=cfg.backbone.pretrained,
-                            weights_file=cfg.backbone.weights_file, **cfg.backbone.kwargs)
+    model = create_backbone(
+        cfg.backbone.name,
+        num_classes=data.num_classes,
+        pretrained=cfg.backbone.pretrained,
+        weights_file=cfg.backbone.weights_file,
+        **cfg.backbone.kwargs,
+    )
     model = (prepare_model(model) if prepare_model else model).to(runtime.device)
     if plan.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    gain = instantiate_user(cfg.gain, model=model, grad_layer=cfg.backbone.grad_layer, multi_label=data.multi_label,
-                            pixel_mean=mean, pixel_std=std)
+    gain = instantiate_user(
+        cfg.gain,
+        model=model,
+        grad_layer=cfg.backbone.grad_layer,
+        multi_label=data.multi_label,
+        pixel_mean=mean,
+        pixel_std=std,
+    )
     if plan.trainer.compile:  # training and every reload of a run alike
         compile_gain(gain, plan.trainer.compile_backend)
     loss = instantiate_user(cfg.loss, multi_label=data.multi_label, negative_class=data.negative_class)
@@ -93,5 +104,3 @@ def instantiate_user(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(err.__cause__, USER_ERRORS):
             raise err.__cause__ from None
         raise
-
-

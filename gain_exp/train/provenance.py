@@ -1,5 +1,6 @@
 """What a run records about where it came from: composed config, Hydra choices and overrides, code version, thread
 count. summary.json, checkpoints and the W&B config all carry the same record, so any of them can re-run the job."""
+
 from __future__ import annotations
 
 import platform
@@ -18,10 +19,17 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the source tree (None outside a git checkout)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
         return {"commit": sha, "dirty": bool(status)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -41,8 +49,9 @@ def hydra_context() -> dict[str, Any]:
         return {}
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
-    config_dirs = [s.path for s in hc.runtime.config_sources
-                   if s.provider == "command-line" and s.schema == "file"]  # --config-dir (e.g. sweeps/)
+    config_dirs = [
+        s.path for s in hc.runtime.config_sources if s.provider == "command-line" and s.schema == "file"
+    ]  # --config-dir (e.g. sweeps/)
     return {
         "choices": choices,
         "overrides": [str(o) for o in hc.overrides.task],
@@ -59,8 +68,12 @@ def versions() -> dict[str, str]:
     import timm
     import torch
 
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
-            "gain_exp": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
+        "gain_exp": __version__,
+    }
 
 
 def run_record(cfg: DictConfig) -> dict[str, Any]:

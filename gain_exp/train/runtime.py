@@ -8,6 +8,7 @@ Launch: ``torchrun --nproc_per_node=N -m gain_exp.run ...`` sets RANK / WORLD_SI
 SLURM job with several tasks (``+launcher=slurm hydra.launcher.tasks_per_node=N``) gets them from submitit.
 ``gloo`` serves CPU tensors and ``nccl`` CUDA ones, chosen from the device.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -7,7 +7,11 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, S
 
 
 def warmup_cosine(
-    optimizer: torch.optim.Optimizer, T_max: int, warmup_epochs: int = 1, start_factor: float = 0.1, eta_min: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    T_max: int,
+    warmup_epochs: int = 1,
+    start_factor: float = 0.1,
+    eta_min: float = 0.0,
 ) -> LRScheduler:
     """A linear warm-up from ``start_factor`` x lr over ``warmup_epochs``, then a cosine decay to ``eta_min`` over
     the remaining ``T_max - warmup_epochs`` epochs (torch's LinearLR then CosineAnnealingLR)."""

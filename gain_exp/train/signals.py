@@ -7,6 +7,7 @@ save. So workers ignore the stop signals, and they hold them blocked from the mo
 lands before a worker has set itself to ignore them (between PyTorch's own worker setup and ``worker_init_fn``) waits,
 and is then discarded.
 """
+
 from __future__ import annotations
 
 import os

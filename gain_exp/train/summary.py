@@ -45,8 +45,11 @@ class RunSummary:
             elif err is not None:
                 status = "diverged" if isinstance(err, Diverged) else "failed"
                 reason = str(err) if isinstance(err, (Diverged, *USER_ERRORS)) else f"{type(err).__name__}: {err}"
-                self.summary = (self._summary(self._last(), status) if self.trainer is not None
-                                else {"status": status, **self.record})
+                self.summary = (
+                    self._summary(self._last(), status)
+                    if self.trainer is not None
+                    else {"status": status, **self.record}
+                )
                 self.summary["error"] = reason.splitlines()[0] if reason else type(err).__name__
         finally:
             self._write()
