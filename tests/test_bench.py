@@ -75,6 +75,7 @@ def test_bad_variant_is_a_usage_error(capsys):
     assert exc.value.code == 2 and "plain, batch, per_label, reference" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compile_gives_numbers_or_na_never_a_traceback(capsys, one_thread):
     """torch.compile on a tiny model. aot_eager runs Dynamo + AOTAutograd (which decides double backward) without
     inductor's C++ build, which takes minutes on 2 cores; inductor goes through the same AOTAutograd check."""

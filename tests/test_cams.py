@@ -58,6 +58,7 @@ def _tokens_to_grid(prefix: int, h: int, w: int):
     return lambda t: t[:, prefix:, :].reshape(t.size(0), h, w, t.size(2)).permute(0, 3, 1, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,layer,size", [("resnet18", "layer3", 64), ("convnext_tiny", "stages.1", 32)])
 def test_every_method_matches_pytorch_grad_cam_on_cnns(name, layer, size):
     # an inner layer: at the last map of a GAP + linear head, XGrad-CAM and HiResCAM equal Grad-CAM
@@ -192,6 +193,7 @@ def test_tokens_that_do_not_fill_the_patch_grid_say_which_grad_layer_to_set():
     assert out.attention.shape == (2, 32, 32)
 
 
+@pytest.mark.slow
 def test_gain_ext_trains_the_small_vit_recipe_on_shapes_through_the_app(tmp_path):
     from conftest import compose
 

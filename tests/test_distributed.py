@@ -26,6 +26,8 @@ from conftest import ROOT, compose
 
 from gain_exp.run import train
 
+pytestmark = pytest.mark.slow  # every test here starts processes (gloo) or runs torchrun
+
 COMBOS = [(f, g) for f in ("batch", "per_label") for g in ("full", "features", "frozen")]
 GLOBAL_BATCH, SIZE, K = 8, 32, 4
 

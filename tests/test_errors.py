@@ -138,6 +138,7 @@ def _app(args: list[str], cwd, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_app_and_cfg_job_and_multirun_stop_with_one_line_and_exit_2(tmp_path):
     for args in (
         ["--cfg", "job", "trainer.batch_size=true"],
@@ -149,6 +150,7 @@ def test_app_and_cfg_job_and_multirun_stop_with_one_line_and_exit_2(tmp_path):
     assert not list(tmp_path.rglob("summary.json"))  # the sweep stopped before its first job
 
 
+@pytest.mark.slow
 def test_hydra_full_error_set_by_the_user_gives_the_full_trace(tmp_path):
     proc = _app(["seed=abc"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr

@@ -66,6 +66,7 @@ def _val_history(run: Path) -> dict[int, dict]:
     return {r["epoch"]: {k: v for k, v in r.items() if k.startswith("val/")} for r in rows if "val/acc" in r}
 
 
+@pytest.mark.slow
 def test_the_same_checkpoint_gives_exactly_the_runs_test_metrics(finished, default_eval):
     summary = _summary(finished)
     assert summary["tested_on"] == {"checkpoint": "best", "epoch": 0}

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 from conftest import ROOT, compose, tiny_overrides
 
@@ -129,6 +130,7 @@ def _check_left_files(out: Path, what: str) -> None:
         json.loads(line)  # a kill never leaves half a line
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     base = tiny_overrides(tmp_path) + ["trainer.workers=0"]
     full_dir = tmp_path / "full"

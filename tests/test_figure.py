@@ -76,6 +76,7 @@ def _samples(experiment, indices: list[int]) -> dict:
     return default_collate([dataset[i] for i in indices])
 
 
+@pytest.mark.slow
 def test_the_grid_has_the_images_then_a_row_per_run_and_a_column_per_image(runs, tmp_path, capsys):
     png, record = _cli(tmp_path, str(runs[0]), str(runs[1]), "--split", SPLIT, "--indices", "5,0,7")
     image = Image.open(png)

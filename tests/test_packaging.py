@@ -56,6 +56,7 @@ def _gain_exp(target: Path, args: list[str], cwd: Path) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_runs_one_epoch_from_another_directory(installed, tmp_path):
     where = _gain_exp(installed, ["run", "--cfg", "job", "+setting=gain"], cwd=tmp_path)
     assert where.returncode == 0, where.stderr[-3000:]
@@ -67,6 +68,7 @@ def test_a_non_editable_install_runs_one_epoch_from_another_directory(installed,
     assert str(installed) in (tmp_path / "outputs" / "one" / ".hydra" / "hydra.yaml").read_text()  # its own conf/
 
 
+@pytest.mark.slow
 def test_the_console_script_dispatches_and_completes(tmp_path):
     cli = [sys.executable, "-m", "gain_exp.cli"]
     env = {**ENV, "PYTHONPATH": str(ROOT)}

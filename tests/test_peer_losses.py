@@ -298,6 +298,7 @@ GROUP_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_every_option_of_the_other_groups_composes_with_a_peer_and_passes_the_checks(tmp_path):
     """Each backbone, dataset, formulation and grad mode once, the peers in turn (a compose costs ~0.7 s; the loss
     group sets only loss.* keys, so its composition does not depend on the other groups' choices)."""
@@ -382,6 +383,7 @@ def test_rrr_trains_a_vit_whose_fused_attention_has_no_double_backward(tmp_path,
     assert summary["status"] == "completed" and summary["final"]["train/mean_loss_e"] > 0
 
 
+@pytest.mark.slow
 def test_a_sweep_over_the_peers_runs_each_as_a_job(tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tmp_path) + [*SMALLER, f"hydra.sweep.dir={sweep}"]

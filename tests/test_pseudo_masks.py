@@ -225,6 +225,7 @@ def _iou_oracle(preds: list[np.ndarray], gts: list[np.ndarray], labels: int) -> 
     return float(np.mean(ious))
 
 
+@pytest.mark.slow
 def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, capsys):
     from gain_exp.runs.reload import load_experiment as load_run
 

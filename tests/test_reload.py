@@ -42,6 +42,7 @@ def finished(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 def test_the_saved_config_comes_back_with_new_overrides_on_top(finished):
     cfg = run_config(finished)
     assert (cfg.backbone.name, cfg.gain.sigma, cfg.trainer.epochs) == ("test_resnet", 0.4, 1)

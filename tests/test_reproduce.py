@@ -72,6 +72,7 @@ def _summary(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_single_run_reproduces_identically_from_another_directory(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
     assert main(["../runs/single", "--out", "rep"]) == 0
@@ -86,6 +87,7 @@ def test_a_single_run_reproduces_identically_from_another_directory(originals, m
     assert "| all | test_unbiased/acc |" in printed and "differs" not in printed
 
 
+@pytest.mark.slow
 def test_a_joblib_multirun_reproduces_job_by_job_as_single_runs(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
     assert main(["../multi", "--out", "rep_multi"]) == 0
@@ -99,6 +101,7 @@ def test_a_joblib_multirun_reproduces_job_by_job_as_single_runs(originals, monke
         assert after["hydra"]["config_dirs"] == [str(SWEEPS)]
 
 
+@pytest.mark.slow
 def test_a_table_spec_reproduces_and_a_tampered_committed_number_differs(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
     assert (
@@ -146,6 +149,7 @@ def test_a_single_job_spec_has_no_spread_so_any_difference_differs(monkeypatch, 
     )
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_commands_and_runs_nothing(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
     threads = _summary(originals / "multi" / "0")["threads"]
@@ -177,6 +181,7 @@ def test_user_errors_are_one_sentence_with_exit_2(tmp_path, monkeypatch, capsys,
     assert phrase in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""
 
 
+@pytest.mark.slow
 def test_an_old_run_without_provenance_keys_is_read_from_hydra_yaml(originals, tmp_path):
     old = tmp_path / "moved" / "1"  # its sweep dir was renamed since: named by where it is now
     shutil.copytree(originals / "multi" / "1", old)

@@ -52,6 +52,7 @@ def test_short_training_writes_every_artefact(tmp_path, tiny):
     assert not list(out.glob("**/*.tmp"))
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_same_metrics(tmp_path, tiny):
     a = train(compose(tiny), out_dir=tmp_path / "a")["final"]
     b = train(compose(tiny), out_dir=tmp_path / "b")["final"]
@@ -60,6 +61,7 @@ def test_same_config_and_seed_give_same_metrics(tmp_path, tiny):
     assert c != a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [3, 9])  # mid-epoch 0, and mid-epoch 1 after an epoch boundary
 def test_resumed_run_matches_uninterrupted(tmp_path, tiny, stop_after):
     full = train(compose(tiny), out_dir=tmp_path / "full")["final"]
@@ -99,6 +101,7 @@ def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_multirun_then_rerun_from_saved_config(tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tmp_path) + ["trainer.epochs=1", f"hydra.sweep.dir={sweep}"]
@@ -144,12 +147,14 @@ def test_bad_values_stop_with_one_sentence(tmp_path, tiny, override, phrase):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_app_prints_the_sentence_not_a_traceback(tmp_path):
     proc = _app(tiny_overrides(tmp_path) + ["gain.sigma=0", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: gain.sigma=0" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_group_option_lists_the_options(tmp_path):
     proc = _app(["backbone=resnet81", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert proc.returncode == 2
@@ -161,6 +166,7 @@ def test_unknown_group_option_lists_the_options(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     out = tmp_path / "r"
     args = tiny_overrides(tmp_path) + ["trainer.epochs=200", f"hydra.run.dir={out}"]
@@ -232,6 +238,7 @@ def test_a_resumed_run_hands_each_backend_its_saved_state(tmp_path, tiny):
     assert summary["tracking"]["mine"]["records"] == 3 + Counting.last.records
 
 
+@pytest.mark.slow
 def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step(tmp_path, tiny):
     out = tmp_path / "run"
     with pytest.raises(Interrupted):
@@ -250,6 +257,7 @@ def test_resuming_a_killed_run_in_place_cleans_temps_and_keeps_one_line_per_step
     ]
 
 
+@pytest.mark.slow
 def test_outputs_are_readable_by_the_group_as_the_umask_allows(tmp_path):
     # a fresh process: the file mode is taken from the umask when gain_exp.output.files is imported
     code = (
@@ -335,6 +343,7 @@ def test_a_failed_start_never_clobbers_a_finished_run_and_a_crash_says_failed(tm
     assert summary["status"] == "failed" and summary["error"] == "RuntimeError: CUDA error: an illegal memory access"
 
 
+@pytest.mark.slow
 def test_the_app_exits_non_zero_on_divergence(tmp_path):
     args = tiny_overrides(tmp_path) + ["trainer.optimizer.lr=1e6", "loss=baseline", f"hydra.run.dir={tmp_path / 'r'}"]
     proc = _app(args, cwd=tmp_path)
@@ -420,6 +429,7 @@ def test_resume_refuses_what_defines_the_experiment_in_one_sentence(tmp_path, ti
         train(compose(tiny + [f"trainer.resume={tmp_path / 'cut'}", override]), out_dir=tmp_path / "r")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path, tiny):
     # what scancel and preemption do: SIGTERM to every process of the job, DataLoader workers included
     out = tmp_path / "r"
@@ -449,6 +459,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     assert resumed["final"] == full["final"]
 
 
+@pytest.mark.slow
 def test_channels_last_trains_the_same_and_the_summary_reports_speed(tmp_path, tiny):
     plain = train(compose(tiny + ["trainer.epochs=1"]), out_dir=tmp_path / "plain")
     last = train(compose(tiny + ["trainer.epochs=1", "trainer.channels_last=true"]), out_dir=tmp_path / "cl")
@@ -457,6 +468,7 @@ def test_channels_last_trains_the_same_and_the_summary_reports_speed(tmp_path, t
     assert speed["images_per_s"] > 0 and 0 <= speed["data_wait_share"] < 1 and speed["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_compile_trains_like_eager_and_checkpoints_load_uncompiled(tmp_path, tiny):
     # aot_eager: the same graph capture as inductor (Dynamo + AOTAutograd) without a C++ toolchain
     run = tiny + ["trainer.epochs=1", "grad_mode=features"]

@@ -81,6 +81,7 @@ def _option_configs() -> Iterator[tuple[str, DictConfig]]:
             yield f"{group}={option}", compose([f"{group}={option}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group,option", OPTIONS)
 def test_every_group_option_composes_typed_and_complete(group, option):
     cfg = compose([f"{group}={option}"])
@@ -91,6 +92,7 @@ def test_every_group_option_composes_typed_and_complete(group, option):
         assert cfg.logger[name] is None or dataclasses.is_dataclass(OmegaConf.get_type(cfg.logger[name]))
 
 
+@pytest.mark.slow
 def test_yaml_values_match_python_signature_defaults_except_the_allowed_differences():
     seen: set[tuple[str, str]] = set()
     problems = []

@@ -41,6 +41,7 @@ def test_cl_weight_scales_the_classification_term_and_zero_leaves_it_out_of_the_
         GAINLoss(multi_label=False, cl_weight=-1)
 
 
+@pytest.mark.slow
 def test_test_first_logs_every_split_before_the_first_step_once(tmp_path, tiny):
     out = tmp_path / "r"
     summary = train(compose(tiny + ["trainer.test_first=true", "trainer.epochs=1"]), out_dir=out)
@@ -54,6 +55,7 @@ def test_test_first_logs_every_split_before_the_first_step_once(tmp_path, tiny):
     assert [r["epoch"] for r in _records(out) if r.get("epoch") == -1] == [-1]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_keeps_those_epochs_and_a_run_resumes_from_one(tmp_path, tiny):
     whole = train(compose(tiny + ["trainer.epochs=3", "trainer.checkpoint_every=2"]), out_dir=tmp_path / "whole")
     kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir())
@@ -67,6 +69,7 @@ def test_checkpoint_every_keeps_those_epochs_and_a_run_resumes_from_one(tmp_path
     assert again["final"]["val/loss_cl"] == whole["final"]["val/loss_cl"]
 
 
+@pytest.mark.slow
 def test_training_panels_appear_at_the_asked_steps_for_every_loss(tmp_path, tiny):
     for loss in ("baseline", "gain_ext"):
         out = tmp_path / loss
@@ -75,6 +78,7 @@ def test_training_panels_appear_at_the_asked_steps_for_every_loss(tmp_path, tiny
         assert steps == ["train_step000004.png", "train_step000008.png", "train_step000012.png"], loss  # 12 steps
 
 
+@pytest.mark.slow
 def test_steps_per_epoch_sets_the_epoch_length_for_any_dataset(tmp_path, tiny):
     for steps in (4, 10):  # fewer than one pass (6 batches), and more (a second pass in a fresh order)
         out = tmp_path / str(steps)

@@ -32,6 +32,7 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (SWEEPS / group).glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _options("sweep"))
 def test_every_sweep_composes_and_each_swept_value_is_a_valid_override(name):
     cfg = compose_with_sweeps([f"+sweep={name}"], hydra_config=True)
@@ -64,6 +65,7 @@ def test_paper_table_settings_differ_only_in_loss_and_mask_budget():
     assert [seen[f"gain_ext_{p}pct"][2] for p in (2, 5, 10)] == [0.02, 0.05, 0.1]
 
 
+@pytest.mark.slow
 def test_wandb_sweep_spec_composes_and_sweeps_no_config_section():
     spec = yaml.safe_load((SWEEPS / "wandb_sweep.yaml").read_text())
     command = spec["command"]
@@ -112,6 +114,7 @@ def _jobs(sweep_dir: Path) -> list[tuple[dict, dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_optuna_recipe_runs_its_trials_in_parallel_with_the_joblib_recipe(tmp_path):
     sweep_dir = tmp_path / "optuna"
     _sweep(
@@ -134,6 +137,7 @@ def test_optuna_recipe_runs_its_trials_in_parallel_with_the_joblib_recipe(tmp_pa
     assert best["best_value"] == max(s["final"]["val/acc"] for s, _ in jobs)
 
 
+@pytest.mark.slow
 def test_slurm_recipes_local_twin_runs_jobs_through_submitit(tmp_path):
     sweep_dir = tmp_path / "submitit"
     _sweep(["+launcher=submitit_local", "seed=3", f"hydra.sweep.dir={sweep_dir}", *_tiny(tmp_path)], tmp_path)

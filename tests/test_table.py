@@ -43,6 +43,7 @@ def make_run(
     return path
 
 
+@pytest.mark.slow
 def test_real_multirun_table_matches_the_runs_summaries(tmp_path, hydra_sweep_runner, hydra_restore_singletons, capsys):
     sweep_dir = tmp_path / "sweep"
     overrides = [

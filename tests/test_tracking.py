@@ -105,6 +105,7 @@ def test_wandb_offline_run_holds_metrics_config_images_table_and_checkpoint(tmp_
         assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_multirun_in_one_process_gives_one_wandb_run_per_job_in_one_group(
     tmp_path, hydra_sweep_runner, hydra_restore_singletons
 ):
@@ -410,6 +411,7 @@ class Recording(Tracker):
         return {"count": (self.resumed or {}).get("count", 0) + len(self.seen)}
 
 
+@pytest.mark.slow
 def test_an_interrupted_then_resumed_app_run_is_one_wandb_run_with_a_continuous_history(tmp_path):
     from gain_exp.train.engine import Interrupted
 
@@ -494,6 +496,7 @@ def test_the_server_probe_is_bounded_and_any_http_answer_counts_as_reachable():
         silent.close()
 
 
+@pytest.mark.slow
 def test_an_online_start_that_fails_after_the_probe_logs_offline_within_the_init_timeout(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
