@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -101,7 +100,8 @@ class Trainer:
         self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
         self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
-        self.best: dict[str, Any] = {"metric": cfg.monitor, "value": None, "epoch": None}
+        # which checkpoint files each epoch gets (last, best, every N) and the best epoch so far
+        self.checkpoints = CheckpointPolicy(self.ckpt_dir, cfg.monitor, cfg.monitor_mode, cfg.checkpoint_every)
         self.history: list[dict[str, float]] = []
         self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
         self.before_training: dict[str, float] | None = None  # trainer.test_first's metrics
@@ -341,11 +341,6 @@ class Trainer:
         return result.metrics
 
     # --------------------------------------------------------------------------- checkpoints
-    @cached_property
-    def checkpoints(self) -> CheckpointPolicy:
-        """Which checkpoint files each epoch gets, and the best epoch so far (made when __init__ sets ``best``)."""
-        return CheckpointPolicy(self.ckpt_dir, self.cfg.monitor, self.cfg.monitor_mode, self.cfg.checkpoint_every)
-
     @property
     def best(self) -> dict[str, Any]:
         """The best epoch so far, {"metric", "value", "epoch"}: the checkpoint policy's (saved, resumed, summarised)."""
