@@ -112,7 +112,7 @@ class Cell:
     original: Stats
     reproduced: Stats
     diff: float | None
-    verdict: str  # identical | within spread | differs | differs (n=1: no seed spread)
+    verdict: str  # identical | within spread | differs | differs (n=1: no seed spread) | failed
 
 
 def verdict(original: Stats, reproduced: Stats) -> tuple[float | None, str]:
@@ -133,11 +133,14 @@ def compare(source: Source, reproduced: Sequence[Run | None]) -> list[Cell]:
     index = {id(run): i for i, run in enumerate(source.runs)}
     cells = []
     for row in source.table.rows:
-        again = Row(row.values, [r for r in (reproduced[index[id(run)]] for run in row.runs) if r is not None])
+        rerun = [reproduced[index[id(run)]] for run in row.runs]
+        again = Row(row.values, [r for r in rerun if r is not None])
         for metric in source.table.metrics:
             original = _committed_stats(source.committed.get(row.values), metric) or row.stats(metric)
             new = again.stats(metric)
-            cells.append(Cell(row.values, metric, original, new, *verdict(original, new)))
+            # a row with a job that did not finish has no number to compare: it failed, it did not differ
+            outcome = (None, "failed") if None in rerun else verdict(original, new)
+            cells.append(Cell(row.values, metric, original, new, *outcome))
     return cells
 
 
@@ -200,14 +203,15 @@ def report(
             )
             + " |"
         )
-    counts = {v: sum(c.verdict == v for c in cells) for v in ("identical", "within spread")}
+    counts = {v: sum(c.verdict == v for c in cells) for v in ("identical", "within spread", "failed")}
     differ = len(cells) - sum(counts.values())
     status = 1 if differ or failed else 0
     lines += [
         "",
         (
             f"{counts['identical']} of {len(cells)} cells identical, {counts['within spread']} within the "
-            f"original's seed spread, {differ} differ."
+            f"original's seed spread, {differ} differ"
+            + (f", {counts['failed']} failed (a job did not finish)." if counts["failed"] else ".")
         ),
     ]
     record = {

@@ -154,3 +154,33 @@ def test_app_and_cfg_job_and_multirun_stop_with_one_line_and_exit_2(tmp_path):
 def test_hydra_full_error_set_by_the_user_gives_the_full_trace(tmp_path):
     proc = _app(["seed=abc"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigCompositionException" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe, group, option, plugin",
+    [
+        ("+launcher=joblib", "launcher", "joblib", "hydra-joblib-launcher"),
+        ("+launcher=slurm", "launcher", "submitit_slurm", "hydra-submitit-launcher"),
+        ("+sweep=optuna", "sweeper", "optuna", "hydra-optuna-sweeper"),
+    ],
+)
+def test_a_recipe_whose_hydra_plugin_is_not_installed_names_the_extra(monkeypatch, recipe, group, option, plugin):
+    # a plain `pip install gain-exp` has no sweep plugins: Hydra then only knows the basic launcher / sweeper
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the installed plugins register their configs: take this one away again
+    monkeypatch.delitem(ConfigStore.instance().repo["hydra"][group], f"{option}.yaml")
+    with pytest.raises(Exception) as caught:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            hydra_compose(
+                config_name="config",
+                overrides=[f"hydra.searchpath=[file://{ROOT / 'sweeps'}]", recipe],
+                return_hydra_config=True,
+            )
+    assert explain(caught.value) == (
+        f"hydra/{group}={option} needs the Hydra plugin {plugin}, which is not installed; install the sweep extras "
+        f"with pip install 'gain-exp[sweeps]' (or pip install {plugin})."
+    )

@@ -95,3 +95,38 @@ def test_the_console_script_dispatches_and_completes(tmp_path):
         cli + ["run", "-sc", "install=bash"], cwd=tmp_path, capture_output=True, text=True, env=env
     )
     assert "complete -o nospace -o default -F hydra_bash_completion" in install.stdout
+
+
+@pytest.mark.slow
+def test_reproduce_works_for_an_installed_package_from_another_directory(installed, tmp_path):
+    # a spec that ships inside the wheel, by name: its jobs compose from the installed sweeps/, not site-packages/sweeps
+    dry = _gain_exp(installed, ["reproduce", "readme_shapes", "--dry-run"], cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = [line for line in dry.stdout.splitlines() if "gain_exp.run" in line]
+    assert len(jobs) == 12 and all(f"--config-dir {installed / 'gain_exp' / 'sweeps'}" in job for job in jobs)
+
+    # a tiny spec made from a checkout, its job launched with --config-dir sweeps (a sweep recipe), re-run installed
+    original = tmp_path / "orig"
+    args = ["--config-dir", "sweeps", "+setting=gain", *tiny_overrides(tmp_path), "trainer.epochs=1"]
+    made = subprocess.run(
+        [sys.executable, "-m", "gain_exp.run", *args, f"hydra.run.dir={original}"],
+        cwd=ROOT,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    spec = tmp_path / "tiny.yaml"
+    saved = _gain_exp(installed, ["table", str(original), "--metrics", "val/acc", "--save-spec", str(spec)], tmp_path)
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    again = _gain_exp(installed, ["reproduce", str(spec), "--out", str(tmp_path / "rep")], cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "1 of 1 cells identical" in again.stdout
+
+    # a job that does not finish is reported as failed, not as a number that differs
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(spec.read_text().replace("trainer.epochs=1", "trainer.epochs=0"))
+    failed = _gain_exp(installed, ["reproduce", str(broken), "--out", str(tmp_path / "rep_broken")], cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "failed jobs" in failed.stdout and "| failed |" in failed.stdout and "0 differ, 1 failed" in failed.stdout

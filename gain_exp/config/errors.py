@@ -22,6 +22,13 @@ _EXPECTED = {
     "PathNode": ("a path", "path"),
 }
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+# (Hydra group, option) -> the plugin package that provides it: the ``sweeps`` extra of pyproject.toml
+PLUGINS = {
+    ("hydra/launcher", "joblib"): "hydra-joblib-launcher",
+    ("hydra/launcher", "submitit_local"): "hydra-submitit-launcher",
+    ("hydra/launcher", "submitit_slurm"): "hydra-submitit-launcher",
+    ("hydra/sweeper", "optuna"): "hydra-optuna-sweeper",
+}
 
 
 def explain(err: BaseException) -> str | None:
@@ -60,6 +67,12 @@ def _missing_option(err: MissingConfigException) -> str:
     if "/" not in missing or not options:
         return _one_line(str(err))
     group, name = missing.rsplit("/", 1)
+    plugin = PLUGINS.get((group, name))
+    if plugin is not None:  # a recipe naming a Hydra plugin that is not installed
+        return (
+            f"{group}={name} needs the Hydra plugin {plugin}, which is not installed; install the sweep extras with "
+            f"pip install 'gain-exp[sweeps]' (or pip install {plugin})."
+        )
     hint = _did_you_mean(name, options)
     return f"{group}={name}: group {group} has no option '{name}'{hint}; choose one of {', '.join(options)}."
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 import gain_exp
+from gain_exp.config.paths import SWEEPS_DIR
 from gain_exp.train.checkpoints import saved_tracking
 from gain_exp.train.provenance import SOURCE_ROOT
 
@@ -223,8 +224,9 @@ def package_root() -> Path:
 
 
 def sweeps_dir() -> Path:
-    """The package's own sweep recipes, used when a job's saved --config-dir no longer exists."""
-    return package_root() / "sweeps"
+    """The package's own sweep recipes, used when a job's saved --config-dir no longer exists: the checkout's
+    sweeps/, or the copy a wheel ships inside the package (config.paths)."""
+    return SWEEPS_DIR
 
 
 def config_dir(saved: str) -> Path:
