@@ -32,7 +32,7 @@ from gain_exp.train.engine import Diverged, Interrupted, Trainer
 from gain_exp.train.experiment import USER_ERRORS, build_experiment
 from gain_exp.train.provenance import resolved, run_record
 from gain_exp.train.runtime import Runtime, close_runtime, init_runtime, launched_processes, share_start_time
-from gain_exp.train.summary import RunSummary
+from gain_exp.train.summary import RunSummary, final_report
 
 log = logging.getLogger("gain_exp")
 
@@ -94,6 +94,14 @@ def _saved_run(args: list[str]) -> list[str]:
         f"{saved.parent}` also compares the numbers)",
         file=sys.stderr,
     )
+    if job.threads and job.threads != torch.get_num_threads():
+        # CPU results are bit-identical only at one thread count: use the saved one, as gain-exp reproduce does
+        print(
+            f"note: using the run's {job.threads} torch thread(s), not this machine's {torch.get_num_threads()}, so "
+            f"its numbers come out the same",
+            file=sys.stderr,
+        )
+        torch.set_num_threads(job.threads)
     return job.app_args([a for i, a in enumerate(args) if i not in drop])
 
 
@@ -159,9 +167,7 @@ def task(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except USER_ERRORS as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {err}", 2)
     except Interrupted as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         if stop.signum not in (None, 0, signal.SIGINT, signal.SIGTERM):
@@ -172,15 +178,25 @@ def task(cfg: DictConfig) -> float | None:
                 requeue(stop.signum, None)
         sys.exit(130)
     except Diverged as err:
-        log.error("diverged: %s", err)
-        print(f"error: training diverged: {err}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _fail(f"error: training diverged: {err}", None)
             return math.nan  # the other jobs of the sweep go on; sweepers read NaN as a failed trial
-        sys.exit(3)
+        _fail(f"error: training diverged: {err}", 3)
     value = summary["final"].get(summary["optimize_metric"])
     if (launched_processes() or (0,))[0] == 0:  # the main process reports
-        print(f"done: {summary['optimize_metric']}={value}  results in {out_dir}")
+        print(final_report(summary, Path(out_dir)))
     return value
+
+
+def _fail(sentence: str, status: int | None) -> None:
+    """``sentence`` once on the console (stderr) and once in the run's log file, then exit with ``status``."""
+    print(sentence, file=sys.stderr)
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (sentence,), None)
+    for handler in logging.getLogger().handlers:  # Hydra's job logging: a console handler and run.log
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    if status is not None:
+        sys.exit(status)
 
 
 _hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)

@@ -94,8 +94,10 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, tiny):
     assert summary["epochs_completed"] == 1
 
 
-def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _app(args: list[str], cwd: Path, threads: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return subprocess.run(
         [sys.executable, "-m", "gain_exp.run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -105,7 +107,7 @@ def _app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_multirun_then_rerun_from_saved_config(tmp_path):
     sweep = tmp_path / "sweep"
     args = tiny_overrides(tmp_path) + ["trainer.epochs=1", f"hydra.sweep.dir={sweep}"]
-    proc = _app(["-m", "loss=baseline,gain", *args], cwd=tmp_path)
+    proc = _app(["-m", "loss=baseline,gain", *args], cwd=tmp_path, threads=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists())
     assert len(jobs) == 2
@@ -115,11 +117,50 @@ def test_multirun_then_rerun_from_saved_config(tmp_path):
 
     rerun = tmp_path / "rerun"
     saved = os.path.relpath(jobs[0] / ".hydra", tmp_path)  # relative, as the README writes it
-    proc = _app(["--config-path", saved, "--config-name", "config", f"hydra.run.dir={rerun}"], cwd=tmp_path)
+    # on a machine (here: a process) with another thread count, the saved one is used, as reproduce does
+    proc = _app(["--config-path", saved, "--config-name", "config", f"hydra.run.dir={rerun}"], cwd=tmp_path, threads=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: using the run's 1 torch thread(s), not this machine's 2" in proc.stderr
     again = json.loads((rerun / "summary.json").read_text())
+    assert again["threads"] == summaries[0]["threads"] == 1
     assert again["final"] == summaries[0]["final"]
     assert again["choices"] == summaries[0]["choices"] and again["overrides"] == summaries[0]["overrides"]
+
+
+@pytest.mark.slow
+def test_an_error_after_the_start_is_printed_once_and_kept_in_run_log(tmp_path):
+    out = tmp_path / "r"
+    proc = _app([*tiny_overrides(tmp_path), "dataset.masks_to_use=0", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    sentence = "loss.ex_weight=1.0 needs pixel masks but dataset.masks_to_use=0"
+    assert (proc.stdout + proc.stderr).count(sentence) == 1 and f"error: {sentence}" in proc.stderr
+    assert (out / "run.log").read_text().count(sentence) == 1
+
+
+@pytest.mark.slow
+def test_a_finished_run_ends_with_what_it_measured_and_which_weights(tmp_path):
+    out = tmp_path / "r"
+    args = [*tiny_overrides(tmp_path), "trainer.epochs=3", "trainer.monitor_mode=min", f"hydra.run.dir={out}"]
+    proc = _app(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    best = summary["tested_on"]["epoch"]
+    # the summary says which weights each split's numbers come from; the test panels are named by that epoch
+    assert summary["weights"]["val"] == {"checkpoint": "last", "epoch": 2}
+    assert summary["weights"]["test_unbiased"] == {"checkpoint": "best", "epoch": best} == summary["tested_on"]
+    assert (out / "attention" / f"test_unbiased_epoch{best:03d}.png").is_file()
+    lines = proc.stdout.strip().splitlines()
+    table = lines[[i for i, line in enumerate(lines) if line.startswith("done: ")][-1] :]
+    assert len(table) == 7  # done, header, rule, val, test_biased, test_unbiased, view
+    final = summary["final"]
+    assert table[0] == f"done: val/acc={final['val/acc']:.3f}  results in {out}"
+    assert table[1].startswith("| split | weights | acc | loc_iou | pointing_game |")
+    assert table[3].startswith(f"| val | last, after epoch 3 | {final['val/acc']:.3f} | {final['val/loc_iou']:.3f} |")
+    assert table[5].startswith(
+        f"| test_unbiased | best, after epoch {best + 1} | {final['test_unbiased/acc']:.3f} | "
+        f"{final['test_unbiased/loc_iou']:.3f} |"
+    )
+    assert table[-1].startswith(f"view: {out / 'attention'}")
 
 
 @pytest.mark.parametrize(

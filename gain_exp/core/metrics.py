@@ -10,6 +10,9 @@ import torchmetrics.functional.classification as tmf
 
 NAN = float("nan")
 
+# what a GAIN user watches, per split, in the order shown: classification, then where the attention is
+HEADLINE = ("acc", "mAP", "loc_iou", "pointing_game", "energy_pg", "spurious_energy", "deletion_auc", "insertion_auc")
+
 
 class ClassificationMetrics:
     """Epoch-level classification metrics as a flat dict of floats with stable key names.

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from gain_exp.core.losses import LOSS_NAMES
+from gain_exp.core.metrics import HEADLINE
 from gain_exp.output.files import load_state
 from gain_exp.tracking import Tracker
 from gain_exp.train.checkpoints import (
@@ -171,7 +172,8 @@ class Trainer:
             for name, split in self.data.tests.items():
                 if self._stopping():  # last.ckpt already holds the finished training: resume only tests
                     raise Interrupted(self.ckpt_dir / "last.ckpt", self._stop_signal)
-                tests.update(self.evaluate(split, name, self.epoch - 1, table=True))
+                # named by the epoch of the weights that drew them (the best epoch's, under test_on=best)
+                tests.update(self.evaluate(split, name, self.tested_on["epoch"], table=True))
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
@@ -486,6 +488,6 @@ def _seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 
 
 def _brief(record: dict[str, float]) -> str:
-    keys = [k for k in record if k.startswith("val/") and "/" not in k[4:]][:6]
-    keys = ["train/mean_loss"] + keys
+    """The epoch's console line: the training loss and what a GAIN user watches on val (HEADLINE)."""
+    keys = ["train/mean_loss", *(f"val/{m}" for m in HEADLINE)]
     return "  ".join(f"{k}={record[k]:.4f}" for k in keys if isinstance(record.get(k), float))

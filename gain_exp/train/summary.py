@@ -12,11 +12,46 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gain_exp.core.metrics import HEADLINE
 from gain_exp.output.files import jsonable, write_json
 from gain_exp.tracking import Tracker
 from gain_exp.train.engine import Diverged, Interrupted, Trainer
 from gain_exp.train.experiment import USER_ERRORS
 from gain_exp.train.provenance import resolved
+
+
+def final_report(summary: dict[str, Any], out_dir: Path) -> str:
+    """What a finished run measured, for the console: each split's headline metrics (rounded), which weights each
+    row is from, where the results are and how to view them."""
+    final, tested = summary.get("final") or {}, summary.get("tested_on") or {}
+    splits = list(dict.fromkeys(k.split("/", 1)[0] for k in final if "/" in k and not k.startswith("train/")))
+    columns = [m for m in HEADLINE if any(f"{s}/{m}" in final for s in splits)]
+    weights = summary.get("weights") or {}
+    rows = ["| split | weights | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for split in splits:
+        used = weights.get(split) or tested
+        epoch = "-" if used.get("epoch") is None else used["epoch"] + 1  # 1-based, as the epoch lines count
+        cells = [_rounded(final.get(f"{split}/{m}")) for m in columns]
+        rows.append(f"| {split} | {used.get('checkpoint')}, after epoch {epoch} | " + " | ".join(cells) + " |")
+    metric = summary.get("optimize_metric")
+    lines = [f"done: {metric}={_rounded(final.get(metric))}  results in {out_dir}", *rows]
+    wandb = (summary.get("tracking") or {}).get("wandb") or {}
+    view = f"view: {out_dir / 'attention'} (panels), {out_dir / 'summary.json'}"
+    if wandb.get("run_id"):
+        view += f"; W&B run {wandb['run_id']}"
+    return "\n".join([*lines, view])
+
+
+def _weights(final: dict[str, float], trainer: Trainer) -> dict[str, dict[str, Any]]:
+    """{split: {"checkpoint", "epoch"}} for the splits in ``final``: train and val from the last epoch's weights,
+    the test splits from the weights ``trainer.test_on`` chose (epochs 0-based, as in ``tested_on``)."""
+    last = {"checkpoint": "last", "epoch": final.get("epoch")}
+    splits = dict.fromkeys(k.split("/", 1)[0] for k in final if "/" in k)
+    return {s: dict(trainer.tested_on) if s in trainer.data.tests else last for s in splits}
+
+
+def _rounded(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
 class RunSummary:
@@ -77,6 +112,7 @@ class RunSummary:
             "final": {k: jsonable(v) for k, v in final.items()},
             "best": trainer.best,
             "tested_on": trainer.tested_on,
+            "weights": _weights(final, trainer),  # which weights each split's numbers in "final" come from
             "before_training": trainer.before_training,  # trainer.test_first: metrics of the initial weights
             "speed": trainer.speed,  # the last epoch's training images/s over all processes and data-wait share
             "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
