@@ -32,6 +32,7 @@ from gain_exp.runs.rundir import (
     sweeps_dir,
 )
 from gain_exp.runs.tables import Row, Run, Table, build_table, completed_runs, read_spec, spec_runs
+from gain_exp.tracking.wandb import REPRODUCING
 
 TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
 
@@ -77,7 +78,9 @@ def load_source(text: str) -> Source:
     return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))
 
 
-def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False) -> list[Run | None]:
+def run_jobs(
+    jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False, label: str = "jobs"
+) -> list[Run | None]:
     """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order."""
 
     def one(numbered: tuple[int, Job]) -> Run | None:
@@ -87,6 +90,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = F
             print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
             return read_run(dest) if _summary_status(dest) == "completed" else None
         argv, env = job.command(dest)
+        env[REPRODUCING] = label  # the re-runs' W&B runs: group reproduce/<label>, apart from the originals
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(dest / "reproduce.log", "w") as log:
@@ -289,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reproducing {len(source.jobs)} job(s) of {args.source} in {out}", file=sys.stderr)
-    reproduced = run_jobs(source.jobs, out, args.jobs, args.resume)
+    reproduced = run_jobs(source.jobs, out, args.jobs, args.resume, source.name)
     text, record, status = report(source, args.source, out, compare(source, reproduced), reproduced)
     print(text, end="")
     (out / "comparison.md").write_text(text)

@@ -236,3 +236,18 @@ def test_a_config_dir_that_is_gone_falls_back_to_the_package_sweeps(tmp_path):
 )
 def test_verdicts(original, again, expected):
     assert verdict(original, again)[1] == expected
+
+
+def test_reproduce_labels_every_rerun_for_wandb(tmp_path, monkeypatch):
+    from gain_exp import reproduce as tool
+
+    seen = []
+
+    def fake_run(argv, env, **kwargs):
+        seen.append(env.get("GAIN_EXP_REPRODUCING"))
+        return subprocess.CompletedProcess(argv, 1)
+
+    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+    jobs = [Job(name=f"sweep/{i}", overrides=["seed=0"]) for i in range(2)]
+    assert tool.run_jobs(jobs, tmp_path, label="readme_shapes") == [None, None]
+    assert seen == ["readme_shapes", "readme_shapes"]

@@ -547,3 +547,13 @@ def test_a_start_that_logs_nothing_leaves_metrics_jsonl_as_it_was(tmp_path):
     resumed.log_metrics({"x": 1.0}, 2)
     assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2, "x": 1.0}']
     assert resumed.state()["bytes"] == path.stat().st_size
+
+
+def test_a_reproduced_job_gets_its_own_wandb_group_apart_from_the_originals(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAIN_EXP_REPRODUCING", "readme_shapes")  # what gain_exp.reproduce sets for its re-runs
+    out = tmp_path / "run"
+    cfg = compose(_one_epoch(tmp_path, "logger=wandb", "logger.wandb.mode=offline", "logger.wandb.tags=[paper]"))
+    app.train(cfg, out_dir=out)
+    [run] = offline_runs(out / "wandb")
+    assert run.group == "reproduce/readme_shapes" and run.job_type == "reproduce"
+    assert run.tags == ["paper", "reproduce"]

@@ -105,6 +105,7 @@ class WandbTracker(Tracker):
         if self.mode == "disabled":
             return
         hydra_group, hydra_name, choices = _hydra_job_context()
+        group, job_type, tags = reproduction_labels(group or hydra_group, job_type, list(tags or []))
         in_wandb_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))  # the agent's project/entity must win
         config = {
             **run_config,
@@ -120,9 +121,9 @@ class WandbTracker(Tracker):
                 wandb.init,
                 project=None if in_wandb_sweep else project,
                 entity=None if in_wandb_sweep else entity,
-                group=group or hydra_group,
+                group=group,
                 job_type=job_type,
-                tags=list(tags or []),
+                tags=tags,
                 name=name or hydra_name or self.out_dir.name,
                 config=config,
                 dir=str(self.out_dir),
@@ -272,6 +273,18 @@ class WandbTracker(Tracker):
                 run.finish(exit_code=1)
             except Exception:  # noqa: BLE001 - already failing; the warning above is the one message
                 pass
+
+
+REPRODUCING = "GAIN_EXP_REPRODUCING"  # set by gain_exp.reproduce for its re-runs: the source's name
+
+
+def reproduction_labels(group: str | None, job_type: str, tags: list[str]) -> tuple[str | None, str, list[str]]:
+    """A job re-run by ``gain-exp reproduce`` goes to the W&B group ``reproduce/<source>`` with job type
+    ``reproduce`` and the tag ``reproduce``, so the re-runs are told apart from the originals in the same project."""
+    source = os.environ.get(REPRODUCING)
+    if not source:
+        return group, job_type, tags
+    return f"reproduce/{source}", "reproduce", [*tags, "reproduce"]
 
 
 def wandb_mode(mode: str | None, sync_dir: str | os.PathLike | None = None) -> str:
