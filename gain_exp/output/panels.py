@@ -18,6 +18,11 @@ from gain_exp.output.files import atomic_write, jsonable
 SEPARATOR_PX = 2
 MIN_TILE_PX = 128  # auto-scaling target: 64 px images are unreadable at their own size
 NO_MASK_GREY = 0.35  # darker than a soft mask's midpoint, lighter than a mask's background
+COLUMNS = ("image", "attention", "soft mask T(A)", "masked image I*", "ground truth")  # a strip's tiles, in order
+NO_MASK_COLUMN = "no ground truth"  # the last column's label on a sheet where no image has a pixel mask
+PANEL_INFO = "gain_exp.panel"  # key in a strip's PIL ``info``: its tile size and whether it has a mask (for the header)
+HEADER_BG = (242, 242, 242)  # light grey, so the header row stands apart from the white caption rows
+_PAD = 4
 
 # matplotlib's "jet" as (position, value) knots per channel; sampled at 256 points below.
 _JET_KNOTS = (
@@ -110,17 +115,83 @@ def attention_panel(
         draw.text((left + tile_w / 2, tile_h / 2), "no mask", fill=(230, 230, 230), font=font, anchor="mm")
     if caption:
         panel = _add_caption(panel, caption, font)
+    panel.info[PANEL_INFO] = {"tile": (tile_w, tile_h), "has_mask": gt_mask is not None}
     return panel
 
 
+def panel_columns(has_mask: bool) -> tuple[str, ...]:
+    """The header labels of a strip's five columns; the last one names the grey tile drawn when there is no mask."""
+    return COLUMNS if has_mask else (*COLUMNS[:-1], NO_MASK_COLUMN)
+
+
+@dataclass(frozen=True)
+class HeaderLayout:
+    """Where a sheet's header draws, for a given tile size: font size, height, colour bar box."""
+
+    font_size: int
+    height: int
+    bar: tuple[int, int, int, int]  # (left, top, right, bottom) of the jet colour bar, right/bottom exclusive
+
+
+def header_layout(tile_w: int, tile_h: int) -> HeaderLayout:
+    """Labels in a row, one centred over each column; below the attention label, the overlay's jet scale as a bar
+    from 0 (left) to 1 (right), the map's normalised range. The font shrinks until every label fits its tile."""
+    room = tile_w - 2 * _PAD
+    size = max(12, tile_h // 12)
+    while size > 6:
+        font = _font(size)
+        digits = font.getlength("0") + font.getlength("1") + 4 * _PAD  # "0", gap, bar >= 2 * _PAD, gap, "1"
+        if max(font.getlength(label) for label in (*COLUMNS, NO_MASK_COLUMN)) <= room and digits <= room:
+            break
+        size -= 1
+    font = _font(size)
+    ascent, descent = font.getmetrics()
+    text_h = ascent + descent
+    bar_top = _PAD + text_h + _PAD // 2
+    left = tile_w + SEPARATOR_PX  # the attention column
+    bar = (
+        left + _PAD + math.ceil(font.getlength("0")) + _PAD // 2,
+        bar_top + text_h // 4,
+        left + tile_w - _PAD - math.ceil(font.getlength("1")) - _PAD // 2,
+        bar_top + text_h - text_h // 4,
+    )
+    return HeaderLayout(font_size=size, height=bar_top + text_h + _PAD, bar=bar)
+
+
+def panel_header(tile_w: int, tile_h: int, has_mask: bool, width: int | None = None) -> Image.Image:
+    """The header row of a sheet of strips with ``tile_w`` x ``tile_h`` tiles: column labels and the colour bar."""
+    layout = header_layout(tile_w, tile_h)
+    width = width or len(COLUMNS) * (tile_w + SEPARATOR_PX) - SEPARATOR_PX
+    header = Image.new("RGB", (width, layout.height), HEADER_BG)
+    draw = ImageDraw.Draw(header)
+    font = _font(layout.font_size)
+    for i, label in enumerate(panel_columns(has_mask)):
+        draw.text((i * (tile_w + SEPARATOR_PX) + tile_w / 2, _PAD), label, fill="black", font=font, anchor="ma")
+    x0, y0, x1, y1 = layout.bar
+    if x1 - x0 >= 2 and y1 > y0:  # tiles too small for a bar get the labels only
+        header.paste(to_pil(heatmap(torch.linspace(0.0, 1.0, x1 - x0).expand(y1 - y0, -1))), (x0, y0))
+    middle = (y0 + y1) / 2
+    draw.text((x0 - _PAD // 2, middle), "0", fill="black", font=font, anchor="rm")
+    draw.text((x1 + _PAD // 2, middle), "1", fill="black", font=font, anchor="lm")
+    return header
+
+
 def save_panels(panels: Sequence[Image.Image], path: str | os.PathLike) -> None:
-    """Stack panels vertically into one PNG at ``path``, written atomically."""
+    """Stack panels vertically into one PNG at ``path``, written atomically.
+
+    Strips from ``attention_panel`` get a header row above them: the column names (``panel_columns``) and the
+    overlay's colour bar, laid out for the first strip's tiles; other images are stacked as they are.
+    """
     if not panels:
         raise ValueError(f"save_panels got no panels to write to {path}; pass at least one.")
     width = max(p.width for p in panels)
-    height = sum(p.height for p in panels) + SEPARATOR_PX * (len(panels) - 1)
+    infos = [p.info[PANEL_INFO] for p in panels if PANEL_INFO in p.info]
+    header = panel_header(*infos[0]["tile"], has_mask=any(i["has_mask"] for i in infos), width=width) if infos else None
+    top = header.height if header is not None else 0
+    height = top + sum(p.height for p in panels) + SEPARATOR_PX * (len(panels) - 1)
     sheet = Image.new("RGB", (width, height), "white")
-    top = 0
+    if header is not None:
+        sheet.paste(header, (0, 0))
     for panel in panels:
         sheet.paste(panel, (0, top))
         top += panel.height + SEPARATOR_PX
@@ -162,6 +233,11 @@ def upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
 
 def to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(t.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _add_caption(panel: Image.Image, caption: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> Image.Image:
