@@ -41,7 +41,7 @@ docs: install
 bench: install
 	$(BIN)/python -m gain_exp.bench $(ARGS)
 
-# The README's GPU table on one NVIDIA device (no install: PYTHON=python3 where torch is already there):
+# The GPU table of docs/speed.md on one NVIDIA device (no install: PYTHON=python3 where torch is already there):
 # resnet50 and vgg16_bn, 224 px, batch 64; fp32, bf16, bf16 + channels_last, + compile; every grad mode under bf16.
 # Tables go to outputs/bench_gpu/<backbone>.md.
 PYTHON ?= $(BIN)/python

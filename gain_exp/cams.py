@@ -47,7 +47,7 @@ from gain_exp.core.gain import GAIN
 from gain_exp.data.base import IGNORE_INDEX, DataSplits
 from gain_exp.data.voc import VOC_CLASSES
 from gain_exp.output.files import atomic_write, jsonable, write_json
-from gain_exp.runs.reload import load_experiment
+from gain_exp.runs.reload import load_checked
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
 
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         options = _options(args)
-        experiment = load_experiment(args.run_dir, args.checkpoint, args.overrides, args.device)
+        experiment = load_checked(Path(args.run_dir), args.checkpoint, args.overrides, args.device)
         trainer = experiment.plan.trainer
         options.batch_size = args.batch_size or trainer.eval_batch_size or trainer.batch_size
         options.workers = trainer.workers

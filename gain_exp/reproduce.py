@@ -89,8 +89,7 @@ def run_jobs(
         if resume and (dest / "summary.json").is_file():
             print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
             return read_run(dest) if _summary_status(dest) == "completed" else None
-        argv, env = job.command(dest)
-        env[REPRODUCING] = label  # the re-runs' W&B runs: group reproduce/<label>, apart from the originals
+        argv, env = job.command(dest, label=label)
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(dest / "reproduce.log", "w") as log:
@@ -268,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source = load_source(args.source)
         out = args.out or Path("outputs/reproduce") / f"{source.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
-        commands = [job.command(out / job.name) for job in source.jobs]
+        commands = [job.command(out / job.name, label=source.name) for job in source.jobs]
         if args.dry_run:
             for command, env in commands:
                 print(
@@ -276,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         [
                             *(
                                 f"{k}={env[k]}"
-                                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+                                for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", REPRODUCING)
                                 if k in env and env[k] != os.environ.get(k)
                             ),
                             *command,

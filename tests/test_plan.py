@@ -92,3 +92,45 @@ def test_checks_that_need_the_data_run_at_the_end_of_the_build(tmp_path):
         _build(tmp_path, "loss=gain_ext", "dataset.masks_to_use=0")
     experiment = _build(tmp_path)
     assert experiment.plan.monitor == "val/acc" and experiment.plan.optimize_metric == "val/acc"
+
+
+def test_a_resumed_step_schedule_continues_its_learning_rates(tmp_path):
+    from omegaconf import OmegaConf
+
+    from gain_exp.train.checkpoints import apply_hyperparameters
+
+    step = (
+        "trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+        "~trainer.scheduler.T_max",
+        "+trainer.scheduler.step_size=2",
+        "+trainer.scheduler.gamma=0.5",
+    )
+    whole = _lrs(_build(tmp_path, *step))
+    first = _build(tmp_path, *step)
+    head = _lrs(first, 3)
+    again = _build(tmp_path, *step)  # a resumed run: fresh parts, then the checkpoint's states
+    again.optimizer.load_state_dict(first.optimizer.state_dict())
+    again.scheduler.load_state_dict(first.scheduler.state_dict())
+    config = OmegaConf.to_container(again.cfg.trainer, resolve=True)
+    apply_hyperparameters(again.optimizer, again.scheduler, config["optimizer"], 6)
+    assert head + _lrs(again, 3) == pytest.approx(whole)
+    # a new lr would be restored over by the schedule's state: refused, not logged as applied
+    new = {"trainer": {**config, "optimizer": {**config["optimizer"], "lr": 0.1}}}
+    with pytest.raises(ValueError, match=r"trainer\.optimizer\.lr=0\.001, this run has trainer\.optimizer\.lr=0\.1"):
+        config_changes({"trainer": config}, new, tmp_path / "last.ckpt")
+
+
+def test_runs_saved_with_the_old_scheduler_words_replay():
+    from gain_exp.runs.rundir import replayed
+
+    saved = ["trainer.scheduler=none", "+trainer.scheduler=cosine", "seed=1"]
+    assert replayed(saved, None) == ["trainer.scheduler=null", "seed=1"]
+    assert make_plan(compose(replayed(saved[:1], None))).cfg.trainer.scheduler is None
+
+
+def test_test_panels_are_always_logged_and_val_panels_on_schedule():
+    from gain_exp.tracking import PanelSchedule
+
+    schedule = PanelSchedule(5)
+    assert schedule.due("test_unbiased", -1) and schedule.due("test_unbiased", 3)  # before training, then at the end
+    assert schedule.due("val", 0) and not schedule.due("val", 3) and schedule.due("val", 5)

@@ -227,13 +227,13 @@ def _iou_oracle(preds: list[np.ndarray], gts: list[np.ndarray], labels: int) -> 
 
 @pytest.mark.slow
 def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, capsys):
-    from gain_exp.runs.reload import load_experiment as load_run
+    from gain_exp.runs.reload import load_experiment
 
     out = tmp_path / "out"
     assert main([str(voc_run), "--split", "val", "--out", str(out), "--thresholds", "0.1:0.9:0.1"]) == 0
     printed = capsys.readouterr().out
     record = json.loads((out / "miou.json").read_text())
-    val = load_run(voc_run).data.val
+    val = load_experiment(voc_run).data.val
     names = [p.stem for p in val.images]
     with_mask = sum(voc_has_mask(int(n.split("_")[1])) for n in names)
     assert (record["images"], record["scored"], record["skipped_without_mask"]) == (

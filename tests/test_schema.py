@@ -169,6 +169,8 @@ def test_the_plan_gives_the_loop_the_typed_trainer_settings_with_every_auto_reso
         ("trainer.eval_metrics.steps=0", "trainer.eval_metrics.steps=0 must be >= 1."),
         ("trainer.scheduler._target_=torch.optim.lr_scheduler.NoSuchLR", "trainer.scheduler._target_=torch.optim."),
         ("trainer.scheduler._partial_=false", "trainer.scheduler needs _partial_: true"),
+        ("trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR", "trainer.scheduler.T_max is not an argument of"),
+        ("+trainer.scheduler.eta_mn=0.1", "trainer.scheduler.eta_mn is not an argument of torch.optim.lr_scheduler"),
     ],
 )
 def test_the_trainer_ranges_are_checked_where_the_keys_are_typed(override, sentence):

@@ -1,4 +1,4 @@
-"""Pre-flight checks of a composed config and the small resolutions run.py needs (device, monitor, normalisation)."""
+"""Checks of a composed config and the resolutions the plan makes (device, workers, monitor, normalisation)."""
 
 from __future__ import annotations
 
@@ -79,11 +79,12 @@ def check_scheduler(node: Any) -> None:
             f"torch.optim.lr_scheduler.CosineAnnealingLR (the default in conf/trainer/default.yaml), "
             f"or trainer.scheduler=null for a constant learning rate."
         )
-    _import_target(
+    target = _import_target(
         node._target_,
         "trainer.scheduler._target_",
         "name a torch.optim.lr_scheduler class such as torch.optim.lr_scheduler.CosineAnnealingLR",
     )
+    _check_arguments(node, target, "trainer.scheduler", passed="optimizer")
     if not node.get("_partial_"):
         raise ValueError(
             "trainer.scheduler needs _partial_: true (the app passes the optimizer when it builds it); "
@@ -160,19 +161,28 @@ def check_optimizer_keys(node: DictConfig) -> None:
     cls = _import_target(
         target, "trainer.optimizer._target_", "name a torch.optim class such as torch.optim.AdamW or torch.optim.SGD"
     )
-    params = inspect.signature(cls).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [name for name in params if name != "params"]  # the app passes the model's parameters
-    for key in node:
-        if str(key).startswith("_") or key in accepted:
-            continue
-        close = difflib.get_close_matches(str(key), accepted, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(
-            f"trainer.optimizer.{key} is not an argument of {target}{hint}; fix or remove it "
-            f"(it takes {', '.join(accepted)})."
-        )
+    _check_arguments(node, cls, "trainer.optimizer", passed="params")
+
+
+def _check_arguments(node: DictConfig, target: Any, where: str, passed: str) -> None:
+    """Every key of ``node`` is an argument of ``target`` and every required one is given (``passed``: the one the
+    app passes itself): the node is open (keys vary by class), so the schema cannot catch a misspelt one."""
+    params = inspect.signature(target).parameters
+    name = node._target_
+    accepted = [p for p in params if p != passed]
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for key in node:
+            if str(key).startswith("_") or key in accepted:
+                continue
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"{where}.{key} is not an argument of {name}{hint}; fix or remove it (it takes {', '.join(accepted)})."
+            )
+    for key in accepted:
+        p = params[key]
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and key not in node:
+            raise ValueError(f"{where}.{key} is required by {name}; add +{where}.{key}=<value>.")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR
 from gain_exp.config.plan import make_plan
-from gain_exp.runs.rundir import checkpoint_file, config_dir, local, resolve_override, saved_job, tested_on
+from gain_exp.runs.rundir import checkpoint_file, config_dir, local, replayed, saved_job, tested_on
 from gain_exp.train.checkpoints import read_checkpoint
 from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluator
@@ -32,7 +32,7 @@ def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Dic
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             config_name=job.config_name,
-            overrides=[*(resolve_override(o, cwd) for o in job.overrides), *extra, *overrides],
+            overrides=[*replayed(job.overrides, cwd), *extra, *overrides],
         )
 
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import gain_exp
 from gain_exp.config.paths import SWEEPS_DIR
+from gain_exp.tracking.wandb import REPRODUCING
 from gain_exp.train.checkpoints import saved_tracking
 from gain_exp.train.provenance import SOURCE_ROOT
 
@@ -269,12 +270,15 @@ class Job:
         if self.config_name != "config":
             argv += ["--config-name", self.config_name]
         cwd = local(self.cwd) if self.cwd else None
-        argv += [resolve_override(item, cwd) for item in self.overrides]
+        argv += replayed(self.overrides, cwd)
         # hydra.mode=RUN: a job of a +launcher=... or +sweep=... recipe would otherwise start a sweep of one job
         return [*argv, *self.hydra_overrides, *extra_overrides, "hydra.mode=RUN"]
 
-    def command(self, dest: str | os.PathLike, extra_overrides: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
-        """(argv, environment) that run this job again with its results in ``dest``."""
+    def command(
+        self, dest: str | os.PathLike, extra_overrides: Sequence[str] = (), label: str | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """(argv, environment) that run this job again with its results in ``dest``; ``label``: the reproduction's
+        name, which puts the re-run's W&B run in the group reproduce/<label>."""
         argv = [
             sys.executable,
             "-m",
@@ -288,6 +292,8 @@ class Job:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
         if self.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        if label:
+            env[REPRODUCING] = label
         return argv, env
 
 
@@ -313,6 +319,22 @@ def job_command(
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that re-run the job saved in ``run_dir`` with its results in ``out_dir``."""
     return saved_job(run_dir).command(out_dir, extra_overrides)
+
+
+# overrides whose meaning changed: trainer.scheduler was cosine | none before it became a _target_ node
+LEGACY_OVERRIDES: dict[str, str | None] = {
+    "trainer.scheduler=none": "trainer.scheduler=null",
+    "trainer.scheduler=cosine": None,
+}
+
+
+def replayed(overrides: Sequence[str], cwd: Path | None) -> list[str]:
+    """A saved job's overrides as they compose today: legacy ones translated, relative paths made absolute."""
+    translated = (
+        LEGACY_OVERRIDES.get(item.lstrip("+"), item) if item.lstrip("+") in LEGACY_OVERRIDES else item
+        for item in overrides
+    )
+    return [resolve_override(item, cwd) for item in translated if item is not None]
 
 
 def resolve_override(item: str, cwd: Path | None) -> str:

@@ -1,4 +1,4 @@
-"""The tracking interface every backend implements, and the fan-out that builds and drives them from ``logger.*``."""
+"""The tracking interface every backend implements, and the fan-out that drives them (built in ``__init__``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ class Tracker:
 
 
 class PanelSchedule:
-    """Panels of a split every ``every`` epochs, counted from the first time the split is seen."""
+    """Val panels every ``every`` epochs, counted from the first time val is seen; the test splits' panels (before
+    training with trainer.test_first, and once at the end, named by the tested weights' epoch) always."""
 
     def __init__(self, every: int, key: str = "logger.panel_every") -> None:
         if every < 1:
@@ -52,6 +53,8 @@ class PanelSchedule:
         self._last: dict[str, int] = {}
 
     def due(self, split: str, epoch: int) -> bool:
+        if split != "val":
+            return True
         last = self._last.get(split)
         if last is not None and epoch < last + self.every:
             return False

@@ -29,6 +29,7 @@ MUST_MATCH = (
     "trainer.optimizer._target_",
     "trainer.scheduler._target_",
 )
+COSINE = "torch.optim.lr_scheduler.CosineAnnealingLR"  # the schedule whose length and lr a resume may change
 # Within those, keys that only locate or read the same data.
 MAY_DIFFER = ("dataset.root", "dataset.strict", "dataset.sbd_train_list")
 # What the resumed run would not notice, so there is nothing to note.
@@ -184,13 +185,17 @@ def read_checkpoint(
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     """{dotted key: [checkpoint value, new value]} of settings that changed; ValueError if one may not."""
-    old_flat, new_flat = _flatten(_legacy_scheduler(saved, new)), _flatten(new)
+    old_flat, new_flat = _flatten(_legacy_scheduler(saved)), _flatten(new)
     changed = {
         k: [old_flat.get(k), new_flat.get(k)]
         for k in sorted(old_flat.keys() | new_flat.keys())
         if old_flat.get(k) != new_flat.get(k) and not _under(k, IGNORED)
     }
     fixed = [k for k in changed if _under(k, MUST_MATCH) and not _under(k, MAY_DIFFER)]
+    scheduler = (new.get("trainer") or {}).get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("_target_") != COSINE:
+        # its state comes back from the checkpoint: a new lr or schedule setting could be logged but not applied
+        fixed += [k for k in changed if k == "trainer.optimizer.lr" or _under(k, ("trainer.scheduler",))]
     if fixed:
         key = fixed[0]
         old, value = changed[key]
@@ -210,11 +215,15 @@ def apply_hyperparameters(
     so without this a new ``trainer.optimizer.lr`` or ``trainer.epochs`` would be logged but not used.
     """
     hyper = {k: v for k, v in optimizer_cfg.items() if not k.startswith("_")}
+    restored_schedule = scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    if restored_schedule:  # another schedule continues from its saved state, lr included (config_changes: unchanged)
+        hyper = {k: v for k, v in hyper.items() if k != "lr"}
     for group in optimizer.param_groups:
         for key, value in hyper.items():
             if key in group:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
-        group["initial_lr"] = group["lr"]
+        if not restored_schedule:
+            group["initial_lr"] = group["lr"]
     if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
         scheduler.T_max = epochs
         scheduler.base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -224,14 +233,14 @@ def apply_hyperparameters(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _legacy_scheduler(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def _legacy_scheduler(saved: dict[str, Any]) -> dict[str, Any]:
     """Checkpoints made before trainer.scheduler became a ``_target_`` node named it ``cosine`` or ``none``."""
     trainer = saved.get("trainer") or {}
     old = trainer.get("scheduler")
     if not isinstance(old, str):
         return saved
     cosine = {
-        "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "_target_": COSINE,
         "_partial_": True,
         "T_max": trainer.get("epochs"),
     }

@@ -18,6 +18,7 @@ from gain_exp.tracking import Tracker
 from gain_exp.train.engine import Diverged, Interrupted, Trainer
 from gain_exp.train.experiment import USER_ERRORS
 from gain_exp.train.provenance import resolved
+from gain_exp.train.runtime import launched_processes
 
 
 def final_report(summary: dict[str, Any], out_dir: Path) -> str:
@@ -93,7 +94,8 @@ class RunSummary:
     def _write(self) -> None:
         path = self.out_dir / "summary.json"
         trainer = self.trainer
-        main = trainer is None or trainer.runtime.is_main
+        # the main process writes; before the Trainer exists, rank 0 of the launched processes
+        main = trainer.runtime.is_main if trainer is not None else (launched_processes() or (0,))[0] == 0
         if main and self.summary is not None and (trainer is not None and trainer.started or not path.exists()):
             write_json(path, self.summary)
         if self.tracker is not None:
