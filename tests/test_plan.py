@@ -81,6 +81,9 @@ def test_a_checkpoint_from_before_scheduler_nodes_resumes_and_a_longer_run_is_ap
     old = {"trainer": {"epochs": 4, "scheduler": "cosine"}}  # how trainer.scheduler was saved before
     changed = config_changes(old, new, tmp_path / "last.ckpt")
     assert changed == {"trainer.epochs": [4, 8], "trainer.scheduler.T_max": [4, 8]}
+    # the GAIN class saved under its old module path is the same class: nothing to note
+    moved = {**new, "gain": {"_target_": "gain_exp.core.gain.GAIN"}}
+    assert config_changes({**new, "gain": {"_target_": "gain_exp.gain.GAIN"}}, moved, tmp_path / "last.ckpt") == {}
     step = {"trainer": {"epochs": 8, "scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True}}}
     with pytest.raises(ValueError, match="trainer.scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingLR"):
         config_changes(new, step, tmp_path / "last.ckpt")  # another kind of schedule is another experiment

@@ -185,7 +185,7 @@ def read_checkpoint(
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     """{dotted key: [checkpoint value, new value]} of settings that changed; ValueError if one may not."""
-    old_flat, new_flat = _flatten(_legacy_scheduler(saved)), _flatten(new)
+    old_flat, new_flat = _flatten(_legacy(saved)), _flatten(new)
     changed = {
         k: [old_flat.get(k), new_flat.get(k)]
         for k in sorted(old_flat.keys() | new_flat.keys())
@@ -233,17 +233,23 @@ def apply_hyperparameters(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _legacy_scheduler(saved: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoints made before trainer.scheduler became a ``_target_`` node named it ``cosine`` or ``none``."""
+def _legacy(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config in today's terms: before the restructure the GAIN and loss classes lived in
+    ``gain_exp.gain`` / ``gain_exp.losses``, and trainer.scheduler was ``cosine`` or ``none``, not a ``_target_`` node."""
+    moved = {
+        "gain_exp.gain.GAIN": "gain_exp.core.gain.GAIN",
+        "gain_exp.losses.GAINLoss": "gain_exp.core.losses.GAINLoss",
+    }
+    saved = dict(saved)
+    for key in ("gain", "loss"):
+        node = saved.get(key)
+        if isinstance(node, dict) and node.get("_target_") in moved:
+            saved[key] = {**node, "_target_": moved[node["_target_"]]}
     trainer = saved.get("trainer") or {}
     old = trainer.get("scheduler")
     if not isinstance(old, str):
         return saved
-    cosine = {
-        "_target_": COSINE,
-        "_partial_": True,
-        "T_max": trainer.get("epochs"),
-    }
+    cosine = {"_target_": COSINE, "_partial_": True, "T_max": trainer.get("epochs")}
     return {**saved, "trainer": {**trainer, "scheduler": cosine if old == "cosine" else None}}
 
 
