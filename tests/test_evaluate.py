@@ -78,6 +78,7 @@ def test_the_same_checkpoint_gives_exactly_the_runs_test_metrics(finished, defau
         assert record["checkpoint"]["path"] == str((finished / "checkpoints" / "best.ckpt").resolve())
 
 
+@pytest.mark.slow
 def test_val_of_best_and_last_equal_the_val_the_run_logged_at_those_epochs(finished, default_eval, capsys):
     history = _val_history(finished)
     best = json.loads((default_eval / "val.json").read_text())
@@ -94,6 +95,7 @@ def test_val_of_best_and_last_equal_the_val_the_run_logged_at_those_epochs(finis
     ]
 
 
+@pytest.mark.slow
 def test_a_weights_only_checkpoint_is_enough_to_evaluate(finished, default_eval, tmp_path, capsys):
     """Scoring reads only the model's weights: a file without the optimiser and counters (e.g. exported for a paper)
     gives the same metrics; before, it was refused as 'not a gain-exp training checkpoint (no epoch, optimizer,
@@ -110,6 +112,7 @@ def test_a_weights_only_checkpoint_is_enough_to_evaluate(finished, default_eval,
     assert capsys.readouterr().out.splitlines()[0] == f"weights checkpoint of {finished}"
 
 
+@pytest.mark.slow
 def test_a_file_without_weights_is_refused_in_the_options_own_words(finished, tmp_path, capsys):
     import torch
 
@@ -122,6 +125,7 @@ def test_a_file_without_weights_is_refused_in_the_options_own_words(finished, tm
     )
 
 
+@pytest.mark.slow
 def test_files_are_well_formed_and_every_image_has_one_row(default_eval):
     for split in (*TESTS, "val"):
         record = json.loads((default_eval / f"{split}.json").read_text())
@@ -145,6 +149,7 @@ def test_files_are_well_formed_and_every_image_has_one_row(default_eval):
     ]
 
 
+@pytest.mark.slow
 def test_an_override_evaluates_other_data(finished, tmp_path):
     assert main([str(finished), "dataset.n_test=8", "--split", "test_unbiased", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "test_unbiased.json").read_text())
@@ -153,6 +158,7 @@ def test_an_override_evaluates_other_data(finished, tmp_path):
     assert record["metrics"]["test_unbiased/loc_n"] == 8
 
 
+@pytest.mark.slow
 def test_sanity_writes_the_randomisation_curve_top_layer_first(finished, tmp_path, capsys):
     assert main([str(finished), "--split", "val", "--out", str(tmp_path), "--sanity", "4", "--no-wandb"]) == 0
     record = json.loads((tmp_path / "sanity.json").read_text())
@@ -167,12 +173,14 @@ def test_sanity_writes_the_randomisation_curve_top_layer_first(finished, tmp_pat
     assert "randomisation check (Spearman similarity" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_gain_exp_command_runs_it(finished, tmp_path):
     with pytest.raises(SystemExit) as stop:
         cli.main(["evaluate", str(finished), "--split", "val", "--out", str(tmp_path)])
     assert stop.value.code == 0 and (tmp_path / "val.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path):
     from wandb_offline import offline_runs
 
@@ -219,6 +227,7 @@ def test_a_run_with_a_wandb_run_gets_the_metrics_in_that_run(finished, tmp_path)
         (["{run}", "--sanity", "-2"], "--sanity -2: give a number of images >= 0"),
     ],
 )
+@pytest.mark.slow
 def test_mistakes_are_one_sentence_and_exit_2(finished, tmp_path, capsys, args, phrase):
     bare = tmp_path / "bare"  # a run's records without its checkpoints
     bare.mkdir()

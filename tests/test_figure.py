@@ -98,6 +98,7 @@ def test_the_grid_has_the_images_then_a_row_per_run_and_a_column_per_image(runs,
     assert f"{SPLIT}: 3 image(s) x 2 run(s) (baseline, gain_ext)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_maps_are_the_ones_the_evaluator_scores(loaded):
     for run in loaded:
         batch = _samples(run.experiment, [1, 4, 6])
@@ -113,6 +114,7 @@ def test_the_maps_are_the_ones_the_evaluator_scores(loaded):
         assert predicted.explained == [[c] for c in maps.logits.argmax(1).tolist()]
 
 
+@pytest.mark.slow
 def test_the_cells_draw_each_image_and_its_map_overlaid(loaded):
     figure, record = attention_grid(loaded, SPLIT, [2, 3])
     first = loaded[0].experiment
@@ -128,6 +130,7 @@ def test_the_cells_draw_each_image_and_its_map_overlaid(loaded):
             assert not ImageChops.difference(figure.crop(tuple(cell["box"])), drawn).getbbox()
 
 
+@pytest.mark.slow
 def test_the_same_run_twice_with_names(runs, tmp_path):
     png, record = _cli(tmp_path, str(runs[0]), str(runs[0]), "--names", "a,b", "--images", "2", "--first", "6")
     assert [r["name"] for r in record["runs"]] == ["a", "b"] and record["indices"] == [6, 7]
@@ -150,6 +153,7 @@ def test_the_same_run_twice_with_names(runs, tmp_path):
         ),
     ],
 )
+@pytest.mark.slow
 def test_runs_on_other_images_are_refused_naming_both(runs, loaded, override, phrase):
     other = load_runs([runs[1]], overrides=[override])
     with pytest.raises(ValueError) as err:
@@ -175,6 +179,7 @@ def test_runs_on_other_images_are_refused_naming_both(runs, loaded, override, ph
         (["{run}", "{run}", "--names", "a"], "--names gives 1 name(s) for 2 run(s)"),
     ],
 )
+@pytest.mark.slow
 def test_mistakes_are_one_line_and_exit_2(runs, tmp_path, capsys, argv, phrase):
     (tmp_path / "empty").mkdir()
     where = {"run": str(runs[0]), "nowhere": str(tmp_path / "nowhere"), "empty": str(tmp_path / "empty")}
@@ -185,6 +190,7 @@ def test_mistakes_are_one_line_and_exit_2(runs, tmp_path, capsys, argv, phrase):
     assert phrase in printed.err and not out.exists()
 
 
+@pytest.mark.slow
 def test_the_gain_exp_command_runs_it(runs, tmp_path):
     out = tmp_path / "one.png"
     with pytest.raises(SystemExit) as stop:

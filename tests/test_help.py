@@ -51,6 +51,7 @@ def listed_groups(page: str) -> dict[str, list[str]]:
     return groups
 
 
+@pytest.mark.slow
 def test_help_is_the_apps_own_short_page(help_page):
     assert help_page.returncode == 0, help_page.stderr
     page = help_page.stdout
@@ -65,6 +66,7 @@ def test_help_is_the_apps_own_short_page(help_page):
     assert len(page.splitlines()) < 80
 
 
+@pytest.mark.slow
 def test_help_groups_match_the_conf_tree(help_page):
     """Every group directory of conf/ is listed with exactly its option files, the default marked as in config.yaml."""
     assert help_page.returncode == 0, help_page.stderr

@@ -265,6 +265,7 @@ def test_val_export_writes_voc_pseudo_masks_and_the_sweep(voc_run, tmp_path, cap
     assert record["best"]["miou"] == pytest.approx(_iou_oracle(preds, gts, 21), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_train_multiscale_flip_export(voc_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert (
@@ -307,6 +308,7 @@ def test_train_multiscale_flip_export(voc_run, tmp_path, capsys):
         (["--split", "val", "--limit", "0"], "--limit 0 must be at least 1"),
     ],
 )
+@pytest.mark.slow
 def test_bad_arguments_are_one_sentence_and_exit_2(voc_run, tmp_path, capsys, args, phrase):
     assert main([str(voc_run), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err

@@ -50,6 +50,7 @@ def test_the_saved_config_comes_back_with_new_overrides_on_top(finished):
     assert run_config(finished, ["gain.sigma=0.6"]).gain.sigma == 0.6
 
 
+@pytest.mark.slow
 def test_the_weights_are_the_checkpoint_the_run_tested_with(finished):
     experiment = load_experiment(finished)
     assert experiment.checkpoint == finished / "checkpoints" / "best.ckpt"
@@ -66,6 +67,7 @@ def test_the_weights_are_the_checkpoint_the_run_tested_with(finished):
         (".", "nope.ckpt", "--checkpoint nope.ckpt: no checkpoint there"),
     ],
 )
+@pytest.mark.slow
 def test_bad_run_dir_or_checkpoint_is_one_sentence(finished, where, checkpoint, phrase):
     with pytest.raises(FileNotFoundError, match=phrase):
         load_experiment(finished / where if where != "." else finished, checkpoint)

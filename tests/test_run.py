@@ -73,6 +73,7 @@ def test_resumed_run_matches_uninterrupted(tmp_path, tiny, stop_after):
     assert resumed["final"] == full
 
 
+@pytest.mark.slow
 def test_localisation_scores_do_not_depend_on_the_map_normalisation(tmp_path, tiny):
     # Baseline training ignores the maps, so only the evaluation sees gain.normalisation: the scores must agree.
     # gain_cnn4: test_resnet's random-init maps are ~1e-7, where the normalisations' eps terms dominate.
@@ -232,6 +233,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_test_splits_use_the_best_checkpoint_unless_told_last(tmp_path, tiny):
     # val/loss_cl with mode max picks epoch 0 (the loss falls), so best and last weights differ
     pick_first = tiny + ["loss=baseline", "trainer.monitor=val/loss_cl", "trainer.monitor_mode=max"]
@@ -411,6 +413,7 @@ def test_names_and_budgets_that_cannot_work_are_one_sentence(tmp_path, tiny, ove
     assert not (tmp_path / "r" / "checkpoints" / "best.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
     with pytest.raises(Interrupted):
         train(compose(tiny + ["trainer.interrupt_after_steps=6"]), out_dir=tmp_path / "cut")  # end of epoch 0
@@ -432,6 +435,7 @@ def test_resume_applies_a_new_lr_and_length_for_real(tmp_path, tiny):
         assert lrs[epoch] == pytest.approx(0.0005 * (1 + math.cos(math.pi * epoch / 4)) / 2), epoch
 
 
+@pytest.mark.slow
 def test_resuming_from_best_ckpt_continues_at_the_next_epoch(tmp_path, tiny):
     # val/loss_cl with mode max picks epoch 0 (the loss falls): best.ckpt is an epoch behind last.ckpt
     pick_first = tiny + ["trainer.epochs=3", "loss=baseline", "trainer.monitor=val/loss_cl", "trainer.monitor_mode=max"]
