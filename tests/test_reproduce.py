@@ -251,3 +251,19 @@ def test_reproduce_labels_every_rerun_for_wandb(tmp_path, monkeypatch):
     jobs = [Job(name=f"sweep/{i}", overrides=["seed=0"]) for i in range(2)]
     assert tool.run_jobs(jobs, tmp_path, label="readme_shapes") == [None, None]
     assert seen == ["readme_shapes", "readme_shapes"]
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/elsewhere", "sweep/../../up", ""])
+def test_a_spec_job_name_cannot_write_outside_out(tmp_path, monkeypatch, capsys, name):
+    spec = {
+        "kind": "gain_exp.table/1",
+        "rows": [],
+        "metrics": ["val/acc"],
+        "jobs": [{"name": name, "overrides": ["seed=0"], "row": {}, "final": {"val/acc": 0.5}}],
+    }
+    (tmp_path / "evil.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["evil.yaml", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: job name {name!r} is not a folder below the output root") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.yaml"]  # nothing written, inside or out

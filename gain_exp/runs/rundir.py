@@ -256,6 +256,13 @@ class Job:
         keys = cls.__dataclass_fields__
         job = cls(**{k: v for k, v in recipe.items() if k in keys and v is not None})
         job.threads = int(job.threads) if job.threads else None
+        name = Path(str(job.name))
+        if not str(job.name).strip() or name.is_absolute() or ".." in name.parts:
+            # the name is where the job's results go below --out: a shared spec must not write elsewhere
+            raise ValueError(
+                f"job name {job.name!r} is not a folder below the output root (absolute, empty or with '..'); "
+                f"a job name is relative, like <sweep dir>/<job number>: fix the spec or run directory it came from."
+            )
         return job
 
     def app_args(self, extra_overrides: Sequence[str] = ()) -> list[str]:
