@@ -29,9 +29,10 @@ from omegaconf import OmegaConf
 from gain_exp.core.faithfulness import randomisation_check
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import save_panels
-from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, run_evaluator
+from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
 from gain_exp.runs.rundir import run_threads, wandb_state
 from gain_exp.tracking.wandb import wandb_mode
+from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluation
 from gain_exp.train.experiment import Experiment
 
@@ -79,7 +80,7 @@ def evaluate_run(
     if threads:
         torch.set_num_threads(threads)
     try:
-        evaluator = run_evaluator(experiment)
+        evaluator = build_evaluator(experiment)
         results = []
         for name, dataset in datasets.items():
             # as in training: val gets the every-epoch explanation metrics, the other splits the test ones too

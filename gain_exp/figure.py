@@ -31,8 +31,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
-from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, run_evaluator
+from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
 from gain_exp.runs.rundir import Run, load_yaml, read_run
+from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluator, Maps
 from gain_exp.train.experiment import Experiment
 
@@ -218,14 +219,14 @@ def attention_maps(
     min-max normalised; the first map of each image."""
     if explain not in EXPLAINS:
         raise ValueError(f"--class {explain}: choose true or predicted.")
-    return (evaluator or run_evaluator(experiment)).maps(batch, true_classes=explain == "true")
+    return (evaluator or build_evaluator(experiment)).maps(batch, true_classes=explain == "true")
 
 
 def run_maps(run: FigureRun, samples: list[dict[str, Any]], explain: str) -> Maps:
     """``attention_maps`` over the chosen samples, in batches of the run's evaluation batch size."""
     from torch.utils.data import default_collate
 
-    evaluator = run_evaluator(run.experiment)
+    evaluator = build_evaluator(run.experiment)
     size = evaluator.batch_size
     parts = [
         attention_maps(run.experiment, default_collate(samples[s : s + size]), explain, evaluator)

@@ -18,7 +18,7 @@ from torch.utils.data import default_collate
 from gain_exp import cli
 from gain_exp.figure import attention_grid, attention_maps, default_names, load_runs, main
 from gain_exp.output.panels import denormalise, overlay, tile_scale, to_pil, upscale
-from gain_exp.runs.reload import run_evaluator
+from gain_exp.train.engine import build_evaluator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT, N_TEST, SIZE = "test_unbiased", 8, 32
@@ -103,11 +103,11 @@ def test_the_maps_are_the_ones_the_evaluator_scores(loaded):
     for run in loaded:
         batch = _samples(run.experiment, [1, 4, 6])
         maps = attention_maps(run.experiment, batch)
-        panels = run_evaluator(run.experiment).batch_panels(batch, 3)  # Evaluator._batch: what evaluate() scores
+        panels = build_evaluator(run.experiment).batch_panels(batch, 3)  # Evaluator._batch: what evaluate() scores
         assert all(torch.equal(m, p.attention) for m, p in zip(maps.attention, panels))
         truth = batch["target"].argmax(1).tolist()
         assert maps.explained == [[c] for c in truth] and not run.experiment.gain.training
-        evaluation = run_evaluator(run.experiment).evaluate(run.experiment.data.tests[SPLIT], SPLIT, panels=N_TEST)
+        evaluation = build_evaluator(run.experiment).evaluate(run.experiment.data.tests[SPLIT], SPLIT, panels=N_TEST)
         whole = attention_maps(run.experiment, _samples(run.experiment, list(range(N_TEST))))
         assert all(torch.allclose(m, p.attention, atol=1e-5) for m, p in zip(whole.attention, evaluation.panels))
         predicted = attention_maps(run.experiment, batch, "predicted")

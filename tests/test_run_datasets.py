@@ -9,7 +9,7 @@ from fixtures_data import make_mask_folder, make_voc
 
 from gain_exp.config.plan import make_plan
 from gain_exp.run import train
-from gain_exp.runs.reload import run_evaluator
+from gain_exp.train.engine import build_evaluator
 from gain_exp.train.experiment import build_experiment
 from gain_exp.train.runtime import Runtime
 
@@ -105,7 +105,7 @@ def test_per_image_iou_scores_like_the_split_on_ignore_pixels(tmp_path, monkeypa
     # (An in-process run saves no overrides, so load_experiment cannot rebuild it: the same cfg and its best weights.)
     experiment = build_experiment(make_plan(cfg), Runtime(torch.device("cpu")))
     experiment.model.load_state_dict(torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt")["model"])
-    rows = run_evaluator(experiment).evaluate(experiment.data.tests["val"], "val", rows=True).rows
+    rows = build_evaluator(experiment).evaluate(experiment.data.tests["val"], "val", rows=True).rows
     maps = [m["iou"] for r in rows for m in r["maps"] if m["iou"] is not None]
     assert len(maps) == final["val/loc_n"] > len(rows) // 2
     assert sum(maps) / len(maps) == pytest.approx(final["val/loc_iou"], abs=1e-6)

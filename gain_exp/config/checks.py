@@ -20,8 +20,9 @@ from gain_exp.core.gain import check_options as check_gain_options
 from gain_exp.core.losses import check_options as check_loss_options
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ValueError with one sentence for the first out-of-range value, before any work is done."""
+def check_config(cfg: DictConfig) -> TrainerSchema:
+    """Raise ValueError with one sentence for the first out-of-range value, before any work is done; returns the
+    trainer's typed settings (checked on the way)."""
     for key, value in _numbers(cfg):
         if not math.isfinite(value):
             raise ValueError(f"{key}={value} is not a finite number; give a finite value (see its default in conf/).")
@@ -54,11 +55,12 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
             "trains through input gradients); set trainer.compile=false."
         )
-    trainer_settings(cfg.trainer)  # the range checks live beside the types (TrainerSchema)
+    settings = trainer_settings(cfg.trainer)  # the range checks live beside the types (TrainerSchema)
     check_optimizer_keys(t.optimizer)
     check_scheduler(t.scheduler)
     if not timm.is_model(cfg.backbone.name):
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
+    return settings
 
 
 def trainer_settings(node: DictConfig) -> TrainerSchema:

@@ -26,7 +26,6 @@ from gain_exp.config.checks import (
     resolve_device,
     resolve_monitor,
     resolve_workers,
-    trainer_settings,
 )
 from gain_exp.config.schema import TrainerSchema
 
@@ -71,8 +70,7 @@ class Plan:
 def make_plan(cfg: DictConfig) -> Plan:
     """Check ``cfg`` (one sentence for the first problem) and resolve what needs no data: device, workers, the
     backbone's normalisation."""
-    check_config(cfg)
-    settings = trainer_settings(cfg.trainer)
+    settings = check_config(cfg)
     device = resolve_device(settings.device)
     settings = dataclasses.replace(settings, workers=resolve_workers(settings.workers, device))
     mean, std = backbone_normalisation(cfg.backbone.name)

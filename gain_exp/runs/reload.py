@@ -15,8 +15,6 @@ from gain_exp.config.paths import CONF_DIR
 from gain_exp.config.plan import make_plan
 from gain_exp.runs.rundir import checkpoint_file, config_dir, local, replayed, saved_job, tested_on
 from gain_exp.train.checkpoints import read_checkpoint
-from gain_exp.train.engine import build_evaluator
-from gain_exp.train.evaluation import Evaluator
 from gain_exp.train.experiment import Experiment, build_experiment
 from gain_exp.train.runtime import Runtime
 
@@ -105,11 +103,6 @@ def choose_splits(experiment: Experiment, wanted: Sequence[str] | None) -> dict[
             )
         chosen[name] = available[name]
     return chosen
-
-
-def run_evaluator(experiment: Experiment) -> Evaluator:
-    """The Evaluator the run's Trainer built (engine.build_evaluator, from the same plan)."""
-    return build_evaluator(experiment)
 
 
 def checkpoint_record(path: Path) -> dict[str, Any]:
