@@ -197,6 +197,7 @@ class ShapesSchema:
     masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
     max_objects: int = MISSING
     augment: bool = MISSING
+    val_bias: Optional[float] = MISSING
 
 
 @dataclass
@@ -214,6 +215,7 @@ class DecoyDigitsSchema:
     patch_fraction: float = MISSING
     mask_threshold: float = MISSING
     masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
+    val_bias: Optional[float] = MISSING
 
 
 @dataclass

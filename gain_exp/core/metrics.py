@@ -11,7 +11,17 @@ import torchmetrics.functional.classification as tmf
 NAN = float("nan")
 
 # what a GAIN user watches, per split, in the order shown: classification, then where the attention is
-HEADLINE = ("acc", "mAP", "loc_iou", "pointing_game", "energy_pg", "spurious_energy", "deletion_auc", "insertion_auc")
+HEADLINE = (
+    "acc",
+    "worst_group_acc",
+    "mAP",
+    "loc_iou",
+    "pointing_game",
+    "energy_pg",
+    "spurious_energy",
+    "deletion_auc",
+    "insertion_auc",
+)
 
 
 class ClassificationMetrics:
@@ -135,6 +145,60 @@ class ClassificationMetrics:
             idx = logits[labelled].topk(top, dim=1).indices
             hit = targets[labelled].gather(1, idx).amax(dim=1).float()
             out[f"top{top}_acc"] = hit.mean().item() if len(hit) else NAN
+        return out
+
+
+class GroupMetrics:
+    """Top-1 accuracy per group (e.g. class x spurious-cue value, Sagawa et al. 2020) from exact sums and counts.
+
+    ``group_acc/<name>`` and ``group_n/<name>`` per group, ``worst_group_acc`` (the lowest accuracy of the groups
+    seen) and ``mean_group_acc`` (their unweighted mean). A group without samples has ``group_acc`` NaN and is left
+    out of both summaries (NaN when no group was seen): an empty group is never scored. Samples with a negative group
+    id have no group and are not counted. ``add`` folds in another batch's or process's counts, so the result is the
+    same however the split was batched or sharded.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen since the last reset."""
+        self.correct = torch.zeros(len(self.names), dtype=torch.long)
+        self.count = torch.zeros(len(self.names), dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor) -> None:
+        """Add a batch: B x K logits, B x K one-hot targets and B long group ids (< 0: no group)."""
+        if len(logits) != len(groups) or len(targets) != len(groups):
+            raise ValueError(
+                f"update expects one group id per image, got {len(groups)} ids for {len(logits)} logits "
+                f"and {len(targets)} targets."
+            )
+        groups = groups.detach().long().cpu()
+        if len(groups) and int(groups.max()) >= len(self.names):
+            raise ValueError(f"group id {int(groups.max())} is not one of the {len(self.names)} groups {self.names}.")
+        correct = (logits.detach().argmax(dim=1) == targets.detach().argmax(dim=1)).long().cpu()
+        kept = groups >= 0
+        size = len(self.names)
+        self.correct += torch.bincount(groups[kept], weights=correct[kept], minlength=size).round().long()
+        self.count += torch.bincount(groups[kept], minlength=size)
+
+    def add(self, other: GroupMetrics) -> None:
+        """Fold in what ``other`` has seen (one batch, or another process's share) as if seen here."""
+        self.correct += other.correct
+        self.count += other.count
+
+    def compute(self) -> dict[str, float]:
+        """The metrics over everything seen since the last reset."""
+        acc = torch.where(self.count > 0, self.correct / self.count.clamp(min=1), NAN).double()
+        seen = acc[self.count > 0]
+        out = {
+            "worst_group_acc": seen.min().item() if len(seen) else NAN,
+            "mean_group_acc": seen.mean().item() if len(seen) else NAN,
+        }
+        out |= {f"group_acc/{name}": a for name, a in zip(self.names, acc.tolist())}
+        out |= {f"group_n/{name}": float(n) for name, n in zip(self.names, self.count.tolist())}
         return out
 
 

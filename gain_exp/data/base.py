@@ -28,6 +28,9 @@ class Sample(TypedDict):
     use_mask: torch.Tensor  # bool scalar: this sample's mask may feed L_e (the masks_to_use budget)
     index: int  # position of the sample in its split
     spurious: NotRequired[torch.Tensor]  # H x W bool: where a known spurious cue lives (built-in benchmarks)
+    group: NotRequired[
+        torch.Tensor
+    ]  # long scalar: the sample's group (class x cue value), an index of DataSplits.groups
 
 
 @dataclass
@@ -41,6 +44,9 @@ class DataSplits:
     multi_label: bool  # True: BCE + mAP; False: cross-entropy + accuracy
     negative_class: int | None = None  # binary datasets: index of the "negative" class (AM on positives only)
     train_sampler: torch.utils.data.Sampler | None = None  # optional custom sampler for train
+    # names of the groups every sample of every split carries as ``group`` (single-label data with a known cue: class x
+    # cue value); None: the data has no groups. Metrics: worst_group_acc, mean_group_acc, group_acc/<name>.
+    groups: list[str] | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -52,7 +58,7 @@ class TensorSplit(Dataset):
     """One split held in memory as uint8 tensors (the generated benchmarks: shapes, decoy_digits), normalised on
     access. ``images`` N x 3 x H x W, ``seg`` N x H x W label map, ``targets`` N x K float, ``use_mask`` N bool;
     ``spurious`` N x H x W bool where the split's known cue lives, None: the background (seg == 0); ``augment``:
-    random horizontal flip of the image with its masks."""
+    random horizontal flip of the image with its masks; ``groups`` N long group ids (``cue_group_ids``) or None."""
 
     def __init__(
         self,
@@ -66,9 +72,10 @@ class TensorSplit(Dataset):
         std: Sequence[float],
         spurious: torch.Tensor | None = None,
         augment: bool = False,
+        groups: torch.Tensor | None = None,
     ) -> None:
         self.images, self.seg, self.targets, self.use_mask = images, seg, targets, use_mask
-        self.spurious = spurious
+        self.spurious, self.groups = spurious, groups
         self.classes, self.multi_label, self.augment = classes, multi_label, augment
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -82,7 +89,7 @@ class TensorSplit(Dataset):
         spurious = seg == 0 if self.spurious is None else self.spurious[index].clone()
         if self.augment and torch.rand(()) < 0.5:
             image, seg, spurious = image.flip(-1), seg.flip(-1), spurious.flip(-1)
-        return Sample(
+        sample = Sample(
             image=(image - self._mean) / self._std,
             target=self.targets[index].clone(),
             seg=seg,
@@ -91,6 +98,20 @@ class TensorSplit(Dataset):
             index=index,
             spurious=spurious,
         )
+        if self.groups is not None:
+            sample["group"] = self.groups[index].clone()
+        return sample
+
+
+def cue_group_names(classes: Sequence[str], cues: Sequence[str]) -> list[str]:
+    """Groups of single-label data with a known spurious cue: one per (class, cue value), ``<class>_<cue>``, in
+    class-major order; a sample's group id is ``cue_group_ids``."""
+    return [f"{c}_{q}" for c in classes for q in cues]
+
+
+def cue_group_ids(labels: torch.Tensor, cue: torch.Tensor, num_cues: int) -> torch.Tensor:
+    """N long group ids ``label * num_cues + cue`` (the index of ``cue_group_names``) from N long labels and cues."""
+    return labels.long() * num_cues + cue.long()
 
 
 RUNTIME_ARGS = ("mean", "std", "seed", "batch_size")  # what the app passes to every builder besides the YAML keys

@@ -14,7 +14,9 @@ saturation and value, a cue a global-average-pooled CNN picks up where the grey 
 Images are RGB with the scan's grey level replicated, so ImageNet-normalised backbones apply. Pixel masks (for L_e and
 the localisation metrics) are the strokes: seg = y + 1 where the upsampled scan is brighter than ``mask_threshold`` of
 full ink, 0 elsewhere (never inside the patch). Every sample also carries ``spurious``, an H x W bool map of the patch,
-so an evaluator can measure attention on the decoy.
+so an evaluator can measure attention on the decoy, and its group (digit x patch digit, e.g. ``3_patch_7``);
+``val_bias`` gives the val split its own agreement probability (0.1: every group equally likely, a group-balanced
+validation set for selection by worst-group accuracy).
 
 The 1,797 scans are split by the seed into disjoint train / val / test pools; test_biased and test_unbiased show the
 same test scans with their own decoys.
@@ -33,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, derive_seed, mask_count
+from gain_exp.data.base import (
+    DataSplits,
+    TensorSplit,
+    choose_masks,
+    cue_group_ids,
+    cue_group_names,
+    derive_seed,
+    mask_count,
+)
 from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
@@ -120,7 +130,16 @@ class DecoyDigitsDataset(TensorSplit):
         strokes = (images[:, 0].float() > mask_threshold * 255) & ~spurious  # the scan is grey: any channel
         seg = torch.where(strokes, (labels + 1).view(-1, 1, 1), 0).to(torch.uint8)  # N x H x W
         super().__init__(
-            images, seg, F.one_hot(labels, len(CLASSES)).float(), use_mask, CLASSES, False, mean, std, spurious=spurious
+            images,
+            seg,
+            F.one_hot(labels, len(CLASSES)).float(),
+            use_mask,
+            CLASSES,
+            False,
+            mean,
+            std,
+            spurious=spurious,
+            groups=cue_group_ids(labels, cue, len(CLASSES)),
         )
         self.labels = labels  # N long: the digit
         self.cue = cue  # N long: the digit whose colour the patch carries
@@ -139,6 +158,7 @@ def build(
     patch_fraction: float = 0.25,
     mask_threshold: float = 0.25,
     masks_to_use: float | int = 0.1,
+    val_bias: float | None = None,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -148,6 +168,11 @@ def build(
     """Build (or load from the disk cache) the decoy-digits splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(image_size, n_train, n_val, n_test, bias, decoy, patch_fraction, mask_threshold, mean, std)
+    if val_bias is not None and not 0.0 <= val_bias <= 1.0:
+        raise ValueError(
+            f"{NAME}: val_bias={val_bias} is not a probability; set it in [0, 1] (0.1 makes every digit x patch group"
+            " equally likely) or null (= bias)."
+        )
     n_masked = mask_count(masks_to_use, n_train, NAME)
     params = dict(
         version=GENERATOR_VERSION,
@@ -161,6 +186,8 @@ def build(
         patch=patch_size(int(image_size), float(patch_fraction)),
         seed=int(seed),
     )
+    if val_bias is not None and float(val_bias) != float(bias):  # absent otherwise: earlier caches stay valid
+        params["val_bias"] = float(val_bias)
     data = _load_or_generate(Path(root), params)
     # Which training images carry masks is fixed by the seed alone; a smaller budget is a subset of a larger one.
     train_use = choose_masks(torch.ones(n_train, dtype=torch.bool), n_masked, seed, NAME)
@@ -187,7 +214,13 @@ def build(
         tests={"test_biased": make("test_biased", None), "test_unbiased": make("test_unbiased", None)},
         classes=list(CLASSES),
         multi_label=False,
-        extras={"bias": float(bias), "num_masked_train": n_masked, "patch_size": params["patch"]},
+        groups=cue_group_names(CLASSES, [f"patch_{c}" for c in CLASSES]),  # digit x patch colour: 3_patch_7, ...
+        extras={
+            "bias": float(bias),
+            "val_bias": float(bias if val_bias is None else val_bias),
+            "num_masked_train": n_masked,
+            "patch_size": params["patch"],
+        },
     )
 
 
@@ -258,9 +291,18 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
 
 
 def generate(
-    image_size: int, n_train: int, n_val: int, n_test: int, bias: float, decoy: str, patch: int, seed: int
+    image_size: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    bias: float,
+    decoy: str,
+    patch: int,
+    seed: int,
+    val_bias: float | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """All four splits: disjoint scan pools drawn by the seed, each split's decoys from its own random stream."""
+    """All four splits: disjoint scan pools drawn by the seed, each split's decoys from its own random stream (val's
+    agreement probability is ``val_bias``, None: ``bias``)."""
     scans, labels = load_scans()
     order = torch.randperm(len(scans), generator=torch.Generator().manual_seed(derive_seed(seed, "pools")))
     pools = {
@@ -273,7 +315,8 @@ def generate(
         source = pools["test" if split.startswith("test") else split]
         gen = torch.Generator().manual_seed(derive_seed(seed, split))
         y = labels[source]
-        cue = draw_cue(y, bias, split == "test_unbiased", gen)
+        agree = val_bias if split == "val" and val_bias is not None else bias
+        cue = draw_cue(y, agree, split == "test_unbiased", gen)
         corner = torch.randint(0, len(CORNERS), (len(source),), generator=gen)
         images = render(scans[source], cue, corner, image_size, patch, decoy)
         out[split] = {"images": images, "labels": y, "cue": cue, "corner": corner, "source": source}

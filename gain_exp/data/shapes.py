@@ -10,6 +10,10 @@ Multi-label (`max_objects > 1`): each image holds 1..max_objects objects of dist
 probability `bias` the tint is that of one present class chosen uniformly, otherwise that of an
 absent class chosen uniformly (any class when all are present); in test_unbiased it is uniform over
 all classes. "Cue agrees" therefore means "the tint's class is present in the image".
+
+Groups (single-label): one per (shape, tint), e.g. ``circle_on_square_tint``; ``val_bias`` draws the val split's tints
+with its own agreement probability (1/K: every group equally likely), a group-balanced validation set for model
+selection by worst-group accuracy. It uses group labels the training split never shows the model.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, derive_seed
+from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, cue_group_ids, cue_group_names, derive_seed
 from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
@@ -117,8 +121,11 @@ class ShapesDataset(TensorSplit):
         mean: Sequence[float],
         std: Sequence[float],
         augment: bool = False,
+        groups: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(images, seg, targets, use_mask, classes, multi_label, mean, std, augment=augment)
+        super().__init__(
+            images, seg, targets, use_mask, classes, multi_label, mean, std, augment=augment, groups=groups
+        )
         self.cue = cue  # N long: the class whose tint the background carries
 
 
@@ -133,6 +140,7 @@ def build(
     masks_to_use: float | int = 0.1,
     max_objects: int = 1,
     augment: bool = False,
+    val_bias: float | None = None,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -142,6 +150,11 @@ def build(
     """Build (or load from the disk cache) the biased-shapes splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(num_classes, image_size, n_train, n_val, n_test, bias, max_objects, mean, std)
+    if val_bias is not None and not 0.0 <= val_bias <= 1.0:
+        raise ValueError(
+            f"shapes dataset: val_bias={val_bias} is not a probability; set it in [0, 1] "
+            f"(1/num_classes = {1 / num_classes:.4g} makes every class x tint group equally likely) or null (= bias)."
+        )
     n_masked = _mask_count(masks_to_use, n_train)
     params = dict(
         version=GENERATOR_VERSION,
@@ -155,9 +168,12 @@ def build(
         max_objects=int(max_objects),
         seed=int(seed),
     )
+    if val_bias is not None and float(val_bias) != float(bias):  # absent otherwise: earlier caches stay valid
+        params["val_bias"] = float(val_bias)
     data = _load_or_generate(Path(root), params)
     classes = list(SHAPE_NAMES[:num_classes])
     multi_label = max_objects > 1
+    tints = [f"on_{c}_tint" for c in classes]  # group names: circle_on_square_tint, ...
 
     # Which training images carry masks is fixed by the seed alone, so it does not shift with the budget's
     # other settings and a smaller budget is a subset of a larger one.
@@ -166,6 +182,8 @@ def build(
     def make(split: str, use_mask: torch.Tensor | None, aug: bool) -> ShapesDataset:
         d = data[split]
         n = d["images"].shape[0]
+        # single-label: one group per (shape, tint); multi-label images hold several classes and have no group
+        groups = None if multi_label else cue_group_ids(d["targets"].argmax(1), d["cue"], num_classes)
         return ShapesDataset(
             d["images"],
             d["seg"],
@@ -177,6 +195,7 @@ def build(
             mean,
             std,
             augment=aug,
+            groups=groups,
         )
 
     return DataSplits(
@@ -185,7 +204,12 @@ def build(
         tests={"test_biased": make("test_biased", None, False), "test_unbiased": make("test_unbiased", None, False)},
         classes=classes,
         multi_label=multi_label,
-        extras={"bias": float(bias), "num_masked_train": n_masked},
+        groups=None if multi_label else cue_group_names(classes, tints),
+        extras={
+            "bias": float(bias),
+            "val_bias": float(bias if val_bias is None else val_bias),
+            "num_masked_train": n_masked,
+        },
     )
 
 
@@ -271,8 +295,12 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
             return load_state(path)["splits"]
         except (CorruptFile, KeyError) as err:  # a cache is only a cache: make it again
             log.warning("shapes cache %s is unreadable (%s); generating it again", path, err)
-    gen_args = {k: v for k, v in params.items() if k not in ("version", "constants")}
-    data = {split: _generate_split(split, **gen_args) for split in SPLITS}
+    gen_args = {k: v for k, v in params.items() if k not in ("version", "constants", "val_bias")}
+    val_bias = params.get("val_bias", params["bias"])
+    data = {
+        split: _generate_split(split, **{**gen_args, "bias": val_bias if split == "val" else params["bias"]})
+        for split in SPLITS
+    }
     with atomic_write(path) as f:  # readers see either no file or a complete one
         torch.save({"params": params, "splits": data}, f)
     return data

@@ -21,7 +21,7 @@ from gain_exp.core.attention import normalise
 from gain_exp.core.faithfulness import FaithfulnessMetrics, deletion_insertion, spurious_energy
 from gain_exp.core.gain import GAIN
 from gain_exp.core.losses import GAINLoss, map_masks
-from gain_exp.core.metrics import ClassificationMetrics, LocalisationMetrics, am_score_drop
+from gain_exp.core.metrics import ClassificationMetrics, GroupMetrics, LocalisationMetrics, am_score_drop
 from gain_exp.data.base import DataSplits
 from gain_exp.output.files import jsonable
 from gain_exp.output.panels import Panel, denormalise
@@ -40,6 +40,7 @@ class BatchResult:
     loc: LocalisationMetrics
     drops: torch.Tensor
     faith: FaithfulnessMetrics = field(default_factory=FaithfulnessMetrics)
+    groups: GroupMetrics | None = None  # per-group correct / counts, on data with groups
     panels: list[Panel] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-image results, when asked for
 
@@ -210,7 +211,13 @@ class Evaluator:
         made = self._panels(batch, out, scored, drop, truth, valid, has_mask, left) if any(left) else []
         table = self.image_rows(batch, out, logits, scored, drop, truth, valid, has_mask) if with_rows else []
         faith = self._faithfulness(batch, images, out, scored, valid) if index >= 0 else FaithfulnessMetrics()
-        return BatchResult(index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), faith, made, table)
+        groups = None
+        if self.data.groups is not None and "group" in batch:
+            groups = GroupMetrics(self.data.groups)
+            groups.update(logits, targets, batch["group"])
+        return BatchResult(
+            index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), faith, groups, made, table
+        )
 
     def _faithfulness(
         self, batch: dict[str, Any], images: torch.Tensor, out: Any, scored: torch.Tensor, valid: torch.Tensor
@@ -276,6 +283,12 @@ class Evaluator:
             or ("spurious_energy" in self._explain and k.startswith("spurious_"))
         }
         metrics = {**cls.compute(), **loc.compute(), **explained, "loss_cl": loss_sum / max(count, 1)}
+        if d.groups is not None:  # every sample carries its group; counts add exactly over batches and processes
+            groups = GroupMetrics(d.groups)
+            for r in results:
+                if r.groups is not None:
+                    groups.add(r.groups)
+            metrics |= groups.compute()
         drops = torch.cat([r.drops for r in results]) if results else torch.empty(0)
         metrics["am_drop"] = float(torch.nanmean(drops)) if drops.numel() else math.nan
         return {f"{split}/{k}": v for k, v in metrics.items()}
@@ -313,11 +326,15 @@ class Evaluator:
                 }
             )
         rows = []
+        groups = self.data.groups if "group" in batch else None
         for b in range(len(targets)):
             mine = maps.get(b, [])
+            g = int(batch["group"][b]) if groups is not None else -1
+            group = {"group": groups[g] if g >= 0 else None} if groups is not None else {}
             rows.append(
                 {
                     "index": int(batch["index"][b]),
+                    **group,
                     "true": [names[c] for c in targets[b].nonzero().flatten().tolist()],
                     "pred": [names[c] for c in pred[b].nonzero().flatten().tolist()],
                     "score": jsonable(float(probs[b].max())),
