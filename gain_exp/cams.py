@@ -2,7 +2,7 @@
 
     python -m gain_exp.cams RUN_DIR --split train|val|<test split> --out DIR [--checkpoint best|last|PATH]
         [--thresholds 0.05:0.95:0.05 | 0.2,0.3] [--threshold T] [--scales 1.0 | 0.5,1.0,1.5,2.0] [--flip]
-        [--limit N] [--masked-only] [--batch-size B] [--device D] [key=value overrides ...]
+        [--limit N] [--masked-only] [--batch-size B] [--device D] [--trust] [key=value overrides ...]
 
 The protocol (docs/methods.md, "CAM seeds on VOC"; IRN, Ahn et al. CVPR 2019): for every image and every class present in
 its image-level labels, the class's CAM at each scale (and of the horizontally flipped image, flipped back) is resized
@@ -48,6 +48,7 @@ from gain_exp.data.base import IGNORE_INDEX, DataSplits
 from gain_exp.data.voc import VOC_CLASSES
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.runs.reload import load_checked
+from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 
 DEFAULT_THRESHOLDS = "0.05:0.95:0.05"
 
@@ -436,10 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--masked-only", action="store_true", help="only the images with a ground-truth mask")
     parser.add_argument("--batch-size", type=int, help="images per forward (default: trainer.eval_batch_size)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: the run's trainer.device)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_intermixed_args(argv)
     try:
         options = _options(args)
-        experiment = load_checked(Path(args.run_dir), args.checkpoint, args.overrides, args.device)
+        experiment = load_checked(Path(args.run_dir), args.checkpoint, args.overrides, args.device, args.trust)
         trainer = experiment.plan.trainer
         options.batch_size = args.batch_size or trainer.eval_batch_size or trainer.batch_size
         options.workers = trainer.workers

@@ -1,7 +1,7 @@
 """Evaluate a saved run again without retraining:
 
     python -m gain_exp.evaluate RUN_DIR [--split NAME ...] [--checkpoint best|last|FILE] [--device D] [--panels N]
-                                [--out DIR] [--threads N] [--no-wandb] [key=value ...]
+                                [--out DIR] [--threads N] [--no-wandb] [--trust] [key=value ...]
 
 Loads the run's config (its own overrides, then the ones given here, e.g. ``dataset.root=/other/folder``) and the
 checkpoint its test splits were scored with, scores the named splits (default: the dataset's test splits; ``val`` and
@@ -9,7 +9,8 @@ checkpoint its test splits were scored with, scores the named splits (default: t
 the run uses, ``<split>/<metric>``, and which weights, overrides, device and time), ``<split>_images.jsonl`` (one
 results row per image) and, with ``--panels N``, ``attention/<split>.png``. A run with a W&B run id gets the metrics
 as ``eval/<split>/<metric>`` in that run. With the run's checkpoint, config and thread count the metrics equal the
-run's own test metrics in summary.json exactly.
+run's own test metrics in summary.json exactly. A run directory from someone else is checked before its config is
+composed (docs/trust.md); ``--trust`` skips the check.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import save_panels
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
 from gain_exp.runs.rundir import run_threads, wandb_state
+from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 from gain_exp.tracking.wandb import wandb_mode
 from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluation
@@ -60,17 +62,19 @@ def evaluate_run(
     threads: int | None = None,
     wandb: bool = True,
     sanity: int = 0,
+    trust: bool = False,
 ) -> list[SplitResult]:
     """Score ``splits`` of a saved run with one of its checkpoints and write the results under ``out``
     (default ``run_dir/eval``). ``threads``: torch's CPU thread count while scoring; None: on the CPU the run's
     own (CPU results are bit-identical only at one count), 0: as it is. ``sanity`` > 0: also the cascading
-    randomisation check on the first ``sanity`` images of the first split, written to ``sanity.json``."""
+    randomisation check on the first ``sanity`` images of the first split, written to ``sanity.json``. ``trust``: compose
+    the run's saved job without the trust check (runs.trust)."""
     run_dir = Path(run_dir)
     if panels < 0:
         raise ValueError(f"--panels {panels}: give a number of attention panels >= 0 (0 writes none).")
     if sanity < 0:
         raise ValueError(f"--sanity {sanity}: give a number of images >= 0 (0 skips the randomisation check).")
-    experiment = load_checked(run_dir, checkpoint, overrides, device)
+    experiment = load_checked(run_dir, checkpoint, overrides, device, trust)
     datasets = choose_splits(experiment, splits)
     out_dir = Path(out) if out is not None else run_dir / "eval"
     weights = checkpoint_record(experiment.checkpoint)
@@ -257,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the first split: Spearman similarity of the maps as layers are re-initialised from the "
         "top (sanity.json)",
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_intermixed_args(argv)
     splits = [s for item in args.split or [] for s in item.split(",") if s] or None
     bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
@@ -277,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.threads,
             wandb=not args.no_wandb,
             sanity=args.sanity,
+            trust=args.trust,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

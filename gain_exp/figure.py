@@ -2,7 +2,7 @@
 
     python -m gain_exp.figure RUN_DIR [RUN_DIR ...] [--split NAME] [--images N] [--first I | --indices I,J,...]
                               [--names A,B,...] [--checkpoint best|last] [--class true|predicted] [--device D]
-                              [--no-pred] [--out FILE.png] [key=value ...]
+                              [--no-pred] [--out FILE.png] [--trust] [key=value ...]
 
 Row 0 shows the images (denormalised), then one row per run with its attention map overlaid (jet over the image, as
 the attention panels of gain_exp.evaluate); a column per image, captioned with its index and true class, each run's
@@ -13,7 +13,8 @@ explaining the true classes (``--class predicted``: the predicted ones), min-max
 image. Every run must show the same images: the split's length and the chosen images (with each run's normalisation
 undone) and their true classes are compared. ``key=value`` overrides apply to every run (e.g. ``dataset.root=...``).
 Beside the PNG goes ``<stem>.json``: the run directories, checkpoints, split, image indices and every cell's
-predicted class and probability, so the figure can be made again.
+predicted class and probability, so the figure can be made again. Run directories from someone else are checked
+before their configs are composed (docs/trust.md); ``--trust`` skips the check.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
 from gain_exp.runs.rundir import Run, load_yaml, read_run
+from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluator, Maps
 from gain_exp.train.experiment import Experiment
@@ -63,9 +65,11 @@ def load_runs(
     checkpoint: str | None = None,
     device: str | None = "cpu",
     overrides: Sequence[str] = (),
+    trust: bool = False,
 ) -> list[FigureRun]:
     """The runs with their weights (``checkpoint``: best, last or a file; default: the one each run tested with),
-    named by ``names`` or else by ``default_names``; errors are one sentence."""
+    named by ``names`` or else by ``default_names``; errors are one sentence. ``trust``: compose the runs' saved
+    jobs without the trust check (runs.trust)."""
     if not run_dirs:
         raise ValueError("no run directory given; pass one or more run directories written by python -m gain_exp.run.")
     if names is not None:
@@ -77,7 +81,7 @@ def load_runs(
         if not all(n.strip() for n in names):
             raise ValueError("--names holds an empty name; give one non-empty name per run directory.")
     paths = [Path(d) for d in run_dirs]
-    experiments = [load_checked(path, checkpoint, overrides, device) for path in paths]
+    experiments = [load_checked(path, checkpoint, overrides, device, trust) for path in paths]
     labels = [n.strip() for n in names] if names is not None else default_names(paths)
     return [FigureRun(label, path, exp) for label, path, exp in zip(labels, paths, experiments)]
 
@@ -405,13 +409,14 @@ def make_figure(
     overrides: Sequence[str] = (),
     show_pred: bool = True,
     command: str | None = None,
+    trust: bool = False,
 ) -> tuple[Path, Path, dict[str, Any]]:
     """Load the runs, pick the images, draw the grid and write it with its record (``command``: the command line
     that made it, recorded too); returns (png, json, record)."""
     if explain not in EXPLAINS:
         raise ValueError(f"--class {explain}: choose true or predicted.")
     _png_path(out)
-    runs = load_runs(run_dirs, names, checkpoint, device, overrides)
+    runs = load_runs(run_dirs, names, checkpoint, device, overrides, trust)
     name, dataset = split_dataset(runs[0].experiment, split)
     chosen = choose_indices(len(dataset), name, images, first, indices)
     figure, record = attention_grid(runs, name, chosen, explain, show_pred)
@@ -466,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE.png",
         help=f"the figure (default {DEFAULT_OUT}); the record goes beside it as .json",
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_intermixed_args(argv)
     run_dirs = [i for i in args.items if "=" not in i or Path(i).is_dir()]
     overrides = [i for i in args.items if i not in run_dirs]
@@ -487,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides,
             show_pred=not args.no_pred,
             command=command,
+            trust=args.trust,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

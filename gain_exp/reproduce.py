@@ -1,13 +1,15 @@
 """Re-run saved jobs exactly as they ran and compare their numbers with the originals.
 
-    python -m gain_exp.reproduce SOURCE [--out DIR] [--jobs N] [--dry-run]
+    python -m gain_exp.reproduce SOURCE [--out DIR] [--jobs N] [--dry-run] [--resume] [--trust]
 
 SOURCE is a run directory, a multirun directory or a table spec (sweeps/tables/<name>.yaml, written by
 ``python -m gain_exp.table ... --save-spec``). Every job runs again as a subprocess with its saved task overrides,
 config dirs, config name and torch thread count, into DIR/<run dir name> or DIR/<sweep dir name>/<job subdir>.
 The original and reproduced tables are printed side by side with a verdict per cell and written to
 DIR/comparison.md and DIR/comparison.json. Exit status: 0 when every cell is identical or within the original's
-seed spread, 1 when any cell differs or a job fails, 2 for a user error.
+seed spread, 1 when any cell differs or a job fails, 2 for a user error. A spec or run directory from someone else
+is checked before any job is composed (docs/trust.md: a ``_target_`` the project does not use, hydra callbacks, ...
+are refused with one sentence, exit 2); ``--trust`` skips the check.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gain_exp.runs.rundir import (
     sweeps_dir,
 )
 from gain_exp.runs.tables import Row, Run, Table, build_table, completed_runs, read_spec, spec_runs
+from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP, check_run, check_spec
 from gain_exp.tracking.wandb import REPRODUCING
 
 TOLERANCE = 1e-9  # |reproduced - original| at or below this is the same number
@@ -48,8 +51,9 @@ class Source:
     committed: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)  # a spec's cells, by row
 
 
-def load_source(text: str) -> Source:
-    """The jobs and original numbers of a run directory, a multirun directory or a table spec."""
+def load_source(text: str, trust: bool = False) -> Source:
+    """The jobs and original numbers of a run directory, a multirun directory or a table spec; unless ``trust``,
+    every job is checked first (runs.trust) and the first untrusted override is one sentence (``Untrusted``)."""
     path = Path(text)
     shipped = sweeps_dir() / "tables" / f"{text}.yaml"
     if not path.exists() and "/" not in text and shipped.is_file():  # `reproduce readme_shapes`
@@ -66,6 +70,8 @@ def load_source(text: str) -> Source:
                 f"a multirun directory or a spec written by python -m gain_exp.table --save-spec."
             )
         spec = read_spec(path)
+        if not trust:
+            check_spec(spec, path)
         runs = spec_runs(spec)
         table = build_table(
             runs, spec.get("metrics"), spec.get("rows") or [], int((spec.get("format") or {}).get("digits", 3))
@@ -75,6 +81,9 @@ def load_source(text: str) -> Source:
     runs = completed_runs([path])
     if not runs:
         raise ValueError(f"SOURCE {text} holds no completed runs; finish them first or pass another directory.")
+    if not trust:
+        for run in runs:
+            check_run(run, [path.resolve()])
     return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))
 
 
@@ -263,9 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="keep the jobs already finished in --out (an interrupted reproduction) and run the rest",
     )
+    parser.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     args = parser.parse_args(argv)
     try:
-        source = load_source(args.source)
+        source = load_source(args.source, args.trust)
         out = args.out or Path("outputs/reproduce") / f"{source.name}_{datetime.now():%Y-%m-%d_%H-%M-%S}"
         commands = [job.command(out / job.name, label=source.name) for job in source.jobs]
         if args.dry_run:

@@ -26,6 +26,7 @@ from gain_exp.config.paths import CONF_DIR, SWEEPS_DIR
 from gain_exp.config.plan import make_plan
 from gain_exp.output.files import remove_stale_temps
 from gain_exp.runs.rundir import saved_job
+from gain_exp.runs.trust import TRUST_FLAG, Untrusted, check_run_dir
 from gain_exp.tracking import Trackers, build_tracker
 from gain_exp.train.checkpoints import saved_tracking
 from gain_exp.train.engine import Diverged, Interrupted, Trainer
@@ -72,7 +73,8 @@ def _saved_run(args: list[str]) -> list[str]:
     """``--config-path <run>/.hydra --config-name config [overrides]`` -> that run's saved job plus the overrides.
 
     Hydra would compose the saved config.yaml on its own, losing the group choices (run names, summary, W&B) and the
-    hydra: block; the saved overrides recompose the job exactly (what ``gain-exp reproduce`` runs too).
+    hydra: block; the saved overrides recompose the job exactly (what ``gain-exp reproduce`` runs too). The saved job
+    is checked first (runs.trust, docs/trust.md: exit 2 with one sentence); ``--trust`` skips the check.
     """
     value, drop = None, set()
     for i, arg in enumerate(args):
@@ -88,6 +90,13 @@ def _saved_run(args: list[str]) -> list[str]:
     saved = Path(value) if value else None
     if saved is None or not (saved / "hydra.yaml").is_file() or not (saved / "overrides.yaml").is_file():
         return args
+    if TRUST_FLAG not in args:
+        try:
+            check_run_dir(saved.resolve().parent)
+        except Untrusted as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    drop |= {i for i, arg in enumerate(args) if arg == TRUST_FLAG}
     job = saved_job(saved.resolve().parent)
     print(
         f"note: re-running the job saved in {saved.parent} with its overrides (`gain-exp reproduce "

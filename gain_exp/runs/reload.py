@@ -14,6 +14,7 @@ from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR
 from gain_exp.config.plan import make_plan
 from gain_exp.runs.rundir import checkpoint_file, config_dir, local, replayed, saved_job, tested_on
+from gain_exp.runs.trust import check_run_dir
 from gain_exp.train.checkpoints import read_checkpoint
 from gain_exp.train.experiment import Experiment, build_experiment
 from gain_exp.train.runtime import Runtime
@@ -21,8 +22,13 @@ from gain_exp.train.runtime import Runtime
 CHECKPOINT_INSTEAD = "use best, last or another .ckpt file the run wrote"  # a --checkpoint that cannot be read
 
 
-def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config a run directory was trained with (its saved overrides and config dirs), then ``overrides``."""
+def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = (), trust: bool = False) -> DictConfig:
+    """The config a run directory was trained with (its saved overrides and config dirs), then ``overrides``.
+    Unless ``trust``, the saved job is checked first (runs.trust: a ``_target_`` the project does not use, a
+    hydra callback, ... is refused with one sentence before anything is composed); ``overrides`` are the caller's
+    own and are not checked."""
+    if not trust:
+        check_run_dir(run_dir)
     job = saved_job(run_dir)
     cwd = local(job.cwd) if job.cwd else None
     searchpath = [f"file://{config_dir(d)}" for d in job.config_dirs]
@@ -35,19 +41,23 @@ def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Dic
 
 
 def load_experiment(
-    run_dir: str | os.PathLike, checkpoint: str | None = None, overrides: Sequence[str] = (), device: str | None = None
+    run_dir: str | os.PathLike,
+    checkpoint: str | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    trust: bool = False,
 ) -> Experiment:
     """A run's experiment with the weights of ``checkpoint``: ``best`` (``last`` when the run kept no best),
     ``last``, or a checkpoint file; by default the one the run's own test splits were scored with. ``device``
     defaults to the run's ``trainer.device``; ``overrides`` apply on top of the run's own (e.g.
-    ``dataset.root=<another folder>``)."""
+    ``dataset.root=<another folder>``); ``trust``: skip the check of the saved job (``run_config``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(
             f"{run_dir} is not a directory; give a run directory written by "
             f"python -m gain_exp.run (it holds summary.json and checkpoints/)."
         )
-    cfg = run_config(run_dir, [*overrides, *([f"trainer.device={device}"] if device else [])])
+    cfg = run_config(run_dir, [*overrides, *([f"trainer.device={device}"] if device else [])], trust=trust)
     plan = make_plan(cfg)
     path = checkpoint_file(run_dir, checkpoint or tested_on(run_dir))
     experiment = build_experiment(plan, Runtime(plan.device), training=False)
@@ -60,11 +70,13 @@ def load_experiment(
     return experiment
 
 
-def load_checked(run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None) -> Experiment:
+def load_checked(
+    run_dir: Path, checkpoint: str | None, overrides: Sequence[str], device: str | None, trust: bool = False
+) -> Experiment:
     """load_experiment, with Hydra's composition errors and a checkpoint that does not fit the model as one sentence."""
 
     try:
-        return load_experiment(run_dir, checkpoint, overrides, device)
+        return load_experiment(run_dir, checkpoint, overrides, device, trust)
     except (FileNotFoundError, ValueError):  # already one sentence
         raise
     except RuntimeError as err:

@@ -306,19 +306,23 @@ class Job:
 
 def saved_job(run_dir: str | os.PathLike) -> Job:
     """The job a run directory (summary.json and/or .hydra/) saved."""
+    return Job.from_recipe(saved_run(run_dir).recipe())
+
+
+def saved_run(run_dir: str | os.PathLike) -> Run:
+    """A run directory as its saved job sees it: ``read_run`` when it has summary.json, else what Hydra's own
+    .hydra/hydra.yaml records (a run that died before summary.json)."""
     path = Path(run_dir)
     if (path / "summary.json").is_file():
-        return Job.from_recipe(read_run(path).recipe())
+        return read_run(path)
     hydra_file = path / ".hydra" / "hydra.yaml"
     if not hydra_file.is_file():
         raise FileNotFoundError(
             f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
             f"written by python -m gain_exp.run."
         )
-    from omegaconf import OmegaConf  # a run that died before summary.json: Hydra's own record is all there is
-
     hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
-    return Job.from_recipe(Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra).recipe())
+    return Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra)
 
 
 def job_command(
