@@ -47,7 +47,8 @@ class Plan:
         return self.trainer.monitor
 
     def with_data(self, data: Any, training: bool = True) -> Plan:
-        """The plan once the data exists: ``monitor`` resolved (val/mAP for multi-label data, else val/acc), and for
+        """The plan once the data exists: ``monitor`` and the Pareto metrics' ``auto`` resolved (val/mAP for multi-label
+        data, else val/acc), and for
         training, what the data must offer the chosen loss, panels and metric names."""
         monitor = resolve_monitor(self.trainer.monitor, data.multi_label)
         if training:
@@ -55,13 +56,20 @@ class Plan:
             check_panels(self.cfg, data)
             check_metric_names(self.cfg, monitor, data)
         metric = monitor if self.cfg.optimize_metric == "auto" else str(self.cfg.optimize_metric)
+        front = self.trainer.pareto
+        metrics = [resolve_monitor(m, data.multi_label) for m in front.metrics]
+        pick = metrics[0] if front.pick == "auto" else resolve_monitor(front.pick, data.multi_label)
+        pareto = dataclasses.replace(front, metrics=metrics, pick=pick)
         return dataclasses.replace(
-            self, trainer=dataclasses.replace(self.trainer, monitor=monitor), optimize_metric=metric
+            self, trainer=dataclasses.replace(self.trainer, monitor=monitor, pareto=pareto), optimize_metric=metric
         )
 
     def val_metric_names(self) -> dict[str, str]:
         """Config keys that name a validation metric, checked against the real names after the first epoch."""
         names = {"trainer.monitor": self.trainer.monitor}
+        if "pareto" in (self.trainer.test_on, *self.trainer.test_also):
+            for i, metric in enumerate(self.trainer.pareto.metrics):
+                names[f"trainer.pareto.metrics[{i}]"] = metric
         if str(self.cfg.optimize_metric).startswith("val/"):
             names["optimize_metric"] = str(self.cfg.optimize_metric)
         return names

@@ -79,6 +79,32 @@ class EvalMetricsSchema:
         )
 
 
+SELECTIONS = ("best", "last", "pareto")  # trainer.test_on / test_also: which weights the test splits are scored with
+
+
+@dataclass
+class ParetoSchema:
+    """trainer.pareto: the two val metrics whose front keeps checkpoints (trainer.test_on / test_also: pareto)."""
+
+    metrics: List[str] = MISSING  # two val metrics (auto: val/acc, or val/mAP on multi-label data)
+    modes: List[str] = MISSING  # max | min, per metric
+    pick: str = MISSING  # the front member whose test metrics are the headline: the best in this metric (auto: first)
+
+    def __post_init__(self) -> None:  # runs when a composed node becomes this object (OmegaConf.to_object)
+        if self.pick is MISSING:
+            return
+        _require(
+            len(self.metrics) == 2 and len(self.modes) == 2,
+            f"trainer.pareto.metrics={list(self.metrics)} and modes={list(self.modes)} must each name two",
+        )
+        for m in self.modes:
+            _require(m in ("max", "min"), f"trainer.pareto.modes has {m}; each mode must be max or min")
+        _require(
+            self.pick == "auto" or self.pick in self.metrics,
+            f"trainer.pareto.pick={self.pick} must be auto or one of trainer.pareto.metrics {list(self.metrics)}",
+        )
+
+
 @dataclass
 class TrainerSchema:
     """conf/trainer/*.yaml: the loop, optimiser and checkpoint settings."""
@@ -99,6 +125,8 @@ class TrainerSchema:
     monitor: str = MISSING  # auto until the plan resolves it from the data (val/acc or val/mAP)
     monitor_mode: str = MISSING
     test_on: str = MISSING
+    test_also: List[str] = MISSING
+    pareto: ParetoSchema = field(default_factory=ParetoSchema)
     num_panels: int = MISSING
     eval_metrics: EvalMetricsSchema = field(default_factory=EvalMetricsSchema)
     panel_positives: Optional[int] = MISSING
@@ -138,7 +166,11 @@ class TrainerSchema:
             _require(value is None or value >= low, f"trainer.{key}={value} must be >= {low} or null")
         _require(self.optimizer.lr > 0, f"trainer.optimizer.lr={self.optimizer.lr} must be > 0")
         _require(self.monitor_mode in ("max", "min"), f"trainer.monitor_mode={self.monitor_mode} must be max or min")
-        _require(self.test_on in ("best", "last"), f"trainer.test_on={self.test_on} is unknown; use best or last")
+        for rule in (self.test_on, *self.test_also):
+            _require(
+                rule in SELECTIONS,
+                f"trainer.test_on / test_also has {rule}, an unknown selection; use {', '.join(SELECTIONS)}",
+            )
         _require(
             self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
             f"trainer.device={self.device} is unknown; use auto, cpu or cuda",

@@ -6,10 +6,12 @@ reader; tables, reproduce, evaluate, figure and cams build on it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,9 +49,22 @@ class Run:
     hydra: dict[str, Any] = field(default_factory=dict)  # .hydra/hydra.yaml (for runs older than summary provenance)
     fixed: dict[str, str] = field(default_factory=dict)  # row values a spec committed, when there is no run dir
 
-    @property
+    @cached_property
     def metrics(self) -> dict[str, Any]:
-        return self.summary.get("final") or {}
+        """summary.json's ``final`` metrics, plus each selection's test metrics as ``<metric>@<selection>``
+        (``test_unbiased/acc@last``, ``@best``, ``@pareto``) and each Pareto pick's as ``<metric>@pareto:<val metric>``
+        (the front member best in that val metric, e.g. ``test_unbiased/acc@pareto:val/energy_pg``)."""
+        final = self.summary.get("final")
+        out = dict(final) if isinstance(final, dict) else {}
+        selections = self.summary.get("selections")
+        for name, chosen in selections.items() if isinstance(selections, dict) else ():
+            out |= {f"{k}@{name}": v for k, v in (chosen.get("metrics") or {}).items()}
+        front = self.summary.get("pareto")
+        if isinstance(front, dict) and front.get("members"):
+            for metric, mode in zip(front.get("metrics") or (), front.get("modes") or ()):
+                member = pareto_pick(front["members"], metric, mode)
+                out |= {f"{k}@pareto:{metric}": v for k, v in (member or {}).get("tests", {}).items()}
+        return out
 
     @property
     def task_overrides(self) -> list[str]:
@@ -144,6 +159,16 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             )
         found += [r for r in runs if r not in found]
     return found
+
+
+def pareto_pick(members: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The Pareto member (summary.json's ``pareto.members``) best in val ``metric`` by ``mode``; the earlier epoch on a
+    tie, as the run's own pick; None when no member has a finite value."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [
+        m for m in members if isinstance(v := (m.get("val") or {}).get(metric), (int, float)) and math.isfinite(v)
+    ]
+    return max(scored, key=lambda m: (sign * m["val"][metric], -m["epoch"]), default=None)
 
 
 def read_run(path: Path) -> Run:

@@ -52,6 +52,48 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def pareto_front(points: list[tuple[float, ...]], modes: tuple[str, ...]) -> list[int]:
+    """Indices of the points no other point dominates (at least as good in every metric, better in one), by ``modes``
+    (max | min per metric). Equal points do not dominate each other: ties stay. A point with a NaN is never on it."""
+    signs = [1.0 if m == "max" else -1.0 for m in modes]
+    keyed = [None if any(math.isnan(v) for v in p) else tuple(s * v for s, v in zip(signs, p)) for p in points]
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [
+        i for i, p in enumerate(keyed) if p is not None and not any(q is not None and dominates(q, p) for q in keyed)
+    ]
+
+
+class ParetoFront:
+    """The epochs on the front of two val metrics (Rao et al., ICCV 2023: accuracy against localisation), each with
+    its checkpoint ``pareto_epoch_NNN.ckpt`` (NNN: epochs done); a member dropped from the front loses its file.
+
+    ``members``: [{"epoch", "checkpoint", "val": {metric: value}}] in epoch order (saved in checkpoints, resumed).
+    """
+
+    def __init__(self, metrics: list[str], modes: list[str]) -> None:
+        self.metrics, self.modes = list(metrics), list(modes)
+        self.members: list[dict[str, Any]] = []
+
+    def offer(self, epoch: int, metrics: dict[str, Any]) -> tuple[str | None, list[str]]:
+        """Epoch ``epoch`` ended with val ``metrics``: (its checkpoint name if it joins the front, the names of the
+        members it pushes off)."""
+        val = {m: float(metrics.get(m, math.nan)) for m in self.metrics}
+        candidate = {"epoch": epoch, "checkpoint": f"pareto_epoch_{epoch + 1:03d}", "val": val}
+        everyone = [*self.members, candidate]
+        kept = pareto_front([tuple(m["val"][k] for k in self.metrics) for m in everyone], tuple(self.modes))
+        self.members = [everyone[i] for i in kept]
+        dropped = [m["checkpoint"] for i, m in enumerate(everyone[:-1]) if i not in kept]
+        return (candidate["checkpoint"] if len(everyone) - 1 in kept else None), dropped
+
+    def pick(self, metric: str) -> dict[str, Any] | None:
+        """The member best in ``metric`` (one of the front's two); the earlier epoch on a tie (as ``best``); None: empty front."""
+        sign = 1.0 if self.modes[self.metrics.index(metric)] == "max" else -1.0
+        return max(self.members, key=lambda m: (sign * m["val"][metric], -m["epoch"]), default=None)
+
+
 class CheckpointPolicy:
     """Which checkpoint files each epoch gets, written from one serialisation, and the best epoch so far (the role of
     timm's CheckpointSaver).
@@ -64,12 +106,21 @@ class CheckpointPolicy:
         folder: the run's ``checkpoints`` directory.
         monitor: the val metric that picks the best epoch; ``mode``: ``max`` or ``min`` is better.
         every: ``trainer.checkpoint_every`` (None or 0: no ``epoch_NNN`` copies).
+        pareto: keep the front of two val metrics as ``pareto_epoch_NNN`` copies (None: no front).
     """
 
-    def __init__(self, folder: str | os.PathLike, monitor: str, mode: str = "max", every: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        monitor: str,
+        mode: str = "max",
+        every: int | None = None,
+        pareto: ParetoFront | None = None,
+    ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={mode} must be max or min")
         self.folder, self.monitor, self.mode, self.every = Path(folder), monitor, mode, every
+        self.pareto = pareto
         self.best: dict[str, Any] = {"metric": monitor, "value": None, "epoch": None}  # saved, resumed, summarised
 
     def path(self, name: str) -> Path:
@@ -95,10 +146,17 @@ class CheckpointPolicy:
         names.append("last")
         if self.every and (epoch + 1) % self.every == 0:
             names.append(f"epoch_{epoch + 1:03d}")
-        return self.write(names, state)
+        dropped: list[str] = []
+        if self.pareto is not None:
+            joined, dropped = self.pareto.offer(epoch, metrics)
+            names += [joined] if joined else []
+        return self.write(names, state, remove=dropped)
 
-    def write(self, names: list[str], state: Callable[[], dict[str, Any] | None]) -> dict[str, Path]:
-        """Write checkpoints ``names`` (in order) from one call of ``state``; returns {name: path}.
+    def write(
+        self, names: list[str], state: Callable[[], dict[str, Any] | None], remove: list[str] = ()
+    ) -> dict[str, Path]:
+        """Write checkpoints ``names`` (in order) from one call of ``state``, then delete the checkpoints ``remove``;
+        returns {name: path}.
 
         Every process calls this alike: ``state`` may be a collective (it gathers every process's RNG streams) and
         returns None where nothing is written (processes other than the main one).
@@ -112,6 +170,8 @@ class CheckpointPolicy:
         for path in copies:
             with open(first, "rb") as src, atomic_write(path) as dst:
                 shutil.copyfileobj(src, dst)
+        for name in remove:  # after the new files exist: a kill in between leaves one too many, never one too few
+            self.path(name).unlink(missing_ok=True)
         return paths
 
 

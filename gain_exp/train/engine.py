@@ -28,6 +28,7 @@ from gain_exp.output.files import load_state
 from gain_exp.tracking import Tracker
 from gain_exp.train.checkpoints import (
     CheckpointPolicy,
+    ParetoFront,
     apply_hyperparameters,
     config_changes,
     read_checkpoint,
@@ -98,11 +99,19 @@ class Trainer:
         self.mean, self.std = experiment.mean, experiment.std
         self.val_metric_names = self.plan.val_metric_names()  # config key -> metric name
         self.record = record or {}  # provenance + resolved config, saved in every checkpoint
-        self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch"}
+        self.tested_on: dict[str, Any] = {}  # which weights the test splits saw: {"checkpoint", "epoch", "rule"}
+        # every selection scored on the test splits (test_on and test_also): {name: {"checkpoint", "epoch", "rule",
+        # "metrics"}}; under pareto each front member's test metrics are in self.checkpoints.pareto.members
+        self.selections: dict[str, dict[str, Any]] = {}
         self.resumed: dict[str, Any] | None = None  # {"from": checkpoint, "changed": {key: [old, new]}} on resume
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         # which checkpoint files each epoch gets (last, best, every N) and the best epoch so far
-        self.checkpoints = CheckpointPolicy(self.ckpt_dir, cfg.monitor, cfg.monitor_mode, cfg.checkpoint_every)
+        pareto = None
+        if "pareto" in (cfg.test_on, *cfg.test_also):
+            pareto = ParetoFront(list(cfg.pareto.metrics), list(cfg.pareto.modes))  # auto resolved by the plan
+        self.checkpoints = CheckpointPolicy(
+            self.ckpt_dir, cfg.monitor, cfg.monitor_mode, cfg.checkpoint_every, pareto=pareto
+        )
         self.history: list[dict[str, float]] = []
         self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
         self.before_training: dict[str, float] | None = None  # trainer.test_first's metrics
@@ -166,14 +175,7 @@ class Trainer:
                 if "best" in saved:
                     self.tracker.log_checkpoint(saved["best"], "best")
                 log.info("epoch %d/%d  %s", self.epoch, self.cfg.epochs, _brief(record))
-            tests: dict[str, float] = {}
-            if self.data.tests:
-                self._load_test_weights()
-            for name, split in self.data.tests.items():
-                if self._stopping():  # last.ckpt already holds the finished training: resume only tests
-                    raise Interrupted(self.ckpt_dir / "last.ckpt", self._stop_signal)
-                # named by the epoch of the weights that drew them (the best epoch's, under test_on=best)
-                tests.update(self.evaluate(split, name, self.tested_on["epoch"], table=True))
+            tests = self._test() if self.data.tests else {}
         if tests:
             self.tracker.log_metrics(tests, self.step)
         return {**(self.history[-1] if self.history else {}), **tests}
@@ -216,26 +218,82 @@ class Trainer:
                 f"the training loss became non-finite in epoch {epoch} (step {self.step + 1}); {_DIVERGED_FIX}"
             )
 
-    def _load_test_weights(self) -> None:
-        """The weights ``test_on`` asks for: the best checkpoint's (what gets uploaded and reported) or the last epoch's."""
-        best = self.checkpoints.path("best")
-        self.runtime.barrier()  # the main process has written best.ckpt
-        if self.cfg.test_on == "best" and self.best.get("epoch") is not None and best.is_file():
-            self.gain.model.load_state_dict(load_state(best, map_location=self.device)["model"])
-            self.tested_on = {"checkpoint": "best", "epoch": self.best["epoch"]}
-            return
-        if self.cfg.test_on == "best" and self.best.get("epoch") is None:
-            log.warning(
-                "trainer.test_on=best but no epoch had a finite %s; testing the last epoch's weights", self.cfg.monitor
-            )
-        elif self.cfg.test_on == "best":
-            log.warning(
-                "trainer.test_on=best but the best epoch (%d) was saved by the run this one resumed from, "
-                "not in %s; testing the last epoch's weights",
-                self.best["epoch"],
-                self.ckpt_dir,
-            )
-        self.tested_on = {"checkpoint": "last", "epoch": self.epoch - 1}
+    def _test(self) -> dict[str, float]:
+        """Score every test split with the weights ``test_on`` chooses (the headline, with panels and tables), then
+        with each selection of ``test_also`` and each Pareto member (metrics only); returns the headline's metrics."""
+        self.runtime.barrier()  # the main process has written every checkpoint
+        rules = [self.cfg.test_on, *(r for r in self.cfg.test_also if r != self.cfg.test_on)]
+        front = self.checkpoints.pareto
+        headline: dict[str, float] = {}
+        for rule in rules:
+            chosen = self._selection(rule)
+            metrics = self._score_tests(chosen, panels=rule == self.cfg.test_on)
+            self.selections[rule] = {**chosen, "metrics": metrics}
+            if rule == self.cfg.test_on:
+                self.tested_on, headline = chosen, metrics
+        if front is not None:  # every member's test metrics (the picked one's are already known)
+            for member in front.members:
+                known = next((s for s in self.selections.values() if s["checkpoint"] == member["checkpoint"]), None)
+                weights = {"checkpoint": member["checkpoint"], "epoch": member["epoch"]}
+                member["tests"] = known["metrics"] if known else self._score_tests(weights, panels=False)
+        return headline
+
+    def _selection(self, rule: str) -> dict[str, Any]:
+        """{"checkpoint", "epoch", "rule"} of the weights ``rule`` (best | last | pareto) chooses, loaded into the model."""
+        if rule == "pareto":
+            front = self.checkpoints.pareto
+            metric = self.cfg.pareto.pick  # resolved by the plan
+            member = front.pick(metric)
+            if member is not None and self.checkpoints.path(member["checkpoint"]).is_file():
+                self._load_weights(member["checkpoint"])
+                size = len(front.members)
+                described = (
+                    f"pareto: the best {metric} of the {size} epochs on the front of {' and '.join(front.metrics)}"
+                )
+                return {"checkpoint": member["checkpoint"], "epoch": member["epoch"], "rule": described}
+            log.warning("trainer.test_on=pareto but no epoch is on the front (NaN metrics?); testing the last epoch")
+        elif rule == "best":
+            best = self.checkpoints.path("best")
+            if self.best.get("epoch") is not None and best.is_file():
+                self._load_weights("best")
+                monitor = f"{self.cfg.monitor_mode} {self.cfg.monitor}"
+                return {
+                    "checkpoint": "best",
+                    "epoch": self.best["epoch"],
+                    "rule": f"best: the epoch with the {monitor}",
+                }
+            if self.best.get("epoch") is None:
+                log.warning(
+                    "trainer.test_on=best but no epoch had a finite %s; testing the last epoch", self.cfg.monitor
+                )
+            else:
+                log.warning(
+                    "trainer.test_on=best but the best epoch (%d) was saved by the run this one resumed from, "
+                    "not in %s; testing the last epoch's weights",
+                    self.best["epoch"],
+                    self.ckpt_dir,
+                )
+        if self.selections or rule != "last":  # the model may hold other weights by now
+            last = self.checkpoints.path("last")
+            if last.is_file():
+                self._load_weights("last")
+        return {"checkpoint": "last", "epoch": self.epoch - 1, "rule": "last: the final epoch"}
+
+    def _load_weights(self, name: str) -> None:
+        self.gain.model.load_state_dict(load_state(self.checkpoints.path(name), map_location=self.device)["model"])
+
+    def _score_tests(self, weights: dict[str, Any], panels: bool) -> dict[str, float]:
+        """Every test split scored with the model's current weights, named ``weights`` ({"checkpoint", "epoch"}): with
+        panels and the per-image table (``panels``), else metrics alone."""
+        metrics: dict[str, float] = {}
+        for name, split in self.data.tests.items():
+            if self._stopping():  # last.ckpt already holds the finished training: resume only tests
+                raise Interrupted(self.ckpt_dir / "last.ckpt", self._stop_signal)
+            if panels:  # named by the epoch of the weights that drew them (the best epoch's, under test_on=best)
+                metrics.update(self.evaluate(split, name, weights["epoch"], table=True))
+            else:
+                metrics.update(self.evaluator.evaluate(split, name, stage="test").metrics)
+        return metrics
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training split (from ``batch_in_epoch`` when resuming mid-epoch)."""
@@ -369,6 +427,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
             "best": self.best,
+            "pareto": self.checkpoints.pareto.members if self.checkpoints.pareto is not None else None,
             "history": self.history,
             "epoch_sums": {"sums": self._epoch_sums[0], "n": self._epoch_sums[1]},
             "rng": rngs[0],
@@ -406,6 +465,10 @@ class Trainer:
             log.warning("resume: %s changed from %s to %s (applied)", key, old, new)
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.best, self.history = state["best"], state["history"]
+        if self.checkpoints.pareto is not None and state.get("pareto"):  # a front kept by the interrupted run
+            self.checkpoints.pareto.members = [
+                m for m in state["pareto"] if self.checkpoints.path(m["checkpoint"]).is_file()
+            ]
         self._epoch_sums = (state["epoch_sums"]["sums"], state["epoch_sums"]["n"])
         ranks = state.get("rng_ranks") or [state["rng"]]
         self._resume_rng = ranks[self.runtime.rank] if len(ranks) == self.runtime.world_size else state["rng"]

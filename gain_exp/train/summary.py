@@ -36,6 +36,8 @@ def final_report(summary: dict[str, Any], out_dir: Path) -> str:
         rows.append(f"| {split} | {used.get('checkpoint')}, after epoch {epoch} | " + " | ".join(cells) + " |")
     metric = summary.get("optimize_metric")
     lines = [f"done: {metric}={_rounded(final.get(metric))}  results in {out_dir}", *rows]
+    if tested.get("rule"):
+        lines.append(f"test weights chosen by {tested['rule']}")
     wandb = (summary.get("tracking") or {}).get("wandb") or {}
     view = f"view: {out_dir / 'attention'} (panels), {out_dir / 'summary.json'}"
     if wandb.get("run_id"):
@@ -49,6 +51,23 @@ def _weights(final: dict[str, float], trainer: Trainer) -> dict[str, dict[str, A
     last = {"checkpoint": "last", "epoch": final.get("epoch")}
     splits = dict.fromkeys(k.split("/", 1)[0] for k in final if "/" in k)
     return {s: dict(trainer.tested_on) if s in trainer.data.tests else last for s in splits}
+
+
+def _front(trainer: Trainer) -> dict[str, Any] | None:
+    """The Pareto front the run kept (trainer.test_on / test_also pareto): its metrics, modes and members, each with
+    its epoch, checkpoint, val values and (once tested) test metrics."""
+    front = trainer.checkpoints.pareto
+    if front is None:
+        return None
+    members = [
+        {
+            **m,
+            "val": {k: jsonable(v) for k, v in m["val"].items()},
+            "tests": {k: jsonable(v) for k, v in m.get("tests", {}).items()},
+        }
+        for m in front.members
+    ]
+    return {"metrics": front.metrics, "modes": front.modes, "members": members}
 
 
 def _rounded(value: Any) -> str:
@@ -113,11 +132,17 @@ class RunSummary:
             "status": status,
             "final": {k: jsonable(v) for k, v in final.items()},
             "best": trainer.best,
-            "tested_on": trainer.tested_on,
+            "tested_on": trainer.tested_on,  # {"checkpoint", "epoch", "rule"}: the weights behind the test metrics
+            # every selection scored on the test splits (trainer.test_on and test_also), and the Pareto front
+            "selections": {
+                k: {**v, "metrics": {m: jsonable(x) for m, x in v["metrics"].items()}}
+                for k, v in trainer.selections.items()
+            },
+            "pareto": _front(trainer),
             "weights": _weights(final, trainer),  # which weights each split's numbers in "final" come from
             "before_training": trainer.before_training,  # trainer.test_first: metrics of the initial weights
             "speed": trainer.speed,  # the last epoch's training images/s over all processes and data-wait share
-            "resumed": trainer.resumed,  # {"checkpoint": best|last, "epoch"}: the weights behind the test metrics
+            "resumed": trainer.resumed,  # {"from": checkpoint, "changed": {key: [old, new]}} when the run resumed
             "optimize_metric": trainer.plan.optimize_metric,
             "epochs_completed": trainer.epoch,
             "wall_time_s": round(time.time() - self.started, 2),
