@@ -56,3 +56,11 @@ bench-gpu:
 	  done; cat outputs/bench_gpu/$$b.md; done
 
 .PHONY: install run test test-fast lint docs docs-build bench bench-gpu
+
+# The prepared CUDA check (issue 25, docs/speed.md): pytest -m gpu, memory over 300 GAIN steps, the speed table, each
+# stage under its own timeout, <= 9 min in all; a markdown + JSON report in outputs/gpu_check/<date>/ (or ARGS=DIR).
+# No install needed (it sets up its own Python); ARGS=--dry-run runs every stage on CPU with tiny sizes (~2 min).
+gpu-check:
+	bash scripts/gpu_check.sh $(ARGS)
+
+.PHONY: gpu-check

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from gain_exp.core.attention import CAM_METHODS
 from gain_exp.core.gain import GAIN, GRAD_MODES, compile_model
 from gain_exp.core.losses import GAINLoss
+from gain_exp.output.files import write_json
 
 VARIANTS = ("plain", "batch", "per_label", "reference")
 DECODERS = ("pil", "torchvision")
@@ -130,6 +131,8 @@ def why_not(error: BaseException) -> str:
         return "hook not run by compiled graph"
     if "retain_grad" in msg:
         return "no retain_grad inside compiled graph"
+    if "appears to not have been used in the graph" in msg:
+        return "map layer inside compiled forward_features"
     first = msg.strip().splitlines()[0] if msg.strip() else ""
     return f"{type(error).__name__}: {first[:50]}" if first else type(error).__name__
 
@@ -272,6 +275,35 @@ def _dynamo_counters():
 
     counters.clear()
     return counters
+
+
+def to_json(rows: list[dict], args: argparse.Namespace) -> dict:
+    """``--json``: the settings, the machine and every row, each with ``images_s`` (batch / median step time; for
+    ``per_label`` the batch's images, not its (image, label) pairs)."""
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    return dict(
+        backbone=args.backbone,
+        batch=args.batch,
+        size=args.size,
+        classes=args.classes,
+        labels=args.labels,
+        device=args.device,
+        device_name=torch.cuda.get_device_name(dev) if cuda else "cpu",
+        threads=torch.get_num_threads(),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        flags=dict(
+            amp=args.amp,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            compile_backend=args.compile_backend if args.compile else None,
+            label=_flags(args.amp, args.channels_last, args.compile, args.compile_backend),
+        ),
+        tf32=dict(cudnn=torch.backends.cudnn.allow_tf32, matmul=torch.backends.cuda.matmul.allow_tf32),
+        torch=torch.__version__,
+        rows=[{**r, "images_s": None if r["ms"] is None else args.batch * 1e3 / r["ms"]} for r in rows],
+    )
 
 
 def format_table(rows: list[dict], device: str) -> str:
@@ -434,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile forward_features and forward_head")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the settings and rows (+ images/s) here")
     data = parser.add_argument_group("data loading (--data)")
     data.add_argument("--data", type=Path, help="time reading + decoding this folder of JPEG/PNG images instead")
     data.add_argument("--workers", type=_int_list, default=[0], help="DataLoader workers, a comma list (e.g. 0,2,4)")
@@ -480,10 +513,13 @@ def main(argv: list[str] | None = None) -> int:
             f"flags: {_flags(args.amp, args.channels_last, args.compile, args.compile_backend)}"
         )
         print(format_table(rows, args.device))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.json, to_json(rows, args))
         return 0
 
-    if args.amp or args.channels_last or args.compile:
-        return _fail("--amp, --channels-last and --compile apply to the step benchmark, not to --data.")
+    if args.amp or args.channels_last or args.compile or args.json is not None:
+        return _fail("--amp, --channels-last, --compile and --json apply to the step benchmark, not to --data.")
     if args.passes < 1 or args.batch < 1 or args.size < 1:
         return _fail("--passes, --batch and --size must be at least 1.")
     if args.make_images is not None:
