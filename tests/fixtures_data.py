@@ -1,11 +1,12 @@
-"""Small on-disk datasets for tests: a VOC2012 devkit and a class-folder dataset with masks.
+"""Small on-disk datasets for tests: a VOC2012 devkit, a class-folder dataset with masks and a Waterbirds layout.
 
-Both are deterministic, so tests can recompute what each file holds from the helper functions here
-(`voc_objects`, `voc_has_mask`, `mask_kind`) instead of parsing the files back.
+All are deterministic, so tests can recompute what each file holds from the helper functions here
+(`voc_objects`, `voc_has_mask`, `mask_kind`, `wb_box`, `wb_bird`, ...) instead of parsing the files back.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,97 @@ def make_mask_folder(
                         Image.fromarray(mask).save(folder / f"{stem}m{ext}")
                 Image.fromarray(image).save(folder / f"{stem}{ext}")
     return Path(root)
+
+
+# ---- Waterbirds: the released folder (metadata.csv + CUB-like image paths), CUB segmentations and CUB's box files ----
+
+WB_SPECIES = (  # (CUB class folder, file stem, waterbird?)
+    ("001.Black_footed_Albatross", "Black_Footed_Albatross", 1),
+    ("026.Bronzed_Cowbird", "Bronzed_Cowbird", 0),
+    ("059.California_Gull", "California_Gull", 1),
+    ("094.White_breasted_Nuthatch", "White_Breasted_Nuthatch", 0),
+)
+WB_SOFT_RIM = 102  # CUB masks are soft (0..255): a rim below the 128 threshold
+
+
+def wb_label(i: int) -> int:
+    """0 landbird, 1 waterbird (from the species folder, as Waterbirds' y)."""
+    return WB_SPECIES[i % 4][2]
+
+
+def wb_split(i: int) -> int:
+    """0 train, 1 val, 2 test."""
+    return i % 3
+
+
+def wb_place(i: int) -> int:
+    """0 land, 1 water: train agrees with the label but for 2 images in 8 (one of each class), val/test are balanced
+    (n = 24: every split holds every class x place group)."""
+    k = i // 3  # the image's position in its split
+    if wb_split(i) == 0:
+        return 1 - wb_label(i) if k % 8 in (3, 6) else wb_label(i)
+    return (k // 2) % 2
+
+
+def wb_rel(i: int) -> str:
+    folder, stem, _ = WB_SPECIES[i % 4]
+    return f"{folder}/{stem}_{i + 1:04d}_{790000 + 37 * i}.jpg"
+
+
+def wb_cub_id(i: int) -> int:
+    """The image's id in CUB's images.txt: unrelated to Waterbirds' img_id (i + 1)."""
+    return 5000 - 7 * i
+
+
+def wb_box(i: int, size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), exclusive ends, of the bird's bounding box; the bird is the ellipse inscribed in it."""
+    x0, y0 = 3 + (i * 5) % (size // 3), 4 + (i * 7) % (size // 3)
+    return x0, y0, x0 + size // 2 + i % 5, y0 + size // 3 + i % 4
+
+
+def wb_bird(i: int, size: int) -> np.ndarray:
+    """H x W bool: the bird's pixels (the core of its soft mask), the ellipse inscribed in wb_box."""
+    x0, y0, x1, y1 = wb_box(i, size)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+
+
+def make_waterbirds(root: Path, n: int = 24, size: int = 40) -> tuple[Path, Path, Path]:
+    """Write a released-style Waterbirds folder, CUB segmentations and CUB_200_2011's images.txt and
+    bounding_boxes.txt (CUB ids differ from img_id, lines in another order) under root; returns their three paths."""
+    root = Path(root)
+    wb, seg_dir, cub = root / "waterbird_complete95_forest2water2", root / "segmentations", root / "CUB_200_2011"
+    for d in (wb, seg_dir, cub):
+        d.mkdir(parents=True, exist_ok=True)
+    rows, images_txt, boxes_txt = [], [], []
+    for i in range(n):
+        rel = wb_rel(i)
+        (wb / rel).parent.mkdir(parents=True, exist_ok=True)
+        (seg_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)
+        place = (60, 150, 60) if wb_place(i) == 0 else (50, 90, 200)  # green land, blue water
+        image = (np.array(place) + rng.integers(-15, 15, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        bird = wb_bird(i, size)
+        image[bird] = (230, 220, 40) if wb_label(i) == 0 else (240, 240, 240)
+        Image.fromarray(image).save(wb / rel, quality=95)
+        mask = np.zeros((size, size), np.uint8)
+        rim = np.zeros_like(bird)
+        rim[:, 1:] |= bird[:, :-1]
+        rim[:, :-1] |= bird[:, 1:]
+        mask[rim & ~bird] = WB_SOFT_RIM
+        mask[bird] = 255
+        Image.fromarray(mask).save((seg_dir / rel).with_suffix(".png"))
+        rows.append([i + 1, rel, wb_label(i), wb_split(i), wb_place(i), f"/o/ocean/{i:08d}.jpg"])
+        x0, y0, x1, y1 = wb_box(i, size)
+        images_txt.append(f"{wb_cub_id(i)} {rel}")
+        boxes_txt.append(f"{wb_cub_id(i)} {float(x0)} {float(y0)} {float(x1 - x0)} {float(y1 - y0)}")
+    images_txt.append("9999 200.Common_Yellowthroat/Common_Yellowthroat_0003_190521.jpg")  # CUB has more birds
+    boxes_txt.append("9999 1.0 2.0 3.0 4.0")
+    with (wb / "metadata.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["img_id", "img_filename", "y", "split", "place", "place_filename"])
+        writer.writerows(rows)
+    (cub / "images.txt").write_text("".join(f"{line}\n" for line in images_txt))
+    (cub / "bounding_boxes.txt").write_text("".join(f"{line}\n" for line in reversed(boxes_txt)))
+    return wb, seg_dir, cub

@@ -87,6 +87,14 @@ def test_shapes_groups_are_class_by_tint_and_val_bias_balances_only_val(tmp_path
     assert biased.extras["val_bias"] == 0.9 and balanced.extras["val_bias"] == pytest.approx(1 / 3)
 
 
+def test_val_bias_balanced_is_one_over_the_classes(tmp_path):
+    data = _shapes(tmp_path, bias=0.9, val_bias="balanced")
+    assert data.extras["val_bias"] == pytest.approx(1 / 3)
+    assert torch.equal(data.val.cue, _shapes(tmp_path, bias=0.9, val_bias=1 / 3).val.cue)
+    with pytest.raises(ValueError, match="val_bias=fair is not a probability; set it in .0, 1., balanced"):
+        _shapes(tmp_path, val_bias="fair")
+
+
 def test_val_bias_equal_to_bias_reads_the_same_cache_file(tmp_path):
     _shapes(tmp_path, bias=0.9)
     files = sorted((tmp_path / "shapes").glob("*.pt"))
@@ -118,7 +126,7 @@ def test_decoy_digits_groups_are_digit_by_patch(tmp_path):
 
 def test_a_run_reports_group_metrics_and_can_select_on_worst_group(tmp_path, tiny):
     summary = train(
-        compose([*tiny, "dataset.val_bias=0.25", "trainer.monitor=val/worst_group_acc", "trainer.epochs=1"]),
+        compose([*tiny, "dataset.val_bias=balanced", "trainer.monitor=val/worst_group_acc", "trainer.epochs=1"]),
         out_dir=tmp_path / "run",
     )
     final = summary["final"]

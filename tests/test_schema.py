@@ -23,7 +23,8 @@ from gain_exp.data.base import RUNTIME_ARGS
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
-REQUIRED = {"dataset.root"}  # ??? in the YAML on purpose: the user must say where the data is
+# ??? in the YAML on purpose: the user must say where the data (and experiment=waterbirds_resnet50 the weights) is
+REQUIRED = {"dataset.root", "dataset.segmentations", "backbone.weights_file"}
 
 # Arguments the app passes at instantiation (run.py, tracking.build_tracker), never set in the YAML.
 RUNTIME = {
@@ -31,7 +32,10 @@ RUNTIME = {
     "gain_exp.core.losses.GAINLoss": {"multi_label", "negative_class"},
     "gain_exp.tracking.wandb.WandbTracker": {"out_dir", "run_config", "resume"},
     "gain_exp.tracking.tensorboard.TensorboardTracker": {"out_dir", "run_config", "resume"},
-    **{f"gain_exp.data.{m}.build": set(RUNTIME_ARGS) for m in ("shapes", "voc", "mask_folder", "decoy_digits")},
+    **{
+        f"gain_exp.data.{m}.build": set(RUNTIME_ARGS)
+        for m in ("shapes", "voc", "mask_folder", "decoy_digits", "waterbirds")
+    },
 }
 
 # Intentional differences between a YAML value and the target's Python default: (target, key) -> why.

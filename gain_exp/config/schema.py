@@ -227,9 +227,12 @@ class ShapesSchema:
     n_test: int = MISSING
     bias: float = MISSING
     masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
+    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
     max_objects: int = MISSING
     augment: bool = MISSING
-    val_bias: Optional[float] = MISSING
+    val_bias: Any = MISSING  # null (= bias) | a probability | balanced
+    background: str = MISSING  # tint | texture: what carries the class cue on the background
 
 
 @dataclass
@@ -247,7 +250,9 @@ class DecoyDigitsSchema:
     patch_fraction: float = MISSING
     mask_threshold: float = MISSING
     masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
-    val_bias: Optional[float] = MISSING
+    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
+    val_bias: Any = MISSING  # null (= bias) | a probability | balanced
 
 
 @dataclass
@@ -260,6 +265,8 @@ class Voc2012Schema:
     exclude_difficult: bool = MISSING
     sbd_train_list: Optional[str] = MISSING
     masks_to_use: Union[int, float] = MISSING
+    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
     autoaugment: bool = MISSING
     hflip: bool = MISSING
     strict: bool = MISSING
@@ -274,12 +281,30 @@ class MaskFolderSchema:
     image_size: int = MISSING
     negative_class: Optional[str] = MISSING
     masks_to_use: Union[int, float] = MISSING
+    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
     batch_pos_dist: Optional[float] = MISSING
     steps_per_epoch: Optional[int] = MISSING
     autoaugment: bool = MISSING
     hflip: bool = MISSING
     strict: bool = MISSING
     extensions: List[str] = MISSING
+
+
+@dataclass
+class WaterbirdsSchema:
+    """conf/dataset/waterbirds.yaml (gain_exp.data.waterbirds.build)."""
+
+    _target_: str = MISSING
+    root: str = MISSING
+    segmentations: str = MISSING
+    cub_root: Optional[str] = MISSING
+    image_size: int = MISSING
+    masks_to_use: Union[int, float] = MISSING
+    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
+    augment: bool = MISSING
+    strict: bool = MISSING
 
 
 @dataclass
@@ -320,6 +345,7 @@ SCHEMAS: dict[str, type] = {
     "dataset_decoy_digits": DecoyDigitsSchema,
     "dataset_voc2012": Voc2012Schema,
     "dataset_mask_folder": MaskFolderSchema,
+    "dataset_waterbirds": WaterbirdsSchema,
     "logger_wandb": WandbSchema,
     "logger_tensorboard": TensorboardSchema,
 }

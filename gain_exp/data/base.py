@@ -103,6 +103,21 @@ class TensorSplit(Dataset):
         return sample
 
 
+def resolve_val_bias(val_bias: float | str | None, bias: float, num_classes: int, dataset: str) -> float:
+    """The val split's cue agreement probability: ``bias`` for None, ``1 / num_classes`` for ``balanced`` (every class x
+    cue group equally likely), else the probability given (one sentence when it is none of these)."""
+    if val_bias is None:
+        return float(bias)
+    if val_bias == "balanced":
+        return 1.0 / num_classes
+    if isinstance(val_bias, bool) or not isinstance(val_bias, (int, float)) or not 0.0 <= val_bias <= 1.0:
+        raise ValueError(
+            f"{dataset}: val_bias={val_bias} is not a probability; set it in [0, 1], balanced (1/{num_classes}: every"
+            " class x cue group equally likely) or null (= bias)."
+        )
+    return float(val_bias)
+
+
 def cue_group_names(classes: Sequence[str], cues: Sequence[str]) -> list[str]:
     """Groups of single-label data with a known spurious cue: one per (class, cue value), ``<class>_<cue>``, in
     class-major order; a sample's group id is ``cue_group_ids``."""
@@ -179,3 +194,122 @@ def classes_without_images(
 def describe_classes_without_images(found: dict[str, list[str]]) -> str:
     """'val: cat, dog; test: cat': the splits and classes of classes_without_images, for a warning."""
     return "; ".join(f"{split}: {', '.join(names)}" for split, names in found.items())
+
+
+# ------------------------------------------------------------------------------------------ box annotations
+
+ANNOTATIONS = ("mask", "box")  # dataset.annotation: what the training split's L_e label maps are made of
+
+
+def check_annotation(annotation: str, box_enlarge: float, dataset: str, boxes: str | None) -> None:
+    """ValueError (one sentence) unless ``annotation`` is mask or box and ``box_enlarge`` >= 0; ``boxes`` says where
+    the dataset's boxes come from, None: it has none, so annotation=box is refused."""
+    if annotation not in ANNOTATIONS:
+        raise ValueError(f"{dataset}: annotation={annotation!r} is unknown; use mask (pixel masks) or box (boxes).")
+    if isinstance(box_enlarge, bool) or not isinstance(box_enlarge, (int, float)) or box_enlarge < 0:
+        raise ValueError(
+            f"{dataset}: box_enlarge={box_enlarge!r} must be a fraction >= 0 (0.1 makes each box side 10% longer)."
+        )
+    if annotation == "box" and boxes is None:
+        raise ValueError(
+            f"{dataset}: annotation=box needs bounding boxes, which this dataset does not have; use annotation=mask"
+            " (the other option), or a dataset with boxes (voc2012, waterbirds, or the generated shapes and"
+            " decoy_digits)."
+        )
+
+
+def annotation_extras(annotation: str) -> dict[str, str]:
+    """``DataSplits.extras["annotation"]``: what L_e trains on and what val/test's localisation metrics score
+    against (always the best annotation the split has: its pixel masks)."""
+    return {"train": annotation, "scored_against": "mask"}
+
+
+def box_masks(
+    boxes: torch.Tensor | Sequence[Sequence[float]],
+    classes: torch.Tensor | Sequence[int],
+    size: tuple[int, int],
+    enlarge: float = 0.0,
+    ignore: torch.Tensor | Sequence[bool] | None = None,
+) -> torch.Tensor:
+    """H x W uint8 label map of filled boxes: label c + 1 inside each box of class c, 0 elsewhere.
+
+    ``boxes`` M x 4 (x0, y0, x1, y1) in pixel-edge coordinates of an image of ``size`` (width, height): pixel (i, j)
+    spans [j, j + 1) x [i, i + 1), so integer boxes cover columns x0 .. x1 - 1 (exclusive ends) and a pixel is inside
+    when its centre is. ``enlarge`` grows each side by that fraction about the box's centre (0.1: 10% longer sides),
+    then the box is clipped to the image. ``ignore`` (M bool) paints those boxes with IGNORE_INDEX instead of their
+    class (e.g. VOC's difficult objects, which its masks mark void).
+
+    Overlaps: boxes are painted from the largest area to the smallest, so where boxes of different classes overlap the
+    smaller box's label wins (the smaller object is taken to be in front, the rule of Khoreva et al., "Simple Does It",
+    CVPR 2017, for box-supervised segmentation); boxes of one class simply merge.
+    """
+    width, height = int(size[0]), int(size[1])
+    seg = torch.zeros(height, width, dtype=torch.uint8)
+    b = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    if len(b) == 0:
+        return seg
+    labels = torch.as_tensor(classes, dtype=torch.long).reshape(-1) + 1
+    if len(labels) != len(b) or bool(((labels < 1) | (labels >= IGNORE_INDEX)).any()):
+        raise ValueError(f"box_masks needs one class in 0..253 per box; got {len(labels)} classes for {len(b)} boxes.")
+    if ignore is not None:
+        labels = torch.where(torch.as_tensor(ignore, dtype=torch.bool).reshape(-1), IGNORE_INDEX, labels)
+    centre_x, centre_y = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    half_w = (b[:, 2] - b[:, 0]).clamp(min=0) * (1 + enlarge) / 2
+    half_h = (b[:, 3] - b[:, 1]).clamp(min=0) * (1 + enlarge) / 2
+    x0, x1 = (centre_x - half_w).clamp(0, width), (centre_x + half_w).clamp(0, width)
+    y0, y1 = (centre_y - half_h).clamp(0, height), (centre_y + half_h).clamp(0, height)
+    cols = torch.arange(width, dtype=torch.float64) + 0.5  # pixel centres
+    rows = torch.arange(height, dtype=torch.float64) + 0.5
+    for m in sorted(range(len(b)), key=lambda k: -float((x1[k] - x0[k]) * (y1[k] - y0[k]))):  # stable: ties keep order
+        inside = ((rows >= y0[m]) & (rows <= y1[m])).unsqueeze(1) & ((cols >= x0[m]) & (cols <= x1[m])).unsqueeze(0)
+        seg[inside] = int(labels[m])
+    return seg
+
+
+def boxes_from_seg(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M x 4 float boxes (x0, y0, x1, y1), exclusive ends, M long classes): the tight box of each class present in
+    an H x W label map (values c + 1; 0 background and IGNORE_INDEX left out), in increasing class order. On data with
+    one object per class (shapes, decoy_digits) that is one box per object: the tight box of its exact pixel mask, a
+    valid box annotation of a synthetic dataset."""
+    boxes, classes = [], []
+    for value in torch.unique(seg).tolist():
+        if value == 0 or value == IGNORE_INDEX:
+            continue
+        ys, xs = torch.nonzero(seg == value, as_tuple=True)
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1])
+        classes.append(value - 1)
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(classes, dtype=torch.long)
+
+
+def box_label_maps(seg: torch.Tensor, enlarge: float = 0.0) -> torch.Tensor:
+    """N x H x W uint8: each label map of ``seg`` (N x H x W) replaced by the filled boxes of its classes
+    (``boxes_from_seg`` then ``box_masks``), for the generated datasets' training splits under annotation=box."""
+    out = torch.zeros(seg.shape, dtype=torch.uint8)
+    size = (seg.shape[-1], seg.shape[-2])
+    for n in range(seg.shape[0]):
+        boxes, classes = boxes_from_seg(seg[n])
+        out[n] = box_masks(boxes, classes, size, enlarge)
+    return out
+
+
+@dataclass(frozen=True)
+class ImageBoxes:
+    """One image's box annotation: M x 4 boxes in pixel-edge coordinates of the image, M classes, M ignore flags and
+    the image's (width, height)."""
+
+    boxes: torch.Tensor
+    classes: torch.Tensor
+    size: tuple[int, int]
+    ignore: torch.Tensor | None = None
+
+
+class BoxReader:
+    """A mask reader (``(key, target) -> H x W uint8 label map``) for file-backed datasets under annotation=box: the key
+    (the image's path, standing in for a mask file) names a precomputed ImageBoxes, rendered by ``box_masks``."""
+
+    def __init__(self, table: dict[Any, ImageBoxes], enlarge: float) -> None:
+        self.table, self.enlarge = table, float(enlarge)
+
+    def __call__(self, key: Any, target: torch.Tensor) -> torch.Tensor:
+        entry = self.table[key]
+        return box_masks(entry.boxes, entry.classes, entry.size, self.enlarge, entry.ignore)

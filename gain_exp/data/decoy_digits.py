@@ -13,8 +13,10 @@ saturation and value, a cue a global-average-pooled CNN picks up where the grey 
 
 Images are RGB with the scan's grey level replicated, so ImageNet-normalised backbones apply. Pixel masks (for L_e and
 the localisation metrics) are the strokes: seg = y + 1 where the upsampled scan is brighter than ``mask_threshold`` of
-full ink, 0 elsewhere (never inside the patch). Every sample also carries ``spurious``, an H x W bool map of the patch,
-so an evaluator can measure attention on the decoy, and its group (digit x patch digit, e.g. ``3_patch_7``);
+full ink, 0 elsewhere (never inside the patch); with ``annotation=box`` the training split's L_e label maps are the
+tight box of those strokes (a valid box annotation of a synthetic dataset; val and tests keep the strokes). Every
+sample also carries ``spurious``, an H x W bool map of the patch, so an evaluator can measure attention on the decoy,
+and its group (digit x patch digit, e.g. ``3_patch_7``);
 ``val_bias`` gives the val split its own agreement probability (0.1: every group equally likely, a group-balanced
 validation set for selection by worst-group accuracy).
 
@@ -38,11 +40,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from gain_exp.data.base import (
     DataSplits,
     TensorSplit,
+    annotation_extras,
+    box_label_maps,
+    check_annotation,
     choose_masks,
     cue_group_ids,
     cue_group_names,
     derive_seed,
     mask_count,
+    resolve_val_bias,
 )
 from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
@@ -158,7 +164,9 @@ def build(
     patch_fraction: float = 0.25,
     mask_threshold: float = 0.25,
     masks_to_use: float | int = 0.1,
-    val_bias: float | None = None,
+    val_bias: float | str | None = None,
+    annotation: str = "mask",
+    box_enlarge: float = 0.0,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -168,11 +176,8 @@ def build(
     """Build (or load from the disk cache) the decoy-digits splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(image_size, n_train, n_val, n_test, bias, decoy, patch_fraction, mask_threshold, mean, std)
-    if val_bias is not None and not 0.0 <= val_bias <= 1.0:
-        raise ValueError(
-            f"{NAME}: val_bias={val_bias} is not a probability; set it in [0, 1] (0.1 makes every digit x patch group"
-            " equally likely) or null (= bias)."
-        )
+    check_annotation(annotation, box_enlarge, NAME, boxes="the tight box of each digit's strokes")
+    val_bias = resolve_val_bias(val_bias, bias, len(CLASSES), NAME)
     n_masked = mask_count(masks_to_use, n_train, NAME)
     params = dict(
         version=GENERATOR_VERSION,
@@ -186,8 +191,8 @@ def build(
         patch=patch_size(int(image_size), float(patch_fraction)),
         seed=int(seed),
     )
-    if val_bias is not None and float(val_bias) != float(bias):  # absent otherwise: earlier caches stay valid
-        params["val_bias"] = float(val_bias)
+    if val_bias != float(bias):  # absent otherwise: earlier caches stay valid
+        params["val_bias"] = val_bias
     data = _load_or_generate(Path(root), params)
     # Which training images carry masks is fixed by the seed alone; a smaller budget is a subset of a larger one.
     train_use = choose_masks(torch.ones(n_train, dtype=torch.bool), n_masked, seed, NAME)
@@ -208,8 +213,11 @@ def build(
             std,
         )
 
+    train = make("train", train_use)
+    if annotation == "box":  # L_e on the tight box of the strokes (a synthetic box annotation); spurious: the patch
+        train.seg = box_label_maps(train.seg, box_enlarge)
     return DataSplits(
-        train=make("train", train_use),
+        train=train,
         val=make("val", None),
         tests={"test_biased": make("test_biased", None), "test_unbiased": make("test_unbiased", None)},
         classes=list(CLASSES),
@@ -217,9 +225,10 @@ def build(
         groups=cue_group_names(CLASSES, [f"patch_{c}" for c in CLASSES]),  # digit x patch colour: 3_patch_7, ...
         extras={
             "bias": float(bias),
-            "val_bias": float(bias if val_bias is None else val_bias),
+            "val_bias": val_bias,
             "num_masked_train": n_masked,
             "patch_size": params["patch"],
+            "annotation": annotation_extras(annotation),
         },
     )
 

@@ -97,6 +97,12 @@ def check_image(path: Path) -> tuple[int, int]:
         return size
 
 
+def header_size(path: Path, source: str = "") -> tuple[int, int]:
+    """(width, height) from the file's header alone (no pixels decoded): where box coordinates need the image size."""
+    with _open(path, "image", source) as im:
+        return im.size
+
+
 def mask_array(path: Path, fix: str, source: str = "") -> tuple[np.ndarray, str | None]:
     """(H x W integer values as stored, file format) of a single-channel mask; ``fix`` ends the wrong-mode error."""
     with _open(path, "mask", source) as im:

@@ -17,7 +17,8 @@ the same class folders (a missing or extra one stops the build with one sentence
 class whose files in val/ or test/ were all skipped as unreadable is warned once and listed in
 extras["classes_without_images"] = {split: [names]} (its per-class metrics there are NaN or left out). With
 `negative_class` (e.g. "negative") that folder holds images without objects (their masks are not
-read) and its index is DataSplits.negative_class, so the AM loss can run on positives only.
+read) and its index is DataSplits.negative_class, so the AM loss can run on positives only. annotation=box is refused
+in one sentence: the layout has pixel masks but no boxes.
 
 File errors, checked when the splits are built (every image and mask is decoded once): an unreadable file
 (missing, not an image, truncated) is skipped with a warning and counted in extras["skipped_files"] unless
@@ -49,6 +50,8 @@ from gain_exp.data.base import (
     IGNORE_INDEX,
     DataSplits,
     Sample,
+    annotation_extras,
+    check_annotation,
     choose_masks,
     classes_without_images,
     derive_seed,
@@ -419,6 +422,8 @@ def build(
     hflip: bool = True,
     strict: bool = False,
     extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
+    annotation: str = "mask",
+    box_enlarge: float = 0.0,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -426,6 +431,7 @@ def build(
     batch_size: int = 1,
 ) -> DataSplits:
     """Build train/val(/test) splits from class folders of images with optional binary masks (a DatasetBuilder)."""
+    check_annotation(annotation, box_enlarge, "mask_folder dataset", boxes=None)  # pixel masks only: box is refused
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise FileNotFoundError(
@@ -486,6 +492,7 @@ def build(
 
     train = datasets["train"]
     extras["num_masked_train"] = int(train.use_mask.sum())
+    extras["annotation"] = annotation_extras(annotation)
     empty = classes_without_images(classes, train.targets, {s: d.targets for s, d in datasets.items() if s != "train"})
     if empty:  # every folder had images, but all of a class's were unreadable (skipped)
         log.warning(

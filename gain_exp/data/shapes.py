@@ -14,10 +14,18 @@ all classes. "Cue agrees" therefore means "the tint's class is present in the im
 Groups (single-label): one per (shape, tint), e.g. ``circle_on_square_tint``; ``val_bias`` draws the val split's tints
 with its own agreement probability (1/K: every group equally likely), a group-balanced validation set for model
 selection by worst-group accuracy. It uses group labels the training split never shows the model.
+
+Texture background (``background="texture"``): the cue is a natural texture instead of a flat tint. Class c owns one
+grey texture photograph from scikit-image's bundled data (TEXTURE_SOURCES, no download); each image's background is a
+patch of its cue class's texture cropped at a random position, rotated by a random angle and zoomed by a random factor
+(TEXTURE_SCALE_RANGE), at a random, class-independent brightness and contrast. Every texture is high-passed and
+histogram-equalised to the same flat grey-level distribution, so a single pixel's colour, and the mean colour, say
+next to nothing about the cue: only the spatial pattern does. Groups are shape x texture, e.g. ``circle_on_grass``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +36,19 @@ from typing import Callable, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from gain_exp.data.base import DataSplits, TensorSplit, choose_masks, cue_group_ids, cue_group_names, derive_seed
+from gain_exp.data.base import (
+    DataSplits,
+    TensorSplit,
+    annotation_extras,
+    box_label_maps,
+    check_annotation,
+    choose_masks,
+    cue_group_ids,
+    cue_group_names,
+    derive_seed,
+    resolve_val_bias,
+)
+from gain_exp.data.decoy_digits import MissingExtra
 from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
@@ -51,6 +71,26 @@ PIXEL_NOISE = 0.05  # std of per-pixel Gaussian noise over the whole image
 PLACEMENT_TRIES = 50  # candidate positions per extra object in multi-label mode
 SPLITS = ("train", "val", "test_biased", "test_unbiased")
 CHUNK = 256  # images rendered at once; bounds the float scratch memory
+
+BACKGROUNDS = ("tint", "texture")  # dataset.background: what carries the cue
+# background=texture. Class c's texture: (name, skimage.data function, crop rows/cols of the photograph or None).
+# The first three are texture photographs (CC0); the rest are texture-like crops of other bundled photographs. All
+# ship inside the scikit-image wheel (skimage/data/*.png|jpg), so none is downloaded.
+TEXTURE_SOURCES: tuple[tuple[str, str, tuple[int, int, int, int] | None], ...] = (
+    ("grass", "grass", None),  # CC0 (DeviantArt linolafett)
+    ("gravel", "gravel", None),  # CC0 (CC0Textures Gravel04)
+    ("brick", "brick", None),  # CC0 (CC0Textures Bricks25)
+    ("tissue", "immunohistochemistry", None),  # stained colon tissue; no known copyright restrictions
+    ("stars", "hubble_deep_field", (0, 768, 0, 768)),  # Hubble eXtreme Deep Field; NASA, public domain
+    ("lawn", "camera", (250, 512, 410, 512)),  # the lawn right of the tripod; CC0 (Lav Varshney)
+    ("vessels", "retina", (300, 1100, 450, 1250)),  # fundus blood vessels; CC0 (Mikael Haggstrom)
+    ("fringes", "cell", (60, 340, 0, 280)),  # the hologram's background speckle, away from the cell; CC0
+)
+TEXTURE_SIZE = 256  # side (px) every texture crop is resampled to before patches are cut from it
+TEXTURE_HIGHPASS_SIGMA = 16.0  # Gaussian sigma (px at TEXTURE_SIZE) of the illumination removed from each texture
+TEXTURE_SCALE_RANGE = (0.25, 0.40)  # image side / texture side, uniform per image: the random zoom of the crop
+TEXTURE_BRIGHTNESS = (0.42, 0.58)  # mean grey level of an image's background, uniform and independent of the class
+TEXTURE_CONTRAST = (0.09, 0.15)  # std of the background's grey levels around that mean, uniform per image, any class
 
 
 # Shape membership tests in object-local coordinates (u right, v down, unit radius). Every shape
@@ -107,7 +147,7 @@ SHAPE_FNS: tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ...] = (
 
 
 class ShapesDataset(TensorSplit):
-    """One split of the biased-shapes data; the spurious cue is the tinted background (seg == 0)."""
+    """One split of the biased-shapes data; the spurious cue is the tinted or textured background (seg == 0)."""
 
     def __init__(
         self,
@@ -126,7 +166,7 @@ class ShapesDataset(TensorSplit):
         super().__init__(
             images, seg, targets, use_mask, classes, multi_label, mean, std, augment=augment, groups=groups
         )
-        self.cue = cue  # N long: the class whose tint the background carries
+        self.cue = cue  # N long: the class whose tint (or texture) the background carries
 
 
 def build(
@@ -140,7 +180,10 @@ def build(
     masks_to_use: float | int = 0.1,
     max_objects: int = 1,
     augment: bool = False,
-    val_bias: float | None = None,
+    val_bias: float | str | None = None,
+    background: str = "tint",
+    annotation: str = "mask",
+    box_enlarge: float = 0.0,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -150,11 +193,8 @@ def build(
     """Build (or load from the disk cache) the biased-shapes splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(num_classes, image_size, n_train, n_val, n_test, bias, max_objects, mean, std)
-    if val_bias is not None and not 0.0 <= val_bias <= 1.0:
-        raise ValueError(
-            f"shapes dataset: val_bias={val_bias} is not a probability; set it in [0, 1] "
-            f"(1/num_classes = {1 / num_classes:.4g} makes every class x tint group equally likely) or null (= bias)."
-        )
+    check_annotation(annotation, box_enlarge, "shapes dataset", boxes="the tight box of each exact mask")
+    val_bias = resolve_val_bias(val_bias, bias, num_classes, "shapes dataset")
     n_masked = _mask_count(masks_to_use, n_train)
     params = dict(
         version=GENERATOR_VERSION,
@@ -168,12 +208,20 @@ def build(
         max_objects=int(max_objects),
         seed=int(seed),
     )
-    if val_bias is not None and float(val_bias) != float(bias):  # absent otherwise: earlier caches stay valid
-        params["val_bias"] = float(val_bias)
+    if val_bias != float(bias):  # absent otherwise: earlier caches stay valid
+        params["val_bias"] = val_bias
+    if background not in BACKGROUNDS:
+        raise ValueError(f"shapes dataset: background={background!r} is unknown; set it to tint or texture.")
+    if background != "tint":  # absent for tint: its caches stay valid
+        params["background"] = background
+        params["texture"] = _texture_key(num_classes)
     data = _load_or_generate(Path(root), params)
     classes = list(SHAPE_NAMES[:num_classes])
     multi_label = max_objects > 1
-    tints = [f"on_{c}_tint" for c in classes]  # group names: circle_on_square_tint, ...
+    if background == "tint":
+        cues = [f"on_{c}_tint" for c in classes]  # group names: circle_on_square_tint, ...
+    else:
+        cues = [f"on_{t[0]}" for t in TEXTURE_SOURCES[:num_classes]]  # group names: circle_on_grass, ...
 
     # Which training images carry masks is fixed by the seed alone, so it does not shift with the budget's
     # other settings and a smaller budget is a subset of a larger one.
@@ -198,17 +246,24 @@ def build(
             groups=groups,
         )
 
+    train = make("train", train_use, augment)
+    if annotation == "box":  # L_e on the tight box of each object's exact mask (a synthetic box annotation)
+        train.spurious, train.seg = (
+            train.seg == 0,
+            box_label_maps(train.seg, box_enlarge),
+        )  # the cue stays the background
     return DataSplits(
-        train=make("train", train_use, augment),
+        train=train,
         val=make("val", None, False),
         tests={"test_biased": make("test_biased", None, False), "test_unbiased": make("test_unbiased", None, False)},
         classes=classes,
         multi_label=multi_label,
-        groups=None if multi_label else cue_group_names(classes, tints),
+        groups=None if multi_label else cue_group_names(classes, cues),
         extras={
             "bias": float(bias),
-            "val_bias": float(bias if val_bias is None else val_bias),
+            "val_bias": val_bias,
             "num_masked_train": n_masked,
+            "annotation": annotation_extras(annotation),
         },
     )
 
@@ -295,7 +350,7 @@ def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Ten
             return load_state(path)["splits"]
         except (CorruptFile, KeyError) as err:  # a cache is only a cache: make it again
             log.warning("shapes cache %s is unreadable (%s); generating it again", path, err)
-    gen_args = {k: v for k, v in params.items() if k not in ("version", "constants", "val_bias")}
+    gen_args = {k: v for k, v in params.items() if k not in ("version", "constants", "val_bias", "texture")}
     val_bias = params.get("val_bias", params["bias"])
     data = {
         split: _generate_split(split, **{**gen_args, "bias": val_bias if split == "val" else params["bias"]})
@@ -329,6 +384,7 @@ def _generate_split(
     bias: float,
     max_objects: int,
     seed: int,
+    background: str = "tint",
 ) -> dict[str, torch.Tensor]:
     """Generate one split: uint8 images and label maps, float targets, long cue labels."""
     n = {"train": n_train, "val": n_val}.get(split, n_test)
@@ -358,11 +414,20 @@ def _generate_split(
         targets[present[s], cls[s][present[s]]] = 1.0
     cue = _draw_cue(targets, bias if split != "test_unbiased" else 1.0 / k, split == "test_unbiased", gen)
 
-    # Background: class tint blended with a grey base, modulated by smooth brightness texture.
-    palette = _tint_palette(k)
-    grey = 0.45 + 0.15 * torch.rand(n, generator=gen)
-    bg_rgb = TINT_STRENGTH * palette[cue] + (1 - TINT_STRENGTH) * grey.unsqueeze(1)  # N x 3
-    coarse = torch.randn(n, 1, 6, 6, generator=gen)
+    if background == "tint":
+        # Background: class tint blended with a grey base, modulated by smooth brightness texture.
+        palette = _tint_palette(k)
+        grey = 0.45 + 0.15 * torch.rand(n, generator=gen)
+        bg_rgb = TINT_STRENGTH * palette[cue] + (1 - TINT_STRENGTH) * grey.unsqueeze(1)  # N x 3
+        coarse = torch.randn(n, 1, 6, 6, generator=gen)
+    else:
+        # Background: a zoomed, rotated patch of the cue class's texture at a class-independent brightness and contrast.
+        textures = _textures()[:k]  # K x 1 x T x T
+        crops = _texture_crops(n, gen)  # N x 2 x 3
+        lo_b, hi_b = TEXTURE_BRIGHTNESS
+        brightness = lo_b + (hi_b - lo_b) * torch.rand(n, generator=gen)
+        lo_c, hi_c = TEXTURE_CONTRAST
+        contrast = lo_c + (hi_c - lo_c) * torch.rand(n, generator=gen)
     noise = torch.randn(n, 3, size, size, generator=gen) * PIXEL_NOISE
 
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
@@ -371,8 +436,13 @@ def _generate_split(
     ys, xs = coords.view(1, size, 1), coords.view(1, 1, size)
     for start in range(0, n, CHUNK):
         sl = slice(start, min(start + CHUNK, n))
-        texture = torch.nn.functional.interpolate(coarse[sl], size=(size, size), mode="bilinear", align_corners=False)
-        img = bg_rgb[sl].view(-1, 3, 1, 1) * (1 + TEXTURE_STRENGTH * texture)
+        if background == "tint":
+            texture = torch.nn.functional.interpolate(
+                coarse[sl], size=(size, size), mode="bilinear", align_corners=False
+            )
+            img = bg_rgb[sl].view(-1, 3, 1, 1) * (1 + TEXTURE_STRENGTH * texture)
+        else:
+            img = _texture_background(textures, cue[sl], crops[sl], brightness[sl], contrast[sl], size)
         lab = torch.zeros(img.shape[0], size, size, dtype=torch.uint8)
         for s in range(cls.shape[0]):
             inside = _render_slot(cls[s, sl], cx[s, sl], cy[s, sl], rad[s, sl], rot[s, sl], present[s, sl], xs, ys, k)
@@ -459,3 +529,110 @@ def _render_slot(
         if sel.any():
             inside[sel] = SHAPE_FNS[j](u[sel], v[sel])
     return inside
+
+
+@functools.lru_cache(maxsize=1)  # reading the photographs takes a fraction of a second; once per process
+def _texture_photos() -> tuple[torch.Tensor, ...]:
+    """The uint8 crops of TEXTURE_SOURCES (H x W grey or H x W x C colour), from scikit-image's bundled data."""
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise MissingExtra(
+            "shapes dataset: background=texture needs scikit-image, whose bundled photographs are the textures;"
+            " install it with pip install 'gain-exp[textures]' (or pip install 'scikit-image>=0.25')."
+        ) from err
+    photos = []
+    for name, fn, box in TEXTURE_SOURCES:
+        try:
+            photo = getattr(skimage.data, fn)()
+        except (ImportError, AttributeError, OSError) as err:  # skimage raises ModuleNotFoundError to ask for pooch
+            raise MissingExtra(
+                f"shapes dataset: texture {name} (skimage.data.{fn}) is not inside scikit-image"
+                f" {skimage.__version__}; install one that bundles it with pip install 'gain-exp[textures]'."
+            ) from err
+        if box is not None:
+            photo = photo[box[0] : box[1], box[2] : box[3]]
+        photos.append(torch.from_numpy(photo.copy()))
+    return tuple(photos)
+
+
+def _texture_key(num_classes: int) -> dict:
+    """What the texture backgrounds depend on (part of the cache key): the sources of the K textures used, the
+    texture constants and a digest of the photographs' pixels (a scikit-image that changes one makes a new cache)."""
+    digest = hashlib.sha256()
+    for photo in _texture_photos()[:num_classes]:
+        digest.update(str(tuple(photo.shape)).encode())
+        digest.update(photo.numpy().tobytes())
+    return dict(
+        sources=[[name, fn, box and list(box)] for name, fn, box in TEXTURE_SOURCES[:num_classes]],
+        size=TEXTURE_SIZE,
+        highpass=TEXTURE_HIGHPASS_SIGMA,
+        scale=list(TEXTURE_SCALE_RANGE),
+        brightness=list(TEXTURE_BRIGHTNESS),
+        contrast=list(TEXTURE_CONTRAST),
+        pixels=digest.hexdigest()[:16],
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _textures() -> torch.Tensor:
+    """len(TEXTURE_SOURCES) x 1 x T x T float textures, each with the same grey-level histogram (uniform, zero mean,
+    unit std): grey, resampled to T = TEXTURE_SIZE, its illumination (a wide Gaussian blur) removed, then equalised."""
+    out = []
+    for photo in _texture_photos():
+        x = photo.float()
+        if x.ndim == 3:  # luminance, with skimage.color.rgb2gray's weights
+            x = x[..., :3] @ torch.tensor([0.2125, 0.7154, 0.0721])
+        x = torch.nn.functional.interpolate(
+            x[None, None], size=(TEXTURE_SIZE, TEXTURE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
+        x = (x - _gaussian_blur(x, TEXTURE_HIGHPASS_SIGMA)).flatten()
+        ranks = torch.empty_like(x)
+        ranks[x.argsort(stable=True)] = torch.arange(x.numel(), dtype=torch.float32)
+        uniform = ((ranks + 0.5) / x.numel() - 0.5) * math.sqrt(12)  # histogram equalisation to mean 0, std 1
+        out.append(uniform.view(1, TEXTURE_SIZE, TEXTURE_SIZE))
+    return torch.stack(out)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a 1 x 1 x H x W image, borders reflected."""
+    r = int(3 * sigma)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    kernel = torch.exp(-t * t / (2 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def _texture_crops(n: int, gen: torch.Generator) -> torch.Tensor:
+    """N x 2 x 3 affine maps (torch affine_grid) from image to texture coordinates: each image's patch is zoomed by a
+    uniform factor in TEXTURE_SCALE_RANGE (its side over the texture's), rotated by a uniform angle and placed
+    uniformly where the rotated patch stays inside the texture."""
+    lo, hi = TEXTURE_SCALE_RANGE
+    scale = lo + (hi - lo) * torch.rand(n, generator=gen)
+    angle = 2 * math.pi * torch.rand(n, generator=gen)
+    reach = 1 - scale * math.sqrt(2)  # the patch's corners reach scale * sqrt(2) from its centre
+    shift = (2 * torch.rand(n, 2, generator=gen) - 1) * reach.unsqueeze(1)
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    return torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+
+
+def _texture_background(
+    textures: torch.Tensor,
+    cue: torch.Tensor,
+    crops: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """B x 3 x size x size grey backgrounds: each image's patch of its cue class's texture (crops: B x 2 x 3)."""
+    patch = torch.empty(len(cue), 1, size, size)
+    for c in cue.unique().tolist():
+        sel = cue == c
+        m = int(sel.sum())
+        grid = torch.nn.functional.affine_grid(crops[sel], [m, 1, size, size], align_corners=False)
+        patch[sel] = torch.nn.functional.grid_sample(
+            textures[c : c + 1].expand(m, -1, -1, -1), grid, mode="bilinear", align_corners=False
+        )
+    return (brightness.view(-1, 1, 1, 1) + contrast.view(-1, 1, 1, 1) * patch).expand(-1, 3, -1, -1)

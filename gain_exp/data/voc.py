@@ -12,6 +12,12 @@ score; extras["dropped_only_difficult"] counts them). Pixel masks are the Segmen
 `masks_to_use` is a count or a fraction of the training images that have masks (the paper used
 200 of 1464). VOC's test labels are not public, so the final evaluation uses val: tests={"val": val}.
 
+annotation=box: L_e trains on filled boxes instead (base.box_masks), drawn from the annotation XMLs' object boxes,
+which every train image has, so the L_e budget counts all of them (5717 in Main/train.txt), not only the 1464 with
+masks; difficult objects, when excluded, are ignore (255) boxes, as VOC's masks mark them void. Val keeps the
+SegmentationClass masks for the localisation metrics (extras["annotation"] = {"train": "box", "scored_against":
+"mask"}).
+
 File errors follow mask_folder.py: unreadable images, masks and annotations (missing, undecodable,
 unparsable XML) are skipped and counted in extras["skipped_files"] unless strict (an unreadable mask
 costs only the mask); a mask of the wrong size or with values outside 0-20 and 255, and an annotation
@@ -33,8 +39,17 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.datasets import VOCDetection
 
-from gain_exp.data.base import IGNORE_INDEX, DataSplits, classes_without_images, describe_classes_without_images
-from gain_exp.data.images import UnreadableFile, mask_array
+from gain_exp.data.base import (
+    IGNORE_INDEX,
+    BoxReader,
+    DataSplits,
+    ImageBoxes,
+    annotation_extras,
+    check_annotation,
+    classes_without_images,
+    describe_classes_without_images,
+)
+from gain_exp.data.images import UnreadableFile, header_size, mask_array
 from gain_exp.data.mask_folder import SKIPPABLE, BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
@@ -90,8 +105,22 @@ def read_ids(path: Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+VocObject = tuple[str, bool, tuple[float, float, float, float] | None]  # (class, difficult, box or None)
+
+
 def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
     """Sorted class names of the objects in one annotation XML (difficult ones left out if asked)."""
+    return labels_of(read_objects(path), exclude_difficult)
+
+
+def labels_of(objects: list[VocObject], exclude_difficult: bool) -> list[str]:
+    """Sorted class names of read_objects' objects (difficult ones left out if asked)."""
+    return sorted({name for name, difficult, _ in objects if not (exclude_difficult and difficult)})
+
+
+def read_objects(path: Path) -> list[VocObject]:
+    """(class name, difficult, box) of each object in one annotation XML; box (x0, y0, x1, y1) in pixel-edge
+    coordinates (VOC's 1-based inclusive xmin..xmax is x0 = xmin - 1, x1 = xmax), None when the object has none."""
     if not path.is_file():
         raise FileNotFoundError(
             f"voc2012 dataset: annotation {path} does not exist; restore it from the VOC tar or remove the id from the list."
@@ -102,7 +131,7 @@ def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
         raise UnreadableFile(
             f"voc2012 dataset: cannot parse annotation {path} ({e}); restore it from the VOC tar."
         ) from None
-    names = set()
+    found: list[VocObject] = []
     for obj in objects:
         name = str(obj.get("name", "")).strip()
         if name not in VOC_CLASSES:
@@ -110,9 +139,36 @@ def read_labels(path: Path, exclude_difficult: bool) -> list[str]:
                 f"voc2012 dataset: annotation {path} names an unknown class {name!r}; VOC classes are"
                 f" {', '.join(VOC_CLASSES)}, fix or remove that object."
             )
-        if not (exclude_difficult and str(obj.get("difficult", "0")).strip() == "1"):
-            names.add(name)
-    return sorted(names)
+        found.append((name, str(obj.get("difficult", "0")).strip() == "1", _box(obj.get("bndbox"))))
+    return found
+
+
+def _box(node: object) -> tuple[float, float, float, float] | None:
+    """An object's bndbox as (x0, y0, x1, y1) pixel edges, None when it is missing or not numeric."""
+    try:
+        xmin, ymin, xmax, ymax = (float(node[k]) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return xmin - 1, ymin - 1, xmax, ymax
+
+
+def image_boxes(objects: list[VocObject], image: Path, exclude_difficult: bool) -> ImageBoxes | None:
+    """The image's box annotation from its objects' XML boxes (difficult ones, when excluded, are ignore boxes, as
+    VOC's masks mark them void); None when no object has a box or the image's header is unreadable (the build then
+    reports the image itself)."""
+    boxed = [(name, difficult, box) for name, difficult, box in objects if box is not None]
+    if not boxed:
+        return None
+    try:
+        size = header_size(image, "voc2012 dataset: ")
+    except (UnreadableFile, FileNotFoundError):
+        return None
+    return ImageBoxes(
+        boxes=torch.tensor([box for _, _, box in boxed], dtype=torch.float64),
+        classes=torch.tensor([VOC_CLASSES.index(name) for name, _, _ in boxed]),
+        size=size,
+        ignore=torch.tensor([exclude_difficult and difficult for _, difficult, _ in boxed]),
+    )
 
 
 def read_voc_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
@@ -140,6 +196,8 @@ def build(
     autoaugment: bool = True,
     hflip: bool = True,
     strict: bool = False,
+    annotation: str = "mask",
+    box_enlarge: float = 0.0,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -147,6 +205,7 @@ def build(
     batch_size: int = 1,  # part of the builder contract (data/base.py); VOC batches with the default sampler
 ) -> DataSplits:
     """Build the VOC2012 train and val splits (multi-label, 20 classes) from the extracted devkit (a DatasetBuilder)."""
+    check_annotation(annotation, box_enlarge, "voc2012 dataset", boxes="the annotation XMLs' object boxes")
     voc = find_voc_dir(Path(root).expanduser())
     main = voc / "ImageSets" / "Main"
     seg_dir = voc / "SegmentationClass"
@@ -172,25 +231,35 @@ def build(
     bad_files = BadFiles("voc2012 dataset", strict, extras)
     dropped = 0
     datasets: dict[str, FileDataset] = {}
+    boxes: dict[Path, ImageBoxes] = {}  # annotation=box: each train image's XML boxes, keyed by the image's path
     for split, ids in (("train", train_ids), ("val", val_ids)):
         images, masks, targets = [], [], []
+        with_boxes = split == "train" and annotation == "box"
         for image_id in ids:
             try:
-                names = read_labels(voc / "Annotations" / f"{image_id}.xml", exclude_difficult)
+                objects = read_objects(voc / "Annotations" / f"{image_id}.xml")
             except SKIPPABLE as e:  # an unknown class name is a data error and stops the run
                 bad_files.report(e, voc / "Annotations" / f"{image_id}.xml")
                 continue
+            names = labels_of(objects, exclude_difficult)
             if not names:
                 dropped += 1
                 continue
-            images.append(voc / "JPEGImages" / f"{image_id}.jpg")
-            masks.append(seg_dir / f"{image_id}.png" if f"{image_id}.png" in mask_names else None)
+            image = voc / "JPEGImages" / f"{image_id}.jpg"
+            images.append(image)
+            if with_boxes:  # every annotated image has boxes, not only the ~1464 with SegmentationClass masks
+                entry = image_boxes(objects, image, exclude_difficult)
+                if entry is not None:
+                    boxes[image] = entry
+                masks.append(image if entry is not None else None)  # the image's path keys its boxes
+            else:
+                masks.append(seg_dir / f"{image_id}.png" if f"{image_id}.png" in mask_names else None)
             targets.append([float(c in names) for c in VOC_CLASSES])
         datasets[split] = file_split(
             images,
             masks,
             torch.tensor(targets).view(-1, len(VOC_CLASSES)),
-            read_voc_mask,
+            BoxReader(boxes, box_enlarge) if with_boxes else read_voc_mask,
             build_transforms(split == "train", image_size, mean, std, autoaugment, hflip),
             bad_files,
             masks_to_use if split == "train" else None,
@@ -200,7 +269,11 @@ def build(
         )
     if dropped:
         log.info("voc2012: dropped %d image(s) whose objects are all marked difficult", dropped)
-    extras.update(num_masked_train=int(datasets["train"].use_mask.sum()), dropped_only_difficult=dropped)
+    extras.update(
+        num_masked_train=int(datasets["train"].use_mask.sum()),
+        dropped_only_difficult=dropped,
+        annotation=annotation_extras(annotation),
+    )
     empty = classes_without_images(VOC_CLASSES, datasets["train"].targets, {"val": datasets["val"].targets})
     if empty:  # counted from the annotations' labels: no image is decoded for this
         log.warning(
