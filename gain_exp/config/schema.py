@@ -67,7 +67,8 @@ class EvalMetricsSchema:
         for name in ("spurious_energy", "deletion_insertion"):
             _require(
                 getattr(self, name) in ("epoch", "test", "off"),
-                f"trainer.eval_metrics.{name}={getattr(self, name)} is unknown; use epoch, test or off",
+                f"trainer.eval_metrics.{name}={getattr(self, name)} is unknown; use epoch, test or off"
+                + (' (in YAML quote it, "off": a bare off reads as false)' if getattr(self, name) == "False" else ""),
             )
         _require(self.steps >= 1, f"trainer.eval_metrics.steps={self.steps} must be >= 1")
         _require(
