@@ -18,7 +18,8 @@ the dataset's evaluation transform (VOC: the whole image resized to ``dataset.im
 with nearest neighbours), so the numbers are at that resolution, not at VOC's original image sizes; the train split is
 read with the evaluation transform too (no random crop, flip or AutoAugment).
 
-Writes DIR/cams/<image>.npz (``cams``: P x H x W float16 maps, ``classes``: their P class indices, 0-based),
+Writes (<image>: the file stem, or the path below the images' common folder when two stems are alike)
+DIR/cams/<image>.npz (``cams``: P x H x W float16 maps, ``classes``: their P class indices, 0-based),
 DIR/masks/<image>.png (the pseudo-mask at the best t, or at --threshold: an indexed PNG, 0 background, c + 1 class c,
 with the VOC palette for VOC and a plain one otherwise) and DIR/miou.json (protocol, mIoU per t, best t, per-class IoU).
 """
@@ -29,6 +30,7 @@ import argparse
 import colorsys
 import copy
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -222,13 +224,27 @@ def cam_split(data: DataSplits, split: str) -> Dataset:
 
 
 def image_names(dataset: Dataset, split: str) -> list[str]:
-    """A file name per image: the file stem (``<folder>_<stem>`` when stems repeat), else ``<split>_<index>``."""
+    """A unique name per image: the file stem when no two are alike; else the path below the images' common folder,
+    without the suffix (``cat/001``: the maps go into subfolders) or, if that still repeats, with it
+    (``cat/001.png``); ``<split>_<index>`` for images that are not files."""
     files = getattr(dataset, "images", None)
     if isinstance(files, list) and len(files) == len(dataset) and all(isinstance(p, Path) for p in files):
         stems = [p.stem for p in files]
         if len(set(stems)) == len(stems):
             return stems
-        return [f"{p.parent.name}_{p.stem}" for p in files]
+        common = Path(os.path.commonpath([p.resolve().parent for p in files]))
+        relative = [p.resolve().relative_to(common) for p in files]
+        names = [r.with_suffix("").as_posix() for r in relative]
+        if len(set(names)) == len(names):
+            return names
+        names = [r.as_posix() for r in relative]
+        if len(set(names)) == len(names):
+            return names
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(
+            f"--split {split} lists the image {twice} more than once, so its maps would overwrite each other; "
+            f"remove the duplicate from the dataset's file list."
+        )
     return [f"{split}_{i:06d}" for i in range(len(dataset))]
 
 
@@ -334,7 +350,7 @@ def export(gain: GAIN, data: DataSplits, options: CamOptions, device: torch.devi
     # binary data: the negative class has no object to segment, so it gets no map
     excluded = [] if data.negative_class is None else [int(data.negative_class)]
     sweep = ThresholdSweep(options.thresholds, data.num_classes + 1, device)
-    written, unmasked, sizes = [], 0, set()
+    written, unmasked, skipped, sizes = [], 0, 0, set()
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=options.batch_size,
@@ -344,7 +360,9 @@ def export(gain: GAIN, data: DataSplits, options: CamOptions, device: torch.devi
     with torch.no_grad():
         for samples in tqdm(loader, desc=f"cams {options.split}", disable=not options.progress, leave=False):
             if options.masked_only:
-                samples = [s for s in samples if bool(s["has_mask"])]  # a mask file that became unreadable
+                kept = [s for s in samples if bool(s["has_mask"])]  # a mask file that became unreadable
+                skipped += len(samples) - len(kept)
+                samples = kept
             for group in same_size_groups(samples):
                 sizes.add(tuple(group[0]["image"].shape[-2:]))
                 for sample, (cams, classes) in zip(group, _group_maps(gain, group, excluded, options, device)):
@@ -355,6 +373,11 @@ def export(gain: GAIN, data: DataSplits, options: CamOptions, device: torch.devi
                         sweep.add(cams, classes, sample["seg"].to(device))
                     else:
                         unmasked += 1
+    if len(set(written)) != len(written) or len(written) != len(indices) - skipped:
+        raise ValueError(
+            f"--split {options.split}: {len(set(written))} map files for {len(indices) - skipped} images, so some "
+            f"overwrote others; no pseudo-masks or miou.json were written."
+        )
     mious, best = sweep.mious(), sweep.best()
     mask_t = options.threshold if options.threshold is not None else (sweep.thresholds[best] if best >= 0 else None)
     if mask_t is not None:

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -37,8 +39,10 @@ from gain_exp.tracking.wandb import wandb_mode
 from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluation
 from gain_exp.train.experiment import Experiment
+from gain_exp.train.signals import stop_signals
 
 SHOWN_DIGITS = 4
+INTERRUPTED = "interrupted.json"  # in the output folder of an evaluation a stop signal cut short
 
 
 @dataclass
@@ -83,9 +87,9 @@ def evaluate_run(
         threads = run_threads(run_dir)
     if threads:
         torch.set_num_threads(threads)
+    results: list[SplitResult] = []
     try:
         evaluator = build_evaluator(experiment)
-        results = []
         for name, dataset in datasets.items():
             # as in training: val gets the every-epoch explanation metrics, the other splits the test ones too
             evaluation = evaluator.evaluate(
@@ -118,11 +122,51 @@ def evaluate_run(
                 },
             )
             results[0].files.append(out_dir / "sanity.json")
+    except Stopped as stop:  # what was scored is written; the marker says what was not
+        stop.scored, stop.out = [r.split for r in results], out_dir
+        missing = [n for n in datasets if n not in stop.scored] + (["sanity"] if sanity else [])
+        write_json(
+            out_dir / INTERRUPTED,
+            {
+                "stopped_by": signal.Signals(stop.signum).name,
+                "scored": stop.scored,
+                "not_scored": missing,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        raise
     finally:
         torch.set_num_threads(before)
+    (out_dir / INTERRUPTED).unlink(missing_ok=True)  # an earlier stopped evaluation's marker: this one is whole
     if wandb:
         log_to_run_wandb(run_dir, experiment, results)
     return results
+
+
+class Stopped(Exception):
+    """A stop signal (Ctrl-C, SIGTERM) arrived during the evaluation; ``scored``: the splits written before it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.scored: list[str] = []
+        self.out: Path | None = None
+
+
+@contextmanager
+def stops_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise ``Stopped`` in the main thread while the block runs (the DataLoader workers ignore
+    them: train.signals)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in stop_signals()}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def sanity_check(experiment: Experiment, dataset: Any, images: int) -> list[dict[str, Any]]:
@@ -271,22 +315,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{bad[0]}: not an override; give overrides as key=value after the run directory "
                 f"(e.g. dataset.root=/other/folder)."
             )
-        results = evaluate_run(
-            args.run_dir,
-            splits,
-            args.checkpoint,
-            args.overrides,
-            args.device,
-            args.panels,
-            args.out,
-            args.threads,
-            wandb=not args.no_wandb,
-            sanity=args.sanity,
-            trust=args.trust,
-        )
+        with stops_raise():
+            results = evaluate_run(
+                args.run_dir,
+                splits,
+                args.checkpoint,
+                args.overrides,
+                args.device,
+                args.panels,
+                args.out,
+                args.threads,
+                wandb=not args.no_wandb,
+                sanity=args.sanity,
+                trust=args.trust,
+            )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        if stop.out is None:
+            print(f"stopped: {name} before anything was scored; nothing was written.", file=sys.stderr)
+        else:
+            print(
+                f"stopped: {name} during the evaluation; {len(stop.scored)} split(s) were scored and written to "
+                f"{stop.out} ({', '.join(stop.scored) or 'none'}), the rest were not (listed in "
+                f"{stop.out / INTERRUPTED}); run it again to score them.",
+                file=sys.stderr,
+            )
+        return 130
     weights = results[0].record["checkpoint"]
     epoch = "" if weights["epoch"] is None else f" (epoch {weights['epoch']})"
     print(f"{weights['name']} checkpoint{epoch} of {args.run_dir}")

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
-from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
+from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, refuse_diverged
 from gain_exp.runs.rundir import Run, load_yaml, read_run
 from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 from gain_exp.train.engine import build_evaluator
@@ -81,6 +81,8 @@ def load_runs(
         if not all(n.strip() for n in names):
             raise ValueError("--names holds an empty name; give one non-empty name per run directory.")
     paths = [Path(d) for d in run_dirs]
+    for path in paths:  # before any run is loaded
+        refuse_diverged(path, checkpoint)
     experiments = [load_checked(path, checkpoint, overrides, device, trust) for path in paths]
     labels = [n.strip() for n in names] if names is not None else default_names(paths)
     return [FigureRun(label, path, exp) for label, path, exp in zip(labels, paths, experiments)]

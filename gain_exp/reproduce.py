@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,29 +89,106 @@ def load_source(text: str, trust: bool = False) -> Source:
     return Source(path.resolve().name, [Job.from_recipe(r.recipe()) for r in runs], runs, build_table(runs))
 
 
+class Stopped(Exception):
+    """A stop signal ended the reproduction: its running jobs were stopped, the others not started."""
+
+    def __init__(self, signum: int, interrupted: list[str], not_started: list[str]) -> None:
+        super().__init__(signum)
+        self.signum, self.interrupted, self.not_started = signum, interrupted, not_started
+
+
+class _Jobs:
+    """The running jobs' processes, each in its own process group, so that a stop signal reaches every one of them:
+    the first SIGINT / SIGTERM sends them SIGTERM (each saves a checkpoint and exits), a second one SIGKILL."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: dict[str, subprocess.Popen] = {}
+        self.stopped: int | None = None
+        self.interrupted: list[str] = []
+        self.not_started: list[str] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Any) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopped is not None:
+                self.not_started.append(name)
+                return None
+            process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.running[name] = process
+        if self.stopped is not None:  # the signal came while it started: it missed the stop
+            self._send(name, process, signal.SIGTERM)
+        return process
+
+    def finished(self, name: str) -> None:
+        with self.lock:
+            self.running.pop(name, None)
+
+    def stop(self, signum: int, _frame: Any = None) -> None:
+        """The signal handler (main thread): SIGTERM to every running job, SIGKILL at the second signal."""
+        final = self.stopped is not None
+        self.stopped = signum
+        for name, process in list(self.running.items()):
+            self._send(name, process, signal.SIGKILL if final else signal.SIGTERM)
+
+    def _send(self, name: str, process: subprocess.Popen, signum: int) -> None:
+        if name not in self.interrupted:
+            self.interrupted.append(name)
+        try:
+            os.killpg(process.pid, signum)  # the job's process group: the run and its DataLoader workers
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run_jobs(
     jobs: Sequence[Job], out: Path, parallel: int = 1, resume: bool = False, label: str = "jobs"
 ) -> list[Run | None]:
-    """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order."""
+    """Run every job into out/<job name>; the reproduced runs (None where a job failed), in job order. ``resume``:
+    keep the jobs that completed in ``out`` and run the others again (interrupted, failed or never started).
+    A stop signal (SIGINT, SIGTERM) stops every running job and starts no other; then ``Stopped`` is raised."""
+    control = _Jobs()
 
     def one(numbered: tuple[int, Job]) -> Run | None:
         i, job = numbered
         dest = out / job.name
-        if resume and (dest / "summary.json").is_file():
+        status = _summary_status(dest) if (dest / "summary.json").is_file() else None
+        if resume and status == "completed":
             print(f"[{i + 1}/{len(jobs)}] {job.name}: kept from {dest}", file=sys.stderr)
-            return read_run(dest) if _summary_status(dest) == "completed" else None
+            return read_run(dest)
         argv, env = job.command(dest, label=label)
+        if dest.exists():  # what an interrupted or failed attempt left there must not mix with the new run
+            argv.append("--overwrite")
         dest.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(dest / "reproduce.log", "w") as log:
-            code = subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-        done = code == 0 and (dest / "summary.json").is_file()
-        outcome = "done" if done else f"failed (exit {code}), see {dest / 'reproduce.log'}"
+            process = control.start(job.name, argv, env, log)
+            if process is None:
+                return None
+            try:
+                code = process.wait()
+            finally:
+                control.finished(job.name)
+        done = code == 0 and _summary_status(dest) == "completed"
+        if control.stopped is not None and not done:
+            outcome = f"interrupted (exit {code}), see {dest / 'reproduce.log'}"
+        else:
+            outcome = "done" if done else f"failed (exit {code}), see {dest / 'reproduce.log'}"
         print(f"[{i + 1}/{len(jobs)}] {job.name}: {outcome} in {time.time() - started:.1f} s", file=sys.stderr)
         return read_run(dest) if done else None
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return list(pool.map(one, enumerate(jobs)))
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, control.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            results = list(pool.map(one, enumerate(jobs)))
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if control.stopped is not None:
+        stopped = [job.name for job, r in zip(jobs, results) if r is None and job.name in control.interrupted]
+        not_started = [job.name for job in jobs if job.name in control.not_started]
+        raise Stopped(control.stopped, stopped, not_started)
+    return results
 
 
 Stats = tuple[float | None, float | None, int]
@@ -302,7 +381,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reproducing {len(source.jobs)} job(s) of {args.source} in {out}", file=sys.stderr)
-    reproduced = run_jobs(source.jobs, out, args.jobs, args.resume, source.name)
+    try:
+        reproduced = run_jobs(source.jobs, out, args.jobs, args.resume, source.name)
+    except Stopped as stop:
+        print(
+            f"stopped: signal {stop.signum} ({signal.Signals(stop.signum).name}) stopped "
+            f"{len(stop.interrupted)} running job(s) ({', '.join(stop.interrupted) or 'none'}) and "
+            f"{len(stop.not_started)} were not started, so no comparison was written; the finished jobs stay in "
+            f"{out}: continue with `gain-exp reproduce {args.source} --out {out} --resume`.",
+            file=sys.stderr,
+        )
+        return 130
     text, record, status = report(source, args.source, out, compare(source, reproduced), reproduced)
     print(text, end="")
     (out / "comparison.md").write_text(text)
@@ -311,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _summary_status(run_dir: Path) -> str | None:
-    return json.loads((run_dir / "summary.json").read_text()).get("status")
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _committed_stats(record: dict[str, Any] | None, metric: str) -> Stats | None:

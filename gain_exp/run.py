@@ -2,24 +2,33 @@
 
 Reads top to bottom as one experiment: check the config, seed, build data, model, GAIN, loss and
 optimiser from config, train and evaluate, write summary.json, return the swept metric.
+
+A single run first claims its directory (``claim_run_dir``): a finished run there is refused unless this one
+continues it or ``--overwrite`` is given, and a run directory another process writes to is refused (docs/errors.md).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR, SWEEPS_DIR
@@ -37,12 +46,126 @@ from gain_exp.train.summary import RunSummary, final_report
 
 log = logging.getLogger("gain_exp")
 
+OVERWRITE_FLAG = "--overwrite"  # replace the run already in hydra.run.dir (its outputs are removed first)
+LOCK_FILE = ".lock"  # in the run directory: flock-ed by the run writing there, released by the OS however it ends
+# what a run writes into its directory, removed by --overwrite so that nothing of the old run mixes with the new one
+# (.hydra/ is rewritten by Hydra; wandb/ keeps the old run's offline W&B data under its own run id)
+RUN_OUTPUTS = ("attention", "results", "checkpoints", "eval", "tensorboard", "metrics.jsonl", "summary.json", "run.log")
+_overwrite = False  # --overwrite was given (run_command strips it before Hydra parses the command line)
+_lock: IO[str] | None = None  # this process's hold on its run directory (claim_run_dir)
+
+
+class RunDirTaken(ValueError):
+    """The run directory holds a finished run, or another process is writing there (one sentence)."""
+
 
 def run_command(argv: Sequence[str]) -> None:
     """The Hydra app with ``argv`` as its command line (after the fixes in ``app_argv``): ``gain-exp run`` and
-    ``python -m gain_exp.run``."""
-    sys.argv = [sys.argv[0], *app_argv(argv)]
+    ``python -m gain_exp.run``. ``--overwrite`` (anywhere) lets a single run replace a finished one in its run
+    directory."""
+    global _overwrite
+    _overwrite = OVERWRITE_FLAG in argv
+    sys.argv = [sys.argv[0], *app_argv([a for a in argv if a != OVERWRITE_FLAG])]
     main()
+
+
+def claim_run_dir(out_dir: Path, resume: Any = None, overwrite: bool = False, writer: bool = True) -> IO[str] | None:
+    """Make ``out_dir`` this run's before anything is written there; returns the held lock (None: ``writer`` False).
+
+    A finished run (summary.json: status completed) is refused unless this run continues it (``trainer.resume`` is
+    ``auto`` or points inside ``out_dir``) or ``overwrite``; another process writing there (its ``.lock`` held) is
+    refused always. With ``overwrite`` the old run's outputs (RUN_OUTPUTS) are removed once the lock is held.
+    ``writer``: the process that writes the run (rank 0 under torchrun); the others only check, so none waits.
+    """
+    out_dir = Path(out_dir)
+    if not overwrite and _finished(out_dir) and not _continues(resume, out_dir):
+        raise RunDirTaken(
+            f"{out_dir} already holds a finished run (summary.json: status completed), and nothing was written "
+            f"there; continue that run with trainer.resume=auto, pick a new hydra.run.dir, or pass {OVERWRITE_FLAG} "
+            f"to replace it."
+        )
+    if not writer:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not named itself yet"
+        handle.close()
+        raise RunDirTaken(
+            f"{out_dir} is in use by another run ({holder}), and nothing was written there; wait for it to end, "
+            f"or pick another hydra.run.dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    if overwrite:
+        removed = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+        for name in removed:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if removed:
+            print(
+                f"note: {OVERWRITE_FLAG}: removed the earlier run's {', '.join(removed)} in {out_dir}", file=sys.stderr
+            )
+    return handle
+
+
+def _finished(out_dir: Path) -> bool:
+    try:
+        return json.loads((out_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _continues(resume: Any, out_dir: Path) -> bool:
+    """trainer.resume continues the run in ``out_dir`` (auto, or a checkpoint or directory inside it)."""
+    if not resume:
+        return False
+    if str(resume) == "auto":
+        return True
+    try:
+        Path(str(resume)).expanduser().resolve().relative_to(out_dir.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+@contextmanager
+def _run_dir_guard(overwrite: bool) -> Iterator[None]:
+    """While the app runs, a single run (not a sweep's jobs) claims its directory (``claim_run_dir``) after Hydra has
+    composed the config and before Hydra writes anything there (.hydra/, run.log): Hydra's run_job is wrapped."""
+    import hydra._internal.hydra as hydra_internal
+
+    global _lock
+    real = hydra_internal.run_job
+
+    def run_job(*args: Any, **kwargs: Any) -> Any:
+        global _lock
+        config = kwargs.get("config")
+        if config is not None and kwargs.get("job_dir_key") and kwargs.get("job_subdir_key") is None:
+            HydraConfig.instance().set_config(config)  # for ${hydra:...} in the dir's name; ${now:...} is cached
+            out_dir = Path(os.path.abspath(str(OmegaConf.select(config, kwargs["job_dir_key"]))))
+            resume = OmegaConf.select(config, "trainer.resume", default=None)
+            writer = (launched_processes() or (0,))[0] == 0
+            try:
+                _lock = claim_run_dir(out_dir, resume, overwrite, writer)
+            except RunDirTaken as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+        return real(*args, **kwargs)
+
+    hydra_internal.run_job = run_job
+    try:
+        yield
+    finally:
+        hydra_internal.run_job = real
+        if _lock is not None:
+            _lock.close()  # releases the flock
+            _lock = None
 
 
 def app_argv(argv: Sequence[str]) -> list[str]:
@@ -216,7 +339,8 @@ def main() -> float | None:
     if launched_processes() is not None:  # torchrun: every process names the run dir with rank 0's ${now:...}
         share_start_time()
     try:
-        return _main()
+        with _run_dir_guard(_overwrite):
+            return _main()
     finally:
         close_runtime()
 

@@ -69,7 +69,8 @@ def _val_history(run: Path) -> dict[int, dict]:
 @pytest.mark.slow
 def test_the_same_checkpoint_gives_exactly_the_runs_test_metrics(finished, default_eval):
     summary = _summary(finished)
-    assert summary["tested_on"] == {"checkpoint": "best", "epoch": 0}
+    assert summary["tested_on"]["checkpoint"] == "best" and summary["tested_on"]["epoch"] == 0
+    assert summary["tested_on"]["rule"] == f"best: the epoch with the min {summary['best']['metric']}"  # mode min
     for split in TESTS:
         record = json.loads((default_eval / f"{split}.json").read_text())
         run_metrics = {k: v for k, v in summary["final"].items() if k.startswith(f"{split}/")}

@@ -120,13 +120,19 @@ def test_reproduce_works_for_an_installed_package_from_another_directory(install
     spec = tmp_path / "tiny.yaml"
     saved = _gain_exp(installed, ["table", str(original), "--metrics", "val/acc", "--save-spec", str(spec)], tmp_path)
     assert saved.returncode == 0, saved.stderr[-3000:]
-    again = _gain_exp(installed, ["reproduce", str(spec), "--out", str(tmp_path / "rep")], cwd=tmp_path)
+    # its --config-dir is the checkout's sweeps/, outside the installed package: refused unless trusted (docs/trust.md)
+    refused = _gain_exp(installed, ["reproduce", str(spec), "--out", str(tmp_path / "rep")], cwd=tmp_path)
+    assert refused.returncode == 2 and "is outside the project's conf/ and sweeps/" in refused.stderr
+    assert "pass --trust" in refused.stderr and not (tmp_path / "rep").exists()
+    again = _gain_exp(installed, ["reproduce", str(spec), "--out", str(tmp_path / "rep"), "--trust"], cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "1 of 1 cells identical" in again.stdout
 
     # a job that does not finish is reported as failed, not as a number that differs
     broken = tmp_path / "broken.yaml"
     broken.write_text(spec.read_text().replace("trainer.epochs=1", "trainer.epochs=0"))
-    failed = _gain_exp(installed, ["reproduce", str(broken), "--out", str(tmp_path / "rep_broken")], cwd=tmp_path)
+    failed = _gain_exp(
+        installed, ["reproduce", str(broken), "--out", str(tmp_path / "rep_broken"), "--trust"], cwd=tmp_path
+    )
     assert failed.returncode == 1
     assert "failed jobs" in failed.stdout and "| failed |" in failed.stdout and "0 differ, 1 failed" in failed.stdout

@@ -243,11 +243,16 @@ def test_reproduce_labels_every_rerun_for_wandb(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_run(argv, env, **kwargs):
-        seen.append(env.get("GAIN_EXP_REPRODUCING"))
-        return subprocess.CompletedProcess(argv, 1)
+    class FakePopen:
+        pid = -1
 
-    monkeypatch.setattr(tool.subprocess, "run", fake_run)
+        def __init__(self, argv, env, **kwargs):
+            seen.append(env.get("GAIN_EXP_REPRODUCING"))
+
+        def wait(self):
+            return 1
+
+    monkeypatch.setattr(tool.subprocess, "Popen", FakePopen)
     jobs = [Job(name=f"sweep/{i}", overrides=["seed=0"]) for i in range(2)]
     assert tool.run_jobs(jobs, tmp_path, label="readme_shapes") == [None, None]
     assert seen == ["readme_shapes", "readme_shapes"]

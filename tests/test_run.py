@@ -148,18 +148,23 @@ def test_a_finished_run_ends_with_what_it_measured_and_which_weights(tmp_path):
     best = summary["tested_on"]["epoch"]
     # the summary says which weights each split's numbers come from; the test panels are named by that epoch
     assert summary["weights"]["val"] == {"checkpoint": "last", "epoch": 2}
-    assert summary["weights"]["test_unbiased"] == {"checkpoint": "best", "epoch": best} == summary["tested_on"]
+    assert summary["weights"]["test_unbiased"] == {"checkpoint": "best", "epoch": best}
+    assert summary["tested_on"] == {"checkpoint": "best", "epoch": best, "rule": "best: the epoch with the min val/acc"}
     assert (out / "attention" / f"test_unbiased_epoch{best:03d}.png").is_file()
     lines = proc.stdout.strip().splitlines()
     table = lines[[i for i, line in enumerate(lines) if line.startswith("done: ")][-1] :]
-    assert len(table) == 7  # done, header, rule, val, test_biased, test_unbiased, view
+    assert len(table) == 8  # done, header, rule, val, test_biased, test_unbiased, which rule chose them, view
+    assert table[6] == "test weights chosen by best: the epoch with the min val/acc"
     final = summary["final"]
     assert table[0] == f"done: val/acc={final['val/acc']:.3f}  results in {out}"
-    assert table[1].startswith("| split | weights | acc | loc_iou | pointing_game |")
-    assert table[3].startswith(f"| val | last, after epoch 3 | {final['val/acc']:.3f} | {final['val/loc_iou']:.3f} |")
+    assert table[1].startswith("| split | weights | acc | worst_group_acc | loc_iou | pointing_game |")
+    assert table[3].startswith(
+        f"| val | last, after epoch 3 | {final['val/acc']:.3f} | {final['val/worst_group_acc']:.3f} | "
+        f"{final['val/loc_iou']:.3f} |"
+    )
     assert table[5].startswith(
         f"| test_unbiased | best, after epoch {best + 1} | {final['test_unbiased/acc']:.3f} | "
-        f"{final['test_unbiased/loc_iou']:.3f} |"
+        f"{final['test_unbiased/worst_group_acc']:.3f} | {final['test_unbiased/loc_iou']:.3f} |"
     )
     assert table[-1].startswith(f"view: {out / 'attention'}")
 
@@ -239,8 +244,8 @@ def test_test_splits_use_the_best_checkpoint_unless_told_last(tmp_path, tiny):
     pick_first = tiny + ["loss=baseline", "trainer.monitor=val/loss_cl", "trainer.monitor_mode=max"]
     best = train(compose(pick_first), out_dir=tmp_path / "best")
     last = train(compose(pick_first + ["trainer.test_on=last"]), out_dir=tmp_path / "last")
-    assert best["best"]["epoch"] == 0 and best["tested_on"] == {"checkpoint": "best", "epoch": 0}
-    assert last["tested_on"] == {"checkpoint": "last", "epoch": 1}
+    assert best["best"]["epoch"] == 0 and best["tested_on"]["checkpoint"] == "best" and best["tested_on"]["epoch"] == 0
+    assert last["tested_on"] == {"checkpoint": "last", "epoch": 1, "rule": "last: the final epoch"}
     assert best["final"]["val/acc"] == last["final"]["val/acc"]  # same training
     assert best["final"]["test_biased/loss_cl"] != last["final"]["test_biased/loss_cl"]
     saved = torch.load(tmp_path / "best" / "checkpoints" / "best.ckpt", weights_only=True)
@@ -450,7 +455,11 @@ def test_resuming_from_best_ckpt_continues_at_the_next_epoch(tmp_path, tiny):
     assert [h["epoch"] for h in again_history(tmp_path / "again")] == [0, 1, 2]  # epoch 0 is not trained twice
     val = {k: v for k, v in whole["final"].items() if not k.startswith("test_")}
     assert {k: v for k, v in again["final"].items() if not k.startswith("test_")} == val
-    assert again["tested_on"] == {"checkpoint": "last", "epoch": 2}  # best.ckpt stayed in the first run's dir
+    assert again["tested_on"] == {
+        "checkpoint": "last",
+        "epoch": 2,
+        "rule": "last: the final epoch",
+    }  # best.ckpt: elsewhere
 
 
 def again_history(run_dir):

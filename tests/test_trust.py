@@ -8,7 +8,6 @@ nothing ran), reproduce's subprocess is replaced by a recorder, and the run dire
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,11 +51,20 @@ def recorder(monkeypatch) -> list[list[str]]:
     """reproduce's subprocess replaced: the argv of every job it would have run (each 'fails' at once)."""
     calls: list[list[str]] = []
 
-    def fake_run(argv, **kwargs):
-        calls.append(list(argv))
-        return subprocess.CompletedProcess(argv, 1)
+    class FakePopen:  # reproduce starts each job with Popen (in its own session, so a stop reaches it)
+        pid = -1
 
-    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+        def __init__(self, argv, **kwargs):
+            calls.append(list(argv))
+
+        def wait(self, timeout=None):
+            return 1
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(reproduce.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda argv, **kw: pytest.fail(f"a job ran for real: {argv}"))
     return calls
 
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR
 from gain_exp.config.plan import make_plan
-from gain_exp.runs.rundir import checkpoint_file, config_dir, local, replayed, saved_job, tested_on
+from gain_exp.runs.rundir import checkpoint_file, config_dir, diverged, local, replayed, saved_job, tested_on
 from gain_exp.runs.trust import check_run_dir
 from gain_exp.train.checkpoints import read_checkpoint
 from gain_exp.train.experiment import Experiment, build_experiment
@@ -57,6 +57,7 @@ def load_experiment(
             f"{run_dir} is not a directory; give a run directory written by "
             f"python -m gain_exp.run (it holds summary.json and checkpoints/)."
         )
+    refuse_diverged(run_dir, checkpoint)
     cfg = run_config(run_dir, [*overrides, *([f"trainer.device={device}"] if device else [])], trust=trust)
     plan = make_plan(cfg)
     path = checkpoint_file(run_dir, checkpoint or tested_on(run_dir))
@@ -68,6 +69,18 @@ def load_experiment(
     experiment.gain.eval()
     experiment.checkpoint = path
     return experiment
+
+
+def refuse_diverged(run_dir: Path, checkpoint: str | None) -> None:
+    """One sentence when the run diverged (summary.json status ``diverged``) and ``checkpoint`` names no file: its
+    best or last weights would be scored as if the run had finished."""
+    reason = diverged(Path(run_dir)) if checkpoint in (None, "best", "last") else None
+    if reason is not None:
+        raise ValueError(
+            f"{run_dir} diverged in training ({reason.split(';')[0]}), so its numbers would describe broken "
+            f"weights; re-run it (e.g. with a lower trainer.optimizer.lr), or pass --checkpoint with one of its "
+            f"checkpoint files to use those weights anyway."
+        )
 
 
 def load_checked(

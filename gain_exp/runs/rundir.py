@@ -400,6 +400,17 @@ def tested_on(run_dir: Path) -> str:
         return "best"
 
 
+def diverged(run_dir: Path) -> str | None:
+    """Why the run diverged (summary.json's error) when its status is ``diverged``, else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "diverged":
+        return None
+    return str(summary.get("error") or "the training loss or weights became non-finite")
+
+
 def checkpoint_file(run_dir: Path, which: str) -> Path:
     ckpts = run_dir / "checkpoints"
     if which in ("best", "last"):

@@ -260,6 +260,10 @@ def _live_runs(paths: Sequence[str | Path]) -> list[Run]:
         except ValueError as err:  # one broken run dir must not hide a sweep's table
             print(f"note: skipped {path}: {err}", file=sys.stderr)
             continue
+        if run.summary.get("status") == "diverged":
+            reason = str(run.summary.get("error") or "non-finite loss or weights").split(";")[0]
+            print(f"warning: skipped {path}: it diverged in training ({reason}), so it has no numbers", file=sys.stderr)
+            continue
         if run.summary.get("status") != "completed":
             print(f"note: skipped {path}: status={run.summary.get('status')}", file=sys.stderr)
             continue

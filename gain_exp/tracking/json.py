@@ -24,9 +24,10 @@ class JsonTracker(Tracker):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
-        # Resuming in the same run dir continues the file from the checkpoint's byte count: the lines written after
-        # the checkpoint (a kill between the two) are dropped, and the resumed run writes them again. Lines here on
-        # any other start are an earlier start's (e.g. one killed before its first checkpoint, then
+        # Resuming in the same run dir (wherever it lives now: train.checkpoints.saved_tracking points a checkpoint
+        # of this directory at this file) continues the file from the checkpoint's byte count: the lines written
+        # after the checkpoint (a kill between the two) are dropped, and the resumed run writes them again. Lines
+        # here on any other start are an earlier start's (e.g. one killed before its first checkpoint, then
         # trainer.resume=auto starting fresh): this run logs its steps anew. Either happens at the first record, so
         # a start that fails before training (a resume that is refused) leaves the file as it was.
         continues = bool(resume) and resume.get("path") == str(self.path.resolve()) and self.path.is_file()

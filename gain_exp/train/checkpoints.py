@@ -214,7 +214,21 @@ def saved_tracking(where: str | os.PathLike | None, out_dir: Path) -> dict[str, 
     path = resolve_checkpoint(where, out_dir) if where else None
     if path is None:
         return None
-    return read_checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
+    tracking = read_checkpoint(path, "cpu", mmap=True).get("tracking")  # mmap: the tensors are not read
+    local = (tracking or {}).get("json")
+    if isinstance(local, dict) and _inside(path, out_dir):
+        # the run directory's own checkpoint (trainer.resume=auto or the directory itself): its metrics.jsonl is
+        # this directory's, wherever the directory has been moved or copied since the checkpoint named it
+        tracking = {**tracking, "json": {**local, "path": str((Path(out_dir) / "metrics.jsonl").resolve())}}
+    return tracking
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+    except ValueError:
+        return False
+    return True
 
 
 TRAINING_STATE = ("model", "optimizer", "epoch", "step")  # what resuming needs; evaluation needs only "model"

@@ -416,6 +416,7 @@ class Trainer:
 
     def _state(self) -> dict[str, Any] | None:
         """What a checkpoint holds; None on processes other than the main one (every process calls it: a collective)."""
+        self._check_weights()
         rngs = self.runtime.gather(rng_state())  # every process's streams, so a mid-epoch resume continues each
         if not self.runtime.is_main:
             return None
@@ -435,6 +436,22 @@ class Trainer:
             "tracking": self.tracker.state(),  # e.g. the W&B run id, so a resumed run continues the same record
             "run": self.record,  # config, choices, overrides, git commit, versions: the checkpoint explains itself
         }
+
+    def _check_weights(self) -> None:
+        """Diverged unless every floating parameter and buffer is finite: batch-norm running statistics can overflow
+        while the loss stays finite (eval mode then divides by an infinite variance), and no checkpoint may hold them.
+        Every process calls it (a collective under several processes)."""
+        bad = next(
+            (
+                k
+                for k, v in self.gain.model.state_dict().items()
+                if v.is_floating_point() and not torch.isfinite(v).all()
+            ),
+            None,
+        )
+        if self.runtime.any(bad is not None):
+            where = bad or "a tensor of another process"
+            raise Diverged(f"the weights are no longer finite at step {self.step} ({where} is not); {_DIVERGED_FIX}")
 
     def load_checkpoint(self, where: str | os.PathLike) -> None:
         """Restore model, optimiser, scheduler, position and RNG from a checkpoint file or run directory."""

@@ -50,7 +50,8 @@ def _weights(final: dict[str, float], trainer: Trainer) -> dict[str, dict[str, A
     the test splits from the weights ``trainer.test_on`` chose (epochs 0-based, as in ``tested_on``)."""
     last = {"checkpoint": "last", "epoch": final.get("epoch")}
     splits = dict.fromkeys(k.split("/", 1)[0] for k in final if "/" in k)
-    return {s: dict(trainer.tested_on) if s in trainer.data.tests else last for s in splits}
+    tested = {k: trainer.tested_on.get(k) for k in ("checkpoint", "epoch")}
+    return {s: dict(tested) if s in trainer.data.tests else last for s in splits}
 
 
 def _front(trainer: Trainer) -> dict[str, Any] | None:
