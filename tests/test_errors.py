@@ -82,7 +82,7 @@ def test_unknown_group_option_lists_the_options_and_the_closest():
         "gain_ext?); choose one of baseline, energy, gain, gain_ext, gradia, haics, "
         "rrr."
     )
-    assert "choose one of endoscopy_seed, grads_off" in _sentence(["experiment=voc_papr"])
+    assert "choose one of decoy_rrr_ross, endoscopy_seed, grads_off" in _sentence(["experiment=voc_papr"])
 
 
 def test_unknown_key_suggests_close_keys_and_plus_for_new_ones():

@@ -172,7 +172,10 @@ def test_the_plan_gives_the_loop_the_typed_trainer_settings_with_every_auto_reso
         ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be >= 1."),
         ("trainer.eval_metrics.steps=0", "trainer.eval_metrics.steps=0 must be >= 1."),
         # YAML 1.1 reads a bare off as false: the sentence says to quote it (found writing a sweep recipe)
-        ("trainer.eval_metrics.deletion_insertion=false", 'use epoch, test or off (in YAML quote it, "off": a bare off'),
+        (
+            "trainer.eval_metrics.deletion_insertion=false",
+            'use epoch, test or off (in YAML quote it, "off": a bare off',
+        ),
         ("trainer.scheduler._target_=torch.optim.lr_scheduler.NoSuchLR", "trainer.scheduler._target_=torch.optim."),
         ("trainer.scheduler._partial_=false", "trainer.scheduler needs _partial_: true"),
         ("trainer.scheduler._target_=torch.optim.lr_scheduler.StepLR", "trainer.scheduler.T_max is not an argument of"),

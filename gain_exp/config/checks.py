@@ -18,6 +18,7 @@ from gain_exp.config.schema import TrainerSchema
 from gain_exp.core.backbones import create_backbone
 from gain_exp.core.gain import check_options as check_gain_options
 from gain_exp.core.losses import check_options as check_loss_options
+from gain_exp.core.models import MAPLESS_BACKBONES
 
 
 def check_config(cfg: DictConfig) -> TrainerSchema:
@@ -55,12 +56,33 @@ def check_config(cfg: DictConfig) -> TrainerSchema:
             "trainer.compile: torch.compile has no double backward, which loss.ex_loss=rrr needs (it "
             "trains through input gradients); set trainer.compile=false."
         )
+    check_map_needs(cfg)
     settings = trainer_settings(cfg.trainer)  # the range checks live beside the types (TrainerSchema)
     check_optimizer_keys(t.optimizer)
     check_scheduler(t.scheduler)
     if not timm.is_model(cfg.backbone.name):
         create_backbone(cfg.backbone.name, num_classes=2)  # raises the error with close matches
     return settings
+
+
+def check_map_needs(cfg: DictConfig) -> None:
+    """A backbone without a spatial feature map (MAPLESS_BACKBONES, e.g. mlp) has no Grad-CAM: refuse the losses
+    and metrics that read one."""
+    name, loss = cfg.backbone.name, cfg.loss
+    if name not in MAPLESS_BACKBONES:
+        return
+    if loss.am_weight > 0 or (loss.ex_weight > 0 and loss.ex_loss != "rrr"):
+        raise ValueError(
+            f"backbone={name} has no spatial feature map, so it has no Grad-CAM for GAIN's attention mining or a map "
+            f"loss (loss.am_weight={loss.am_weight}, loss.ex_loss={loss.ex_loss}: gain, gain_ext, gradia, haics and "
+            f"energy need one); use loss=baseline or loss=rrr (input gradients), or a CNN backbone such as gain_cnn4."
+        )
+    metrics = cfg.trainer.get("eval_metrics")
+    if metrics is not None and metrics.deletion_insertion != "off":
+        raise ValueError(
+            f"trainer.eval_metrics.deletion_insertion={metrics.deletion_insertion} orders pixels by attention, and "
+            f"backbone={name} has no attention map; set trainer.eval_metrics.deletion_insertion=off."
+        )
 
 
 def trainer_settings(node: DictConfig) -> TrainerSchema:

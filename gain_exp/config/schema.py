@@ -251,7 +251,7 @@ class DecoyDigitsSchema:
     patch_fraction: float = MISSING
     mask_threshold: float = MISSING
     masks_to_use: Union[int, float] = MISSING  # int: a count, float: a fraction (the type carries the meaning)
-    annotation: str = MISSING  # mask | box: what the training split's L_e label maps are made of
+    annotation: str = MISSING  # mask | box | decoy: what the training split's L_e label maps are made of
     box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
     val_bias: Any = MISSING  # null (= bias) | a probability | balanced
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -116,6 +117,9 @@ class GAIN(nn.Module):
         self.am_grad_scale = float(am_grad_scale)
         self.freeze_am_bn = freeze_am_bn
         self.multi_label = multi_label
+        # A backbone without a spatial feature map (e.g. the mlp) has no Grad-CAM: its maps are NaN, never a flat
+        # map passed off as attention (the localisation metrics skip NaN maps; configs refuse the map losses).
+        self.spatial_map = bool(getattr(model, "spatial_map", True))
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean = torch.tensor(pixel_mean or cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
         std = torch.tensor(pixel_std or cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
@@ -212,6 +216,8 @@ class GAIN(nn.Module):
             mode="bilinear",
             align_corners=False,
         ).squeeze(1)
+        if not self.spatial_map:
+            attention = attention + math.nan  # still in the graph: a loss that reads it gets NaN, not a silent zero
         mask = torch.sigmoid(self.omega * (attention - self.sigma))  # Eq. 4
         source = images[image_index] if formulation == "per_label" else images
         masked = source - mask.unsqueeze(1) * (source - self._fill_like(source))  # Eq. 3

@@ -212,8 +212,8 @@ class LocalisationMetrics:
     maximum lies within ``tolerance`` px (Euclidean, as TorchRay, boundary included) of a mask pixel;
     a flat map (max == min) points nowhere and counts as a miss rather than hitting wherever ties fall.
     ``energy_pg``: mean share of a map's total value that lies inside the mask (0 for an all-zero map).
-    Pixels marked invalid are left out of all three; maps whose mask has no valid object pixel are
-    skipped and counted in ``loc_skipped``; ``loc_n`` maps were scored. The three scores are only in
+    Pixels marked invalid are left out of all three; maps whose mask has no valid object pixel, and NaN maps (a
+    backbone without a spatial map has none), are skipped and counted in ``loc_skipped``; ``loc_n`` maps were scored. The three scores are only in
     the dict once at least one map was scored. Maps are expected normalised to [0, 1].
     """
 
@@ -242,7 +242,7 @@ class LocalisationMetrics:
         att = attention.detach().float()
         valid = torch.ones_like(att, dtype=torch.bool) if valid is None else valid.bool()
         obj = (gt > 0.5) & valid
-        used = obj.flatten(1).any(dim=1)
+        used = obj.flatten(1).any(dim=1) & ~att.flatten(1).isnan().any(dim=1)  # NaN: the model has no map
         self._skipped += int((~used).sum())
         att, obj, valid = att[used], obj[used], valid[used]
         if len(att) == 0:

@@ -14,7 +14,8 @@ saturation and value, a cue a global-average-pooled CNN picks up where the grey 
 Images are RGB with the scan's grey level replicated, so ImageNet-normalised backbones apply. Pixel masks (for L_e and
 the localisation metrics) are the strokes: seg = y + 1 where the upsampled scan is brighter than ``mask_threshold`` of
 full ink, 0 elsewhere (never inside the patch); with ``annotation=box`` the training split's L_e label maps are the
-tight box of those strokes (a valid box annotation of a synthetic dataset; val and tests keep the strokes). Every
+tight box of those strokes (a valid box annotation of a synthetic dataset; val and tests keep the strokes), and with
+``annotation=decoy`` every pixel but the patch (Ross et al.'s annotation: only the swatch is marked irrelevant). Every
 sample also carries ``spurious``, an H x W bool map of the patch, so an evaluator can measure attention on the decoy,
 and its group (digit x patch digit, e.g. ``3_patch_7``);
 ``val_bias`` gives the val split its own agreement probability (0.1: every group equally likely, a group-balanced
@@ -68,6 +69,9 @@ DECOYS = ("colour", "grey")
 UPSAMPLE = "bilinear"
 MAX_PATCH_FRACTION = 0.3  # the digit box, 1 - 2 * patch_fraction of the side, keeps at least 0.4 of it
 SPLITS = ("train", "val", "test_biased", "test_unbiased")
+# annotation=decoy: the training split's L_e label maps mark every pixel but the decoy patch as relevant, Ross et al.'s
+# annotation A of Decoy MNIST (dtak/rrr rrr/decoy_mnist.py: the swatch's pixels are the irrelevant ones).
+DECOY_ANNOTATION = "decoy"
 # Corners as (row, column) of the patch's top-left pixel in units of (image_size - patch): TL, TR, BL, BR.
 CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -176,7 +180,8 @@ def build(
     """Build (or load from the disk cache) the decoy-digits splits (a DatasetBuilder, see data/base.py)."""
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)  # Hydra passes ListConfig
     _validate(image_size, n_train, n_val, n_test, bias, decoy, patch_fraction, mask_threshold, mean, std)
-    check_annotation(annotation, box_enlarge, NAME, boxes="the tight box of each digit's strokes")
+    if annotation != DECOY_ANNOTATION:  # decoy: this dataset's own annotation, Ross et al.'s (see the module doc)
+        check_annotation(annotation, box_enlarge, NAME, boxes="the tight box of each digit's strokes")
     val_bias = resolve_val_bias(val_bias, bias, len(CLASSES), NAME)
     n_masked = mask_count(masks_to_use, n_train, NAME)
     params = dict(
@@ -216,6 +221,10 @@ def build(
     train = make("train", train_use)
     if annotation == "box":  # L_e on the tight box of the strokes (a synthetic box annotation); spurious: the patch
         train.seg = box_label_maps(train.seg, box_enlarge)
+    elif (
+        annotation == DECOY_ANNOTATION
+    ):  # Ross et al.'s A: only the decoy patch is irrelevant, every other pixel is not
+        train.seg = torch.where(train.spurious, 0, (train.labels + 1).view(-1, 1, 1)).to(torch.uint8)
     return DataSplits(
         train=train,
         val=make("val", None),
