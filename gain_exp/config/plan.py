@@ -67,7 +67,7 @@ class Plan:
     def val_metric_names(self) -> dict[str, str]:
         """Config keys that name a validation metric, checked against the real names after the first epoch."""
         names = {"trainer.monitor": self.trainer.monitor}
-        if "pareto" in (self.trainer.test_on, *self.trainer.test_also):
+        if "pareto" in self.trainer.selections:
             for i, metric in enumerate(self.trainer.pareto.metrics):
                 names[f"trainer.pareto.metrics[{i}]"] = metric
         if str(self.cfg.optimize_metric).startswith("val/"):

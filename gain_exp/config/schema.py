@@ -143,6 +143,11 @@ class TrainerSchema:
     interrupt_after_steps: Optional[int] = MISSING
     progress: Optional[bool] = MISSING
 
+    @property
+    def selections(self) -> list[str]:
+        """The selection rules scored on the test splits: ``test_on`` (the headline) first, then ``test_also``."""
+        return list(dict.fromkeys([self.test_on, *self.test_also]))
+
     def __post_init__(self) -> None:
         """The range of every key, checked when the composed node becomes this object (``config.checks``)."""
         if self.epochs is MISSING:  # the ConfigStore's template, not a composed config

@@ -6,7 +6,6 @@ reader; tables, reproduce, evaluate, figure and cams build on it."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf
 import gain_exp
 from gain_exp.config.paths import SWEEPS_DIR
 from gain_exp.tracking.wandb import REPRODUCING
-from gain_exp.train.checkpoints import saved_tracking
+from gain_exp.train.checkpoints import pareto_pick, saved_tracking
 from gain_exp.train.provenance import SOURCE_ROOT
 
 # Hydra overrides that only shape a sweep or place its output; a re-run of one job sets its own mode and run dir.
@@ -159,16 +158,6 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
             )
         found += [r for r in runs if r not in found]
     return found
-
-
-def pareto_pick(members: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The Pareto member (summary.json's ``pareto.members``) best in val ``metric`` by ``mode``; the earlier epoch on a
-    tie, as the run's own pick; None when no member has a finite value."""
-    sign = 1.0 if mode == "max" else -1.0
-    scored = [
-        m for m in members if isinstance(v := (m.get("val") or {}).get(metric), (int, float)) and math.isfinite(v)
-    ]
-    return max(scored, key=lambda m: (sign * m["val"][metric], -m["epoch"]), default=None)
 
 
 def read_run(path: Path) -> Run:

@@ -66,6 +66,16 @@ def pareto_front(points: list[tuple[float, ...]], modes: tuple[str, ...]) -> lis
     ]
 
 
+def pareto_pick(members: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The Pareto member ({"epoch", "val": {metric: value}, ...}, as in summary.json's ``pareto.members``) best in val
+    ``metric`` by ``mode``; the earlier epoch on a tie (as ``best``); None when no member has a finite value."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [
+        m for m in members if isinstance(v := (m.get("val") or {}).get(metric), (int, float)) and math.isfinite(v)
+    ]
+    return max(scored, key=lambda m: (sign * m["val"][metric], -m["epoch"]), default=None)
+
+
 class ParetoFront:
     """The epochs on the front of two val metrics (Rao et al., ICCV 2023: accuracy against localisation), each with
     its checkpoint ``pareto_epoch_NNN.ckpt`` (NNN: epochs done); a member dropped from the front loses its file.
@@ -89,9 +99,8 @@ class ParetoFront:
         return (candidate["checkpoint"] if len(everyone) - 1 in kept else None), dropped
 
     def pick(self, metric: str) -> dict[str, Any] | None:
-        """The member best in ``metric`` (one of the front's two); the earlier epoch on a tie (as ``best``); None: empty front."""
-        sign = 1.0 if self.modes[self.metrics.index(metric)] == "max" else -1.0
-        return max(self.members, key=lambda m: (sign * m["val"][metric], -m["epoch"]), default=None)
+        """The member best in ``metric`` (one of the front's two), as ``pareto_pick``; None for an empty front."""
+        return pareto_pick(self.members, metric, self.modes[self.metrics.index(metric)])
 
 
 class CheckpointPolicy:

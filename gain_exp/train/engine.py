@@ -107,7 +107,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         # which checkpoint files each epoch gets (last, best, every N) and the best epoch so far
         pareto = None
-        if "pareto" in (cfg.test_on, *cfg.test_also):
+        if "pareto" in cfg.selections:
             pareto = ParetoFront(list(cfg.pareto.metrics), list(cfg.pareto.modes))  # auto resolved by the plan
         self.checkpoints = CheckpointPolicy(
             self.ckpt_dir, cfg.monitor, cfg.monitor_mode, cfg.checkpoint_every, pareto=pareto
@@ -222,7 +222,7 @@ class Trainer:
         """Score every test split with the weights ``test_on`` chooses (the headline, with panels and tables), then
         with each selection of ``test_also`` and each Pareto member (metrics only); returns the headline's metrics."""
         self.runtime.barrier()  # the main process has written every checkpoint
-        rules = [self.cfg.test_on, *(r for r in self.cfg.test_also if r != self.cfg.test_on)]
+        rules = self.cfg.selections
         front = self.checkpoints.pareto
         headline: dict[str, float] = {}
         for rule in rules:
