@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR, SWEEPS_DIR
 from gain_exp.config.plan import make_plan
-from gain_exp.output.files import remove_stale_temps
+from gain_exp.output.files import cannot_write, remove_stale_temps, write_error
 from gain_exp.runs.rundir import saved_job
 from gain_exp.runs.trust import TRUST_FLAG, Untrusted, check_run_dir
 from gain_exp.tracking import Trackers, build_tracker
@@ -86,8 +86,17 @@ def claim_run_dir(out_dir: Path, resume: Any = None, overwrite: bool = False, wr
         )
     if not writer:
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as err:  # a read-only place (or a full disk): one sentence before anything is written
+        cause = write_error(err)
+        if cause is None:
+            raise
+        raise RunDirTaken(
+            f"cannot write the run directory {out_dir}: {cannot_write(out_dir / LOCK_FILE, cause).reason}, and nothing "
+            f"was written there; pick a writable hydra.run.dir."
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -296,6 +305,7 @@ def seed_everything(seed: int) -> None:
 def task(cfg: DictConfig) -> float | None:
     """The Hydra task: runs one job and returns its optimisation metric (for sweepers)."""
     out_dir = HydraConfig.get().runtime.output_dir
+    _quiet_log_files()
     try:
         summary = train(cfg)
     except USER_ERRORS as err:
@@ -318,6 +328,26 @@ def task(cfg: DictConfig) -> float | None:
     if (launched_processes() or (0,))[0] == 0:  # the main process reports
         print(final_report(summary, Path(out_dir)))
     return value
+
+
+def _quiet_log_files() -> None:
+    """run.log that cannot be written (a full disk): one warning, then the log goes on on the console only, instead of
+    logging's traceback for every record."""
+
+    def failed(handler: logging.Handler, record: logging.LogRecord) -> None:
+        cause = write_error(sys.exc_info()[1])
+        if cause is None:
+            return logging.Handler.handleError(handler, record)
+        logging.getLogger().removeHandler(handler)
+        where = getattr(handler, "baseFilename", "the log file")
+        print(
+            f"warning: {where} is no longer written ({os.strerror(cause.errno).lower()}); the log goes on here only",
+            file=sys.stderr,
+        )
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = lambda record, handler=handler: failed(handler, record)  # type: ignore[method-assign]
 
 
 def _fail(sentence: str, status: int | None) -> None:
@@ -354,6 +384,10 @@ def _main() -> float | None:
         return _hydra_main()
     except Exception as err:
         sentence = explain(err)
+        cause = write_error(err) if sentence is None else None
+        if cause is not None:  # Hydra creating a sweep's folder or a job's .hydra/ in a read-only place, a full disk
+            where = cause.filename or "the output folder"
+            sentence = f"cannot write {where} ({os.strerror(cause.errno).lower()}); pick a writable hydra.run.dir (hydra.sweep.dir with -m)."
         if sentence is None:
             raise
         print(f"error: {sentence}", file=sys.stderr)

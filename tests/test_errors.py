@@ -184,3 +184,22 @@ def test_a_recipe_whose_hydra_plugin_is_not_installed_names_the_extra(monkeypatc
         f"hydra/{group}={option} needs the Hydra plugin {plugin}, which is not installed; install the sweep extras "
         f"with pip install 'gain-exp[sweeps]' (or pip install {plugin})."
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["dataset=mask_folder"], "dataset.root has"),
+        (["dataset=waterbirds"], "dataset.root, dataset.segmentations have"),
+    ],
+)
+def test_a_value_only_the_user_knows_left_at_question_marks_is_one_sentence(overrides, keys):
+    """A dataset folder left at ??? (conf/dataset/mask_folder.yaml) was OmegaConf's MissingMandatoryValue traceback."""
+    from gain_exp.config.checks import check_config
+
+    with pytest.raises(ValueError) as caught:
+        check_config(compose(overrides))
+    assert str(caught.value).startswith(
+        f"{keys} no value (??? in the config: a value only you know); add dataset.root="
+    )
+    assert "\n" not in str(caught.value)

@@ -24,6 +24,13 @@ from gain_exp.core.models import MAPLESS_BACKBONES
 def check_config(cfg: DictConfig) -> TrainerSchema:
     """Raise ValueError with one sentence for the first out-of-range value, before any work is done; returns the
     trainer's typed settings (checked on the way)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))  # ??? in conf/: values only the user can give (a dataset's folder)
+    if missing:
+        given = " ".join(f"{key}=<value>" for key in missing)
+        raise ValueError(
+            f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no value (??? in the config: a value only "
+            f"you know); add {given} to the command line (each is described in its conf/ file)."
+        )
     for key, value in _numbers(cfg):
         if not math.isfinite(value):
             raise ValueError(f"{key}={value} is not a finite number; give a finite value (see its default in conf/).")

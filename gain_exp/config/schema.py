@@ -276,6 +276,7 @@ class Voc2012Schema:
     autoaugment: bool = MISSING
     hflip: bool = MISSING
     strict: bool = MISSING
+    max_pixels: Optional[int] = MISSING  # larger image or mask files (decompression bombs) are unreadable
 
 
 @dataclass
@@ -294,6 +295,7 @@ class MaskFolderSchema:
     autoaugment: bool = MISSING
     hflip: bool = MISSING
     strict: bool = MISSING
+    max_pixels: Optional[int] = MISSING  # larger image or mask files (decompression bombs) are unreadable
     extensions: List[str] = MISSING
 
 
@@ -311,6 +313,7 @@ class WaterbirdsSchema:
     box_enlarge: float = MISSING  # annotation=box: fractional growth of each box side (0.1 = 10% longer)
     augment: bool = MISSING
     strict: bool = MISSING
+    max_pixels: Optional[int] = MISSING  # larger image or mask files (decompression bombs) are unreadable
 
 
 @dataclass

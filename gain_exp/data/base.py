@@ -9,11 +9,18 @@ returns a DataSplits. run.py calls ``instantiate(cfg.dataset, **runtime)`` with 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
-from typing import Any, NotRequired, Protocol, Sequence, TypedDict
+from pathlib import Path
+from typing import Any, Callable, NotRequired, Protocol, Sequence, TypedDict
 
 import torch
 from torch.utils.data import Dataset
+
+from gain_exp.output.files import CannotWrite, CorruptFile, atomic_write, load_state
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label-map value excluded from L_e and localisation metrics (VOC's border label)
 
@@ -310,6 +317,49 @@ class BoxReader:
     def __init__(self, table: dict[Any, ImageBoxes], enlarge: float) -> None:
         self.table, self.enlarge = table, float(enlarge)
 
-    def __call__(self, key: Any, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, key: Any, target: torch.Tensor, max_pixels: int | None = None) -> torch.Tensor:
         entry = self.table[key]
         return box_masks(entry.boxes, entry.classes, entry.size, self.enlarge, entry.ignore)
+
+
+def no_folder(path: Path) -> str:
+    """Why ``path`` is not a usable folder, for a one-sentence error: "does not exist" or "is a file, not a folder"."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
+def cached_splits(
+    root: str | Path, params: dict, generate: Callable[[], dict[str, dict[str, torch.Tensor]]], dataset: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """A generated dataset's splits from ``root``/<hash of params>.pt, or ``generate()`` them and write that file.
+
+    The cache is only a cache: an unreadable file is generated again, and a cache folder that cannot be written
+    (read-only, disk full) leaves the splits in memory with a warning. A ``root`` that is a file is one sentence.
+    """
+    root = Path(root).expanduser()
+    blocker = next((p for p in (root, *root.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == root else f"is inside a file ({blocker})"
+        raise ValueError(
+            f"{dataset}: dataset.root={root} {where}, not a folder; point dataset.root at a folder for the generated "
+            f"splits' cache (it is created if missing)."
+        )
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    path = root / f"{key}.pt"
+    if path.exists():
+        try:
+            return load_state(path)["splits"]
+        except (CorruptFile, KeyError) as err:
+            log.warning("%s cache %s is unreadable (%s); generating it again", dataset, path, err)
+    data = generate()
+    try:
+        with atomic_write(path) as f:  # readers see either no file or a complete one
+            torch.save({"params": params, "splits": data}, f)
+    except CannotWrite as err:
+        log.warning(
+            "%s: cannot cache the generated splits in %s (%s); they stay in memory for this run and are generated "
+            "again next time; set dataset.root to a writable folder to keep them",
+            dataset,
+            err.path,
+            err.reason,
+        )
+    return data

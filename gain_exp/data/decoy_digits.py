@@ -28,10 +28,7 @@ same test scans with their own decoys.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -43,6 +40,7 @@ from gain_exp.data.base import (
     TensorSplit,
     annotation_extras,
     box_label_maps,
+    cached_splits,
     check_annotation,
     choose_masks,
     cue_group_ids,
@@ -51,7 +49,6 @@ from gain_exp.data.base import (
     mask_count,
     resolve_val_bias,
 )
-from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +195,9 @@ def build(
     )
     if val_bias != float(bias):  # absent otherwise: earlier caches stay valid
         params["val_bias"] = val_bias
-    data = _load_or_generate(Path(root), params)
+    data = cached_splits(
+        root, params, lambda: generate(**{k: v for k, v in params.items() if k not in ("version", "constants")}), NAME
+    )
     # Which training images carry masks is fixed by the seed alone; a smaller budget is a subset of a larger one.
     train_use = choose_masks(torch.ones(n_train, dtype=torch.bool), n_masked, seed, NAME)
 
@@ -291,21 +290,6 @@ def _validate(
 def _generator_constants() -> dict:
     """The module-level constants that shape the generated pixels (part of the cache key)."""
     return dict(shade=[SHADE_TOP, SHADE_STEP], upsample=UPSAMPLE, corners=CORNERS)
-
-
-def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Read the splits from root/<hash>.pt, or generate them and write that file atomically."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = root / f"{key}.pt"
-    if path.exists():
-        try:
-            return load_state(path)["splits"]
-        except (CorruptFile, KeyError) as err:  # a cache is only a cache: make it again
-            log.warning("decoy_digits cache %s is unreadable (%s); generating it again", path, err)
-    data = generate(**{k: v for k, v in params.items() if k not in ("version", "constants")})
-    with atomic_write(path) as f:  # readers see either no file or a complete one
-        torch.save({"params": params, "splits": data}, f)
-    return data
 
 
 def generate(

@@ -14,14 +14,17 @@ Images become 8-bit RGB by a fixed rule per PIL mode (the same for every file, s
 Masks are read as they are stored (no scaling): single-channel integer modes ("1", "L", "P", "I", "I;16...") give
 their integer values, everything else is an error that names the file.
 
-Errors: a file that cannot be opened or decoded (not an image, truncated) raises UnreadableFile and a missing file
+Errors: a file that cannot be opened or decoded (not an image, truncated, or more pixels than ``max_pixels``: a
+decompression bomb, checked from the header before any pixel is decoded) raises UnreadableFile and a missing file
 FileNotFoundError (the datasets skip and count those unless strict); a decodable file whose content is wrong (an
 unsupported mode, out-of-range values, a mask with several channels) raises a plain ValueError, which stops the run.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import PIL.Image
@@ -29,6 +32,7 @@ import PIL.Image
 MAX_16BIT = 65535
 TO_8BIT = 257  # 65535 / 255: maps the 16-bit range exactly onto the 8-bit one
 MASK_MODES = ("1", "L", "P", "I")  # plus every "I;16..." variant
+MAX_PIXELS = 89_478_485  # dataset.max_pixels' default: Pillow's own limit (a 9459 x 9459 image)
 
 
 class UnreadableFile(ValueError):
@@ -75,16 +79,16 @@ def _grey(values: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
 
 
-def load_rgb(path: Path) -> PIL.Image.Image:
+def load_rgb(path: Path, max_pixels: int | None = MAX_PIXELS) -> PIL.Image.Image:
     """Decode the whole image (so truncation shows up here, not inside a transform) as 8-bit RGB."""
-    with _open(path, "image") as im:
+    with _open(path, "image", max_pixels=max_pixels) as im:
         _decode(im, path, "image")
         return to_rgb(im, path)
 
 
-def check_image(path: Path) -> tuple[int, int]:
+def check_image(path: Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) after decoding the whole file, so a truncated or unconvertible image is found before training."""
-    with _open(path, "image") as im:
+    with _open(path, "image", max_pixels=max_pixels) as im:
         size = im.size
         if im.format == "JPEG":
             # A 1/8-scale JPEG decode still reads every byte (so truncation shows) at a fraction of the cost,
@@ -97,15 +101,17 @@ def check_image(path: Path) -> tuple[int, int]:
         return size
 
 
-def header_size(path: Path, source: str = "") -> tuple[int, int]:
+def header_size(path: Path, source: str = "", max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the file's header alone (no pixels decoded): where box coordinates need the image size."""
-    with _open(path, "image", source) as im:
+    with _open(path, "image", source, max_pixels) as im:
         return im.size
 
 
-def mask_array(path: Path, fix: str, source: str = "") -> tuple[np.ndarray, str | None]:
+def mask_array(
+    path: Path, fix: str, source: str = "", max_pixels: int | None = MAX_PIXELS
+) -> tuple[np.ndarray, str | None]:
     """(H x W integer values as stored, file format) of a single-channel mask; ``fix`` ends the wrong-mode error."""
-    with _open(path, "mask", source) as im:
+    with _open(path, "mask", source, max_pixels) as im:
         _decode(im, path, "mask", source)
         if im.format == "JPEG":
             return np.asarray(im.convert("L")), im.format
@@ -115,9 +121,22 @@ def mask_array(path: Path, fix: str, source: str = "") -> tuple[np.ndarray, str 
         return (arr.astype(np.uint8) if arr.dtype == bool else arr), im.format
 
 
-def _open(path: Path, what: str, source: str = "") -> PIL.Image.Image:
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Pillow's global decompression-bomb limit off while a file is opened and decoded: ``_open`` applies
+    ``max_pixels`` itself, from the header, so the limit is the dataset's (higher or lower than Pillow's)."""
+    pillows = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = None
     try:
-        return PIL.Image.open(path)
+        yield
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = pillows
+
+
+def _open(path: Path, what: str, source: str = "", max_pixels: int | None = MAX_PIXELS) -> PIL.Image.Image:
+    try:
+        with _own_pixel_limit():
+            im = PIL.Image.open(path)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{source}{what} file {path} does not exist; restore it or remove it from the split."
@@ -130,11 +149,21 @@ def _open(path: Path, what: str, source: str = "") -> PIL.Image.Image:
         raise UnreadableFile(
             f"{source}cannot read {what} file {path} ({e}); replace it with a valid image or delete it."
         ) from None
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        im.close()
+        raise UnreadableFile(
+            f"{source}{what} file {path} is {width} x {height} = {width * height:,} pixels, over "
+            f"dataset.max_pixels={max_pixels:,} (a decompression bomb, or an outsized image); shrink it, or raise "
+            f"dataset.max_pixels if it is a real image."
+        )
+    return im
 
 
 def _decode(im: PIL.Image.Image, path: Path, what: str, source: str = "") -> None:
     try:
-        im.load()
+        with _own_pixel_limit():  # the size was checked on opening; some formats check again while decoding
+            im.load()
     except OSError as e:
         raise UnreadableFile(
             f"{source}cannot decode {what} {path} ({e}); it is corrupt or truncated, replace it or delete it."

@@ -56,8 +56,9 @@ from gain_exp.data.base import (
     classes_without_images,
     derive_seed,
     describe_classes_without_images,
+    no_folder,
 )
-from gain_exp.data.images import UnreadableFile, check_image, load_rgb, mask_array
+from gain_exp.data.images import MAX_PIXELS, UnreadableFile, check_image, load_rgb, mask_array
 from gain_exp.data.transforms import ImageMaskTransform, build_transforms
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ SEED_MASK_SUFFIX = "m"  # <stem>m.<ext>: the seed's mask naming
 JPEG_MASK_THRESHOLD = 128
 LAYOUT = "<root>/{train,val,test}/<class_name>/<image> (test optional)"
 
-MaskReader = Callable[[Path, torch.Tensor], torch.Tensor]  # (mask file, sample target) -> H x W uint8 label map
+MaskReader = Callable[..., torch.Tensor]  # (mask file, sample target, max_pixels=...) -> H x W uint8 label map
 
 
 class BadFiles:
@@ -78,9 +79,16 @@ class BadFiles:
     the worker processes, so they are warned but not counted in the main process's extras.
     """
 
-    def __init__(self, dataset: str, strict: bool, extras: dict | None = None) -> None:
+    def __init__(
+        self, dataset: str, strict: bool, extras: dict | None = None, max_pixels: int | None = MAX_PIXELS
+    ) -> None:
         self.dataset = dataset
         self.strict = strict
+        if max_pixels is not None and (isinstance(max_pixels, bool) or max_pixels < 1):
+            raise ValueError(
+                f"{dataset}: max_pixels={max_pixels} must be a pixel count of 1 or more, or null (no limit)."
+            )
+        self.max_pixels = max_pixels  # dataset.max_pixels: a larger file (a decompression bomb) is unreadable
         self.extras = {} if extras is None else extras
         self.extras["skipped_files"] = 0
         self._files: set[Path] = set()
@@ -125,13 +133,13 @@ def check_files(
     kept_masks: list[Path | None] = []
     for i, (image, mask) in enumerate(zip(images, masks)):
         try:
-            width, height = check_image(image)
+            width, height = check_image(image, bad_files.max_pixels)
         except SKIPPABLE as e:
             bad_files.report(e, image)
             continue
         if mask is not None:
             try:
-                seg = read_mask(mask, targets[i])
+                seg = read_mask(mask, targets[i], max_pixels=bad_files.max_pixels)
             except SKIPPABLE as e:
                 bad_files.report(e, mask)  # the image stays, without a mask, so the split keeps every image
                 mask = None
@@ -207,7 +215,7 @@ class FileDataset(Dataset):
         # The build decoded every file, so a failure here means a file changed under the run. An image has no
         # honest stand-in (another image would be scored twice), so its error propagates; a mask that fails is
         # reported (raised when strict) and the sample goes on without it, keeping the split's images exact.
-        image = load_rgb(self.images[i])
+        image = load_rgb(self.images[i], self.bad_files.max_pixels)
         seg = self._read_mask(i, image)
         x, seg_out = self.transform(image, seg)
         return Sample(
@@ -224,7 +232,7 @@ class FileDataset(Dataset):
         if mask_path is None or i in self._mask_failed:
             return None
         try:
-            seg = self.read_mask(mask_path, self.targets[i])
+            seg = self.read_mask(mask_path, self.targets[i], max_pixels=self.bad_files.max_pixels)
             check_mask_size(seg, mask_path, self.images[i], image.size)
         except (ValueError, FileNotFoundError) as e:
             self.bad_files.report(e, mask_path)  # raises when strict
@@ -300,10 +308,12 @@ class BalancedSampler(Sampler[int]):
 BINARY_OBJECT_VALUES = (1, 255, 65535)  # a binary mask holds 0 and one of these (65535: a 16-bit mask)
 
 
-def read_binary_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
+def read_binary_mask(path: Path, target: torch.Tensor, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """H x W uint8 label map from a binary mask: object pixels -> the image's class + 1, the rest 0."""
     arr, fmt = mask_array(
-        path, "save it as a single-channel (greyscale) PNG holding 0 for background and 255 (or 1) for the object."
+        path,
+        "save it as a single-channel (greyscale) PNG holding 0 for background and 255 (or 1) for the object.",
+        max_pixels=max_pixels,
     )
     if fmt == "JPEG":
         obj = arr >= JPEG_MASK_THRESHOLD
@@ -421,6 +431,7 @@ def build(
     autoaugment: bool = True,
     hflip: bool = True,
     strict: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
     extensions: Sequence[str] = (".jpg", ".jpeg", ".png", ".bmp"),
     annotation: str = "mask",
     box_enlarge: float = 0.0,
@@ -435,7 +446,7 @@ def build(
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise FileNotFoundError(
-            f"mask_folder dataset: root folder {root_path} does not exist; point root at a folder laid out as {LAYOUT}."
+            f"mask_folder dataset: root folder {root_path} {no_folder(root_path)}; point root at a folder laid out as {LAYOUT}."
         )
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     train_dir = _split_dir(root_path, "train", required=True)
@@ -461,7 +472,7 @@ def build(
         raise ValueError(f"mask_folder dataset: steps_per_epoch={steps_per_epoch} must be 1 or more (or null).")
 
     extras: dict = {}
-    bad_files = BadFiles("mask_folder dataset", strict, extras)
+    bad_files = BadFiles("mask_folder dataset", strict, extras, max_pixels)
     neg_idx = classes.index(negative_class) if negative_class is not None else None
     dirs = {
         "train": train_dir,

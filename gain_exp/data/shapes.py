@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -41,6 +39,7 @@ from gain_exp.data.base import (
     TensorSplit,
     annotation_extras,
     box_label_maps,
+    cached_splits,
     check_annotation,
     choose_masks,
     cue_group_ids,
@@ -49,7 +48,6 @@ from gain_exp.data.base import (
     resolve_val_bias,
 )
 from gain_exp.data.decoy_digits import MissingExtra
-from gain_exp.output.files import CorruptFile, atomic_write, load_state
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +213,7 @@ def build(
     if background != "tint":  # absent for tint: its caches stay valid
         params["background"] = background
         params["texture"] = _texture_key(num_classes)
-    data = _load_or_generate(Path(root), params)
+    data = cached_splits(root, params, lambda: _generate_splits(params), "shapes")
     classes = list(SHAPE_NAMES[:num_classes])
     multi_label = max_objects > 1
     if background == "tint":
@@ -341,24 +339,14 @@ def _generator_constants() -> dict:
     )
 
 
-def _load_or_generate(root: Path, params: dict) -> dict[str, dict[str, torch.Tensor]]:
-    """Read the splits from root/<hash>.pt, or generate them and write that file atomically."""
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    path = root / f"{key}.pt"
-    if path.exists():
-        try:
-            return load_state(path)["splits"]
-        except (CorruptFile, KeyError) as err:  # a cache is only a cache: make it again
-            log.warning("shapes cache %s is unreadable (%s); generating it again", path, err)
+def _generate_splits(params: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Every split from the cache key's parameters (the val split with its own bias)."""
     gen_args = {k: v for k, v in params.items() if k not in ("version", "constants", "val_bias", "texture")}
     val_bias = params.get("val_bias", params["bias"])
-    data = {
+    return {
         split: _generate_split(split, **{**gen_args, "bias": val_bias if split == "val" else params["bias"]})
         for split in SPLITS
     }
-    with atomic_write(path) as f:  # readers see either no file or a complete one
-        torch.save({"params": params, "splits": data}, f)
-    return data
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,9 @@ from gain_exp.data.base import (
     check_annotation,
     classes_without_images,
     describe_classes_without_images,
+    no_folder,
 )
-from gain_exp.data.images import UnreadableFile, header_size, mask_array
+from gain_exp.data.images import MAX_PIXELS, UnreadableFile, header_size, mask_array
 from gain_exp.data.mask_folder import SKIPPABLE, BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
@@ -84,7 +85,7 @@ HOW_TO_GET = "point root at the folder holding VOCdevkit/ from the extracted VOC
 def find_voc_dir(root: Path) -> Path:
     """The VOC2012 folder under root (root/VOCdevkit/VOC2012, root/VOC2012 or root itself)."""
     if not root.is_dir():
-        raise FileNotFoundError(f"voc2012 dataset: root folder {root} does not exist; {HOW_TO_GET}.")
+        raise FileNotFoundError(f"voc2012 dataset: root folder {root} {no_folder(root)}; {HOW_TO_GET}.")
     for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012", root):
         if (candidate / "JPEGImages").is_dir() and (candidate / "Annotations").is_dir():
             return candidate
@@ -160,7 +161,7 @@ def image_boxes(objects: list[VocObject], image: Path, exclude_difficult: bool) 
     if not boxed:
         return None
     try:
-        size = header_size(image, "voc2012 dataset: ")
+        size = header_size(image, "voc2012 dataset: ", max_pixels=None)  # the header only: the image is checked itself
     except (UnreadableFile, FileNotFoundError):
         return None
     return ImageBoxes(
@@ -171,13 +172,14 @@ def image_boxes(objects: list[VocObject], image: Path, exclude_difficult: bool) 
     )
 
 
-def read_voc_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
+def read_voc_mask(path: Path, target: torch.Tensor, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """H x W uint8 label map from a SegmentationClass PNG (VOC class ids already equal our c + 1)."""
     arr, _ = mask_array(
         path,
         "SegmentationClass masks are single-channel (palette) PNGs whose values are class ids, restore it"
         " from the VOC tar.",
         "voc2012 dataset: ",
+        max_pixels,
     )
     bad = sorted(set(np.unique(arr).tolist()) - VALID_MASK_VALUES)
     if bad:
@@ -196,6 +198,7 @@ def build(
     autoaugment: bool = True,
     hflip: bool = True,
     strict: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
     annotation: str = "mask",
     box_enlarge: float = 0.0,
     *,
@@ -228,7 +231,7 @@ def build(
 
     mask_names = {p.name for p in seg_dir.iterdir()}
     extras: dict = {}
-    bad_files = BadFiles("voc2012 dataset", strict, extras)
+    bad_files = BadFiles("voc2012 dataset", strict, extras, max_pixels)
     dropped = 0
     datasets: dict[str, FileDataset] = {}
     boxes: dict[Path, ImageBoxes] = {}  # annotation=box: each train image's XML boxes, keyed by the image's path

@@ -58,8 +58,9 @@ from gain_exp.data.base import (
     check_annotation,
     cue_group_ids,
     cue_group_names,
+    no_folder,
 )
-from gain_exp.data.images import UnreadableFile, header_size, load_rgb
+from gain_exp.data.images import MAX_PIXELS, UnreadableFile, header_size, load_rgb
 from gain_exp.data.mask_folder import BadFiles, FileDataset, file_split
 from gain_exp.data.transforms import build_transforms
 
@@ -115,7 +116,7 @@ def read_metadata(root: Path) -> list[dict[str, str | int]]:
     """The rows of ``<root>/metadata.csv`` with img_filename (posix relative path) and int y, split, place."""
     path = root / "metadata.csv"
     if not root.is_dir():
-        raise FileNotFoundError(f"{NAME}: root folder {root} does not exist; {GET_WATERBIRDS}.")
+        raise FileNotFoundError(f"{NAME}: root folder {root} {no_folder(root)}; {GET_WATERBIRDS}.")
     if not path.is_file():
         raise FileNotFoundError(f"{NAME}: {path} does not exist; {GET_WATERBIRDS}.")
     with path.open(newline="") as f:
@@ -177,9 +178,9 @@ def read_cub_boxes(cub_root: Path) -> dict[str, tuple[float, float, float, float
     return {_relative(rel): boxes[cub_id] for cub_id, rel in tables["images.txt"].items() if cub_id in boxes}
 
 
-def read_cub_mask(path: Path, target: torch.Tensor) -> torch.Tensor:
+def read_cub_mask(path: Path, target: torch.Tensor, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
     """H x W uint8 label map from a CUB segmentation PNG: the image's class + 1 where >= MASK_THRESHOLD, else 0."""
-    grey = np.asarray(load_rgb(path), dtype=np.float32).mean(axis=-1)  # any PIL mode; CUB's are greyscale
+    grey = np.asarray(load_rgb(path, max_pixels), dtype=np.float32).mean(axis=-1)  # any PIL mode; CUB's are greyscale
     return torch.from_numpy((grey >= MASK_THRESHOLD).astype(np.uint8) * (int(target.argmax()) + 1))
 
 
@@ -189,12 +190,12 @@ def _box_entry(
     """The image's CUB box in pixels of the Waterbirds image (scaled by its size / the CUB image's size); None when a
     header is unreadable (the build then reports the image)."""
     try:
-        size = header_size(image, f"{NAME}: ")
+        size = header_size(image, f"{NAME}: ", None)  # headers only: the image is checked itself
         original = cub_root / "images" / rel
         if seg is not None:
-            cub_size = header_size(seg, f"{NAME}: ")  # a segmentation PNG has its CUB image's size
+            cub_size = header_size(seg, f"{NAME}: ", None)  # a segmentation PNG has its CUB image's size
         elif original.is_file():
-            cub_size = header_size(original, f"{NAME}: ")
+            cub_size = header_size(original, f"{NAME}: ", None)
         else:
             cub_size = size  # the released images keep their CUB image's size (module docstring)
     except (UnreadableFile, FileNotFoundError):
@@ -218,6 +219,7 @@ def build(
     box_enlarge: float = 0.0,
     augment: bool = False,
     strict: bool = False,
+    max_pixels: int | None = MAX_PIXELS,
     *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
@@ -230,7 +232,7 @@ def build(
     rows = read_metadata(root_path)
     seg_root = Path(segmentations).expanduser()
     if not seg_root.is_dir():
-        raise FileNotFoundError(f"{NAME}: segmentations folder {seg_root} does not exist; {GET_SEGMENTATIONS}.")
+        raise FileNotFoundError(f"{NAME}: segmentations folder {seg_root} {no_folder(seg_root)}; {GET_SEGMENTATIONS}.")
     cub_path = None if cub_root is None else Path(cub_root).expanduser()
     if annotation == "box" and cub_path is None:
         raise ValueError(
@@ -240,7 +242,7 @@ def build(
     cub_boxes = read_cub_boxes(cub_path) if annotation == "box" and cub_path is not None else {}
 
     extras: dict = {}
-    bad_files = BadFiles(NAME, strict, extras)
+    bad_files = BadFiles(NAME, strict, extras, max_pixels)
     boxes: dict[Path, ImageBoxes] = {}  # annotation=box: each train image's box, keyed by the image's path
     datasets: dict[str, WaterbirdsDataset] = {}
     without = {"segmentations": 0, "boxes": 0}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,66 @@ def _umask() -> int:
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 would hide shared outputs from the group
 TEMP_GLOB = ".*.tmp"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the disk (or the user's quota) is full
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only file system, or a folder this user cannot write
+
+
+class CannotWrite(OSError):
+    """A file cannot be written: the disk is full or the folder read-only. Its message is one sentence: the path, why
+    (with the free space), what is kept, how to go on; ``but`` rewrites the last two where the caller knows more."""
+
+    def __init__(self, path: Path, reason: str, kept: str, fix: str, code: int | None = None) -> None:
+        super().__init__(f"cannot write {path}: {reason}; {kept}; {fix}.")
+        self.path, self.reason, self.kept, self.fix, self.errno = path, reason, kept, fix, code
+
+    def but(self, kept: str | None = None, fix: str | None = None) -> CannotWrite:
+        return CannotWrite(self.path, self.reason, kept or self.kept, fix or self.fix, self.errno)
+
+
+def write_error(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` when it means "no space" or "not writable" (torch.save wraps ENOSPC in a
+    RuntimeError "unexpected pos"), else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_SPACE + READ_ONLY:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the file system that holds ``path`` (its nearest existing folder), e.g. "1.2 MB free"."""
+    try:
+        free = float(shutil.disk_usage(_existing(Path(path))).free)
+    except OSError:
+        return "free space unknown"
+    unit = "bytes"
+    for bigger in ("kB", "MB", "GB", "TB"):
+        if free < 1000:
+            break
+        free, unit = free / 1000, bigger
+    return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def cannot_write(path: str | os.PathLike, err: OSError) -> CannotWrite:
+    """The one sentence for ``err`` (from ``write_error``) while writing ``path``."""
+    path = Path(path)
+    kept = f"the earlier {path.name} is unchanged" if path.exists() else "nothing partial was left"
+    if err.errno in NO_SPACE:
+        return CannotWrite(
+            path, f"the disk is full ({free_space(path)})", kept, "free some space, then run again", err.errno
+        )
+    folder = _existing(path.parent)  # the folder that refused (a missing one is created in its nearest parent)
+    reason = f"{folder} is not writable ({os.strerror(err.errno).lower()})"
+    return CannotWrite(path, reason, kept, "make it writable or write elsewhere, then run again", err.errno)
 
 
 @contextmanager
@@ -29,16 +91,29 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     cache) never share a half-written file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        if write_error(err) is None:
+            raise
+        raise cannot_write(path, err) from None
+    try:
+        with _open_temp(fd) as f:
             yield f
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = write_error(err)
+        if cause is None or isinstance(err, CannotWrite):
+            raise
+        raise cannot_write(path, cause) from None
+
+
+def _open_temp(fd: int) -> BinaryIO:
+    """The temporary file of ``atomic_write`` (a seam: tests make it fail the way a full disk does)."""
+    return os.fdopen(fd, "wb")
 
 
 def jsonable(value: Any) -> Any:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from gain_exp.output.files import jsonable
+from gain_exp.output.files import atomic_write, cannot_write, jsonable, write_error
 from gain_exp.output.panels import Panel, save_panels
 from gain_exp.tracking.base import Tracker
 
@@ -51,9 +51,18 @@ class JsonTracker(Tracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
-        f = self._open()
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+        try:
+            f = self._open()
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError as err:  # a full disk: one sentence; a resume cuts the file back to its last checkpoint
+            cause = write_error(err)
+            if cause is None:
+                raise
+            raise cannot_write(self.path, cause).but(
+                kept="its earlier lines are kept",
+                fix="free some space, then continue this run with trainer.resume=auto",
+            ) from None
 
     def log_panels(self, split: str, panels: Sequence[Panel], epoch: int, step: int | None = None) -> None:
         if not panels:
@@ -62,9 +71,8 @@ class JsonTracker(Tracker):
         save_panels([p.strip for p in panels], self.out_dir / "attention" / name)
 
     def log_table(self, split: str, panels: Sequence[Panel]) -> None:
-        path = self.out_dir / "results" / f"{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(p.row(i)) + "\n" for i, p in enumerate(panels)), encoding="utf-8")
+        with atomic_write(self.out_dir / "results" / f"{split}.jsonl") as f:
+            f.write("".join(json.dumps(p.row(i)) + "\n" for i, p in enumerate(panels)).encode())
 
     def state(self) -> dict[str, Any]:
         if self._file is None:  # nothing logged yet: the file will be kept up to here

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from gain_exp.output.files import CorruptFile, atomic_write, load_state
+from gain_exp.output.files import NO_SPACE, CannotWrite, CorruptFile, atomic_write, load_state
 
 # Dotted config keys (and prefixes) that define what a checkpoint is: a resume with other values is refused.
 MUST_MATCH = (
@@ -131,6 +131,7 @@ class CheckpointPolicy:
         self.folder, self.monitor, self.mode, self.every = Path(folder), monitor, mode, every
         self.pareto = pareto
         self.best: dict[str, Any] = {"metric": monitor, "value": None, "epoch": None}  # saved, resumed, summarised
+        self.written: tuple[Path, int] | None = None  # the last checkpoint this run wrote, and its epochs done
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.ckpt"
@@ -175,13 +176,38 @@ class CheckpointPolicy:
         if snapshot is None or not paths:
             return paths
         first, *copies = paths.values()
-        save_checkpoint(first, snapshot)
-        for path in copies:
-            with open(first, "rb") as src, atomic_write(path) as dst:
-                shutil.copyfileobj(src, dst)
+        try:
+            save_checkpoint(first, snapshot)
+            for path in copies:
+                with open(first, "rb") as src, atomic_write(path) as dst:
+                    shutil.copyfileobj(src, dst)
+        except CannotWrite as err:  # what a full disk or a read-only folder kept, and how to go on from there
+            raise err.but(kept=self._kept(), fix=self._go_on(err)) from None
+        self.written = (first, snapshot.get("epoch", 0))
         for name in remove:  # after the new files exist: a kill in between leaves one too many, never one too few
             self.path(name).unlink(missing_ok=True)
         return paths
+
+    def _kept(self) -> str:
+        if self.written is None:
+            last = self.path("last")
+            return (
+                f"the checkpoints already in {self.folder} are unchanged"
+                if last.exists()
+                else "no checkpoint was written yet"
+            )
+        path, epochs = self.written
+        return (
+            f"the last good checkpoint, {path} (after {epochs} epoch(s)), and the others in {self.folder} are unchanged"
+        )
+
+    def _go_on(self, err: CannotWrite) -> str:
+        where = "free some space" if err.errno in NO_SPACE else f"make {self.folder} writable"
+        return (
+            f"{where}, then continue this run with trainer.resume=auto"
+            if self.written or self.path("last").exists()
+            else f"{where}, then run again"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -20,9 +20,10 @@ from gain_exp.core.backbones import create_backbone
 from gain_exp.core.gain import GAIN, compile_gain
 from gain_exp.core.losses import GAINLoss
 from gain_exp.data.base import DataSplits
+from gain_exp.output.files import CannotWrite
 from gain_exp.train.runtime import Runtime
 
-USER_ERRORS = (ValueError, FileNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError, CannotWrite)  # one sentence each, exit 2
 
 
 @dataclass

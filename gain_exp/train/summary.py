@@ -7,18 +7,21 @@ summary.json as it was; only the main process writes it; the trackers are always
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from gain_exp.core.metrics import HEADLINE
-from gain_exp.output.files import jsonable, write_json
+from gain_exp.output.files import CannotWrite, jsonable, write_json
 from gain_exp.tracking import Tracker
 from gain_exp.train.engine import Diverged, Interrupted, Trainer
 from gain_exp.train.experiment import USER_ERRORS
 from gain_exp.train.provenance import resolved
 from gain_exp.train.runtime import launched_processes
+
+log = logging.getLogger("gain_exp")
 
 
 def final_report(summary: dict[str, Any], out_dir: Path) -> str:
@@ -108,16 +111,23 @@ class RunSummary:
                 )
                 self.summary["error"] = reason.splitlines()[0] if reason else type(err).__name__
         finally:
-            self._write()
+            self._write(failing=err is not None)
         return False  # the exception goes on to the caller
 
-    def _write(self) -> None:
+    def _write(self, failing: bool) -> None:
+        """summary.json (main process), then the trackers' end. When the run already fails, a summary that cannot be
+        written (a full disk) is a warning: the run's own error is the one to report."""
         path = self.out_dir / "summary.json"
         trainer = self.trainer
         # the main process writes; before the Trainer exists, rank 0 of the launched processes
         main = trainer.runtime.is_main if trainer is not None else (launched_processes() or (0,))[0] == 0
         if main and self.summary is not None and (trainer is not None and trainer.started or not path.exists()):
-            write_json(path, self.summary)
+            try:
+                write_json(path, self.summary)
+            except CannotWrite as err:
+                if not failing:
+                    raise
+                log.warning("summary.json not updated: %s", err)
         if self.tracker is not None:
             self.tracker.finish(self.summary or {"status": "failed"})
 
