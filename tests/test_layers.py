@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"tracking", "config", "core", "data", "output", "root"},
     "tracking": {"core", "output"},
     "config": {"core", "data", "output"},
-    "core": {"data"},
+    "core": {"data", "output"},  # output: reading saved tensors safely (output.files)
     "data": {"output"},
     "output": set(),
     "root": {"config", "core"},

@@ -127,6 +127,7 @@ class GAIN(nn.Module):
         if isinstance(self.fill, torch.Tensor):
             self.register_buffer("fill_value", ((self.fill - mean) / std).view(1, 3, 1, 1), persistent=False)
         self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._first_conv = _first_conv(model)
 
     @property
     def num_classes(self) -> int | None:
@@ -260,11 +261,23 @@ class GAIN(nn.Module):
                 m.train(True)
 
     def _check_inputs(self, images: torch.Tensor, targets: torch.Tensor | None) -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            desc = (
-                f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        """One sentence for images or targets the model cannot take: they are never converted silently (integer
+        pixels would need the model's normalisation, and a cast would change the dtype the caller gets back)."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            if not isinstance(images, torch.Tensor):
+                got, fix = f"are a {type(images).__name__}", "stack them with torch.stack(images)"
+            else:
+                got = f"have shape {tuple(images.shape)}"
+                fix = "add the batch dimension with images.unsqueeze(0)" if images.dim() == 3 else "pass a batch"
+            raise ValueError(f"images must be a B x C x H x W tensor but {got}; {fix}.")
+        _check_dtype(images, self.model)
+        if self._first_conv is not None and images.shape[1] != self._first_conv[1]:
+            (layer, want), got = self._first_conv, images.shape[1]
+            grey = f" (grey ones as images.expand(-1, {want}, -1, -1))" if got == 1 else ""
+            raise ValueError(
+                f"images have {got} channel{'s' if got != 1 else ''} but the backbone's first layer ({layer}) takes "
+                f"{want}; pass B x {want} x H x W images{grey}."
             )
-            raise ValueError(f"images must be a float B x C x H x W tensor; got {desc}.")
         if targets is None:
             return
         k = self.num_classes
@@ -286,6 +299,38 @@ class GAIN(nn.Module):
                     f"targets must be 0/1 (multi-hot or one-hot); got {value}; GAIN explains the "
                     f"classes marked 1, so pass hard labels (e.g. (soft > 0.5).float())."
                 )
+
+
+CAST = {torch.float32: "images.float()", torch.float64: "images.double()", torch.float16: "images.half()"}
+
+
+def _check_dtype(images: torch.Tensor, model: nn.Module) -> None:
+    """Images of the weights' floating dtype (any floating dtype under autocast, which casts them), else one sentence."""
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if weights is None or images.dtype == weights:
+        return
+    if images.is_floating_point() and torch.is_autocast_enabled(images.device.type):
+        return
+    cast = CAST.get(weights, f"images.to({weights})")
+    if images.is_floating_point():
+        raise ValueError(
+            f"images are {images.dtype} but the backbone's weights are {weights}; pass {weights} images ({cast})."
+        )
+    raise ValueError(
+        f"images are {images.dtype} but the backbone takes normalised {weights} images; convert them as its training "
+        f"data was, e.g. ({cast} / 255 - mean) / std with the model's mean and std."
+    )
+
+
+def _first_conv(model: nn.Module) -> tuple[str, int] | None:
+    """(name, input channels) of the model's first conv, as its pretrained config names it; None when unknown."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    name = name[0] if isinstance(name, (list, tuple)) and name else name
+    try:
+        layer = model.get_submodule(name) if isinstance(name, str) else None
+    except AttributeError:
+        return None
+    return (name, layer.in_channels) if isinstance(layer, nn.Conv2d) else None
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:

@@ -17,6 +17,8 @@ from torch import nn
 NORMS = ("batch", "group", "none")  # SmallCNN's normalisation layers: BatchNorm2d, GroupNorm (8 groups), none
 # Backbones without a spatial feature map: no Grad-CAM, so no GAIN stream, map loss or attention metric on them.
 MAPLESS_BACKBONES = frozenset({"mlp"})
+# The models registered here: none has pretrained weights; backbone.weights_file loads weights saved from one.
+OWN_MODELS = frozenset({"gain_cnn4", "gain_cnn4_wide", "mlp"})
 # Pretrained configs (timm reads ``default_cfgs`` when @register_model runs): the input normalisation the app gives
 # the data. mlp: Ross et al.'s input, raw grey levels 0..255 (dtak/rrr fits on MNIST's uint8 cast to float32), so
 # their lambda applies to input gradients of the same scale.
@@ -58,7 +60,13 @@ class SmallCNN(nn.Module):
         self.num_classes = num_classes
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(prev, num_classes)
-        self.pretrained_cfg = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+        # as timm's: input normalisation, the first conv (GAIN checks the images' channels) and the head
+        self.pretrained_cfg = {
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "features.0",
+            "classifier": "fc",
+        }
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -135,7 +143,7 @@ class MLP(nn.Module):
                 f"backbone mlp: img_size={img_size} and hidden={list(hidden)} must be positive (hidden: at least one "
                 "layer); set backbone.kwargs.img_size to the dataset's image size."
             )
-        self.img_size, self.grey_input = (h, w), bool(grey_input)
+        self.img_size, self.grey_input, self.in_chans = (h, w), bool(grey_input), in_chans
         self.in_features = (1 if grey_input else in_chans) * h * w
         layers: list[nn.Module] = []
         prev = self.in_features
@@ -157,6 +165,11 @@ class MLP(nn.Module):
             raise ValueError(
                 f"backbone mlp was built for {self.img_size[0]} x {self.img_size[1]} images but got "
                 f"{x.shape[-2]} x {x.shape[-1]}; set backbone.kwargs.img_size to the dataset's image size."
+            )
+        if not self.grey_input and x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"backbone mlp was built for {self.in_chans}-channel images but got {x.shape[1]}; pass "
+                f"{self.in_chans}-channel images, or grey ones with backbone.kwargs.grey_input=true."
             )
         x = x[:, :1] if self.grey_input else x
         return self.features(x.flatten(1))[:, :, None, None]

@@ -6,8 +6,10 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -143,26 +145,45 @@ class CorruptFile(ValueError):
     """A saved file that cannot be read back (truncated, overwritten, or not what it should be)."""
 
 
-def load_state(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """``torch.load`` of a file this project wrote (tensors and plain values only); CorruptFile names the path."""
+def blocked_global(err: BaseException) -> str | None:
+    """The importable name (e.g. posix.system) for which torch.load's weights-only unpickler refused a file."""
     import pickle
 
+    match = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    return match[1].rstrip(".,") if match else None
+
+
+def load_failure(err: BaseException) -> str:
+    """``Type: the first informative sentence`` of a failed torch.load or safetensors load, never torch's advice to
+    load with weights_only=False (gain-exp only ever loads tensors)."""
+    parts = (line.split("WeightsUnpickler error:")[-1].strip() for line in str(err).splitlines())
+    text = next(
+        (t for t in parts if t and "weights_only" not in t and not t.startswith(("Weights only", "Check the doc"))), ""
+    )
+    text = re.sub(r"\[enforce fail at [^\]]*\][\s.]*", "", text).split(". ")[0].rstrip(".")[:120]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def load_state(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a file this project wrote (tensors and plain values only); CorruptFile names the path."""
     import torch
 
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses anything that could run code on load; such a file was not written by gain-exp
-        reason = str(err).split("WeightsUnpickler error: ")[-1].split(". ")[0].strip()
-        raise CorruptFile(
-            f"{path} holds objects other than tensors and plain values ({reason[:120]}); "
-            f"gain-exp only loads files it wrote, so point at one of those."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise CorruptFile(
-            f"{path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); it is "
-            f"truncated or not a gain-exp file."
-        ) from None
+        with warnings.catch_warnings():  # a plain pickle's protocol warning would only precede the sentence
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails in many types (KeyError, IndexError, SafetensorError)
+        code = blocked_global(err)
+        if code:  # weights_only refuses anything that could run code on load; such a file was not written by gain-exp
+            raise CorruptFile(
+                f"{path} holds objects other than tensors and plain values (unsupported GLOBAL {code}); gain-exp only "
+                f"loads files it wrote, so point at one of those."
+            ) from None
+        empty = Path(path).is_file() and Path(path).stat().st_size == 0
+        reason = "0 bytes" if empty else load_failure(err)
+        raise CorruptFile(f"{path} is unreadable ({reason}); it is truncated or not a gain-exp file.") from None
     if not isinstance(state, dict):
         raise CorruptFile(f"{path} is not a gain-exp file (it holds a {type(state).__name__}, not a dict).")
     return state

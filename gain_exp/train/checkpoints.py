@@ -289,6 +289,11 @@ def read_checkpoint(
     missing = set(needs) - set(state)
     if missing:
         raise ValueError(f"{option}: {path} is not a gain-exp checkpoint (no {', '.join(sorted(missing))}); {instead}.")
+    if "model" in needs and not isinstance(state["model"], dict):
+        what = type(state["model"]).__name__
+        raise ValueError(
+            f"{option}: {path} is not a gain-exp checkpoint (its model is a {what}, not a state dict); {instead}."
+        )
     return state
 
 
