@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.progress = sys.stderr.isatty()
         record = export(experiment.gain, experiment.data, options, experiment.runtime.device)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the cause quoted
         return 2
     record = {
         "run_dir": str(args.run_dir),

@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trust=args.trust,
             )
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the cause quoted
         return 2
     except Stopped as stop:
         name = signal.Signals(stop.signum).name

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from gain_exp.output.files import atomic_write, jsonable, write_json
 from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, refuse_diverged
-from gain_exp.runs.rundir import Run, load_yaml, read_run
+from gain_exp.runs.rundir import saved_run
 from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 from gain_exp.train.engine import build_evaluator
 from gain_exp.train.evaluation import Evaluator, Maps
@@ -91,11 +91,8 @@ def load_runs(
 def loss_choice(run_dir: Path) -> str | None:
     """The run's ``loss`` group choice (``gain_ext``), from summary.json or else .hydra/hydra.yaml; None if unknown."""
     try:
-        if (run_dir / "summary.json").is_file():
-            return read_run(run_dir).choices.get("loss")
-        hydra = (load_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra", {})
-        return Run(run_dir, {}, {}, hydra=hydra).choices.get("loss")
-    except (OSError, ValueError, AttributeError):
+        return saved_run(run_dir).choices.get("loss")
+    except (OSError, ValueError):  # a damaged run directory (DamagedRun) is named where its job is read
         return None
 
 

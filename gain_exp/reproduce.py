@@ -80,7 +80,7 @@ def load_source(text: str, trust: bool = False) -> Source:
         )
         committed = {tuple(str(r.get(k)) for k in table.row_keys): r for r in spec.get("records") or []}
         return Source(path.stem, [Job.from_recipe(j) for j in spec["jobs"]], runs, table, committed)
-    runs = completed_runs([path])
+    runs = completed_runs([path], damaged="raise")
     if not runs:
         raise ValueError(f"SOURCE {text} holds no completed runs; finish them first or pass another directory.")
     if not trust:

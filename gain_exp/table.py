@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gain_exp.runs.rundir import (
-    load_yaml,
-)
+from gain_exp.runs.rundir import load_yaml
 from gain_exp.runs.tables import (
     Table,
     build_table,
@@ -47,8 +45,14 @@ def optuna_notes(paths: Sequence[str | Path]) -> list[str]:
         if not Path(raw).is_dir():
             continue
         for result in sorted(Path(raw).rglob("optimization_results.yaml")):
-            best = load_yaml(result) or {}
-            params = ", ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
+            try:
+                best = load_yaml(result)
+            except ValueError as err:  # the table is made; a note it cannot add is no reason to stop
+                print(f"warning: no Optuna note: {err}", file=sys.stderr)
+                continue
+            best = best if isinstance(best, dict) else {}
+            params = best.get("best_params") if isinstance(best.get("best_params"), dict) else {}
+            params = ", ".join(f"{k}={v}" for k, v in params.items())
             notes.append(f"Optuna best in {result.parent}: {best.get('best_value')} with {params}")
     return notes
 

@@ -330,4 +330,4 @@ def test_a_corrupt_summary_is_skipped_with_one_sentence_naming_it(tmp_path, caps
     (bad / "summary.json").write_text('{"status": "completed", "fin')  # cut off mid-write
     assert [r.path for r in completed_runs([tmp_path / "sweep"])] == [good]
     err = capsys.readouterr().err
-    assert f"note: skipped {bad}: {bad / 'summary.json'} is not valid JSON" in err and "Traceback" not in err
+    assert f"warning: skipped {bad}: {bad / 'summary.json'} is not valid JSON" in err and "Traceback" not in err

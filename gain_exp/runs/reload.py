@@ -13,7 +13,15 @@ from omegaconf import DictConfig
 from gain_exp.config.errors import explain
 from gain_exp.config.paths import CONF_DIR
 from gain_exp.config.plan import make_plan
-from gain_exp.runs.rundir import checkpoint_file, config_dir, diverged, local, replayed, saved_job, tested_on
+from gain_exp.runs.rundir import (
+    checkpoint_file,
+    config_dir,
+    diverged,
+    local,
+    replayed,
+    saved_job,
+    tested_checkpoint,
+)
 from gain_exp.runs.trust import check_run_dir
 from gain_exp.train.checkpoints import read_checkpoint
 from gain_exp.train.experiment import Experiment, build_experiment
@@ -60,7 +68,7 @@ def load_experiment(
     refuse_diverged(run_dir, checkpoint)
     cfg = run_config(run_dir, [*overrides, *([f"trainer.device={device}"] if device else [])], trust=trust)
     plan = make_plan(cfg)
-    path = checkpoint_file(run_dir, checkpoint or tested_on(run_dir))
+    path = checkpoint_file(run_dir, checkpoint) if checkpoint else tested_checkpoint(run_dir)
     experiment = build_experiment(plan, Runtime(plan.device), training=False)
     state = read_checkpoint(
         path, experiment.runtime.device, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD

@@ -14,7 +14,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import gain_exp
 from gain_exp.config.paths import SWEEPS_DIR
@@ -101,7 +103,7 @@ class Run:
             saved_dirs = [
                 s["path"]
                 for s in runtime.get("config_sources") or []
-                if s.get("provider") == "command-line" and s.get("schema") == "file"
+                if s and s.get("path") and s.get("provider") == "command-line" and s.get("schema") == "file"
             ]
         hydra_overrides = (self.hydra.get("overrides") or {}).get("hydra") or []
         return {
@@ -161,27 +163,181 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_run(path: Path) -> Run:
-    """summary.json plus the .hydra overrides and config a job saved."""
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(
-            f"{path / 'summary.json'} is not valid JSON ({err}); the job was cut off while writing it "
-            f"or the file was edited: re-run the job (gain_exp.reproduce {path}) or remove the run."
-        ) from None
-    if not isinstance(summary, dict):
-        raise ValueError(
-            f"{path / 'summary.json'} holds a {type(summary).__name__}, not a run summary; re-run the "
-            f"job or remove the run."
-        )
+    """summary.json plus the .hydra overrides and config a job saved, each checked (``DamagedRun``)."""
+    summary = read_summary(path / "summary.json")
     hydra_dir = path / ".hydra"
     listed = summary.get("overrides") or []
     if (hydra_dir / "overrides.yaml").is_file():
-        listed = load_yaml(hydra_dir / "overrides.yaml") or []
-    config = load_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").is_file() else {}
+        listed = read_yaml(hydra_dir / "overrides.yaml", OVERRIDES_SHAPE)
+    config = read_yaml(hydra_dir / "config.yaml", CONFIG_SHAPE) if (hydra_dir / "config.yaml").is_file() else {}
     hydra_file = hydra_dir / "hydra.yaml"  # older runs keep their choices and search path only here
-    hydra = (load_yaml(hydra_file) or {}).get("hydra", {}) if hydra_file.is_file() else {}
+    hydra = (read_yaml(hydra_file, HYDRA_SHAPE).get("hydra") or {}) if hydra_file.is_file() else {}
     return Run(path, summary, _parse_overrides(listed), config, list(listed), hydra)
+
+
+# ---- the one reader of a run directory's files: what the app writes there, checked as it is read ----
+
+
+class DamagedRun(ValueError):
+    """One sentence: a run directory's file that is not as the app writes it (not JSON / YAML, or a field of another
+    type), naming the file, the field and what to do. A ValueError, so every after-run tool prints it as its
+    ``error:`` line and exits 2, and ``table`` leaves the run out with a warning."""
+
+
+REPAIR = "restore the file from a copy of the run, or re-run the job and remove this run directory"
+NUMBER = (int, float)
+SCALAR = (str, int, float, bool)
+METRICS = {"*": NUMBER}  # metric name -> number (null: not computed)
+# what the tools read from summary.json, as the app writes it: a type, a mapping ("*": any key), or [element];
+# null and absent keys are always allowed (older or interrupted runs lack fields)
+SUMMARY_SHAPE: dict[str, Any] = {
+    "status": str,
+    "error": str,
+    "final": METRICS,
+    "selections": {"*": {"checkpoint": str, "epoch": NUMBER, "rule": str, "metrics": METRICS}},
+    "pareto": {
+        "metrics": [str],
+        "modes": [str],
+        "members": [{"epoch": NUMBER, "checkpoint": str, "val": METRICS, "tests": METRICS}],
+    },
+    "tested_on": {"checkpoint": str, "epoch": NUMBER, "rule": str},
+    "overrides": [str],
+    "choices": {"*": SCALAR},
+    "hydra": {
+        "config_dirs": [str],
+        "config_name": str,
+        "cwd": str,
+        "sweep_dir": str,
+        "job_num": NUMBER,
+    },
+    "threads": NUMBER,
+    "seed": NUMBER,
+    "git": {"commit": str, "dirty": bool},
+    "git_commit": str,
+    "tracking": {"wandb": {"run_id": str, "step": NUMBER}},
+}
+OVERRIDES_SHAPE = [str]  # .hydra/overrides.yaml
+CONFIG_SHAPE = {"seed": NUMBER, "logger": {"wandb": {"project": str, "entity": str}}}  # .hydra/config.yaml
+HYDRA_SHAPE = {  # .hydra/hydra.yaml
+    "hydra": {
+        "mode": str,
+        "sweep": {"dir": str},
+        "runtime": {
+            "cwd": str,
+            "choices": {"*": SCALAR},
+            "config_sources": [{"path": str, "provider": str, "schema": str}],
+        },
+        "overrides": {"hydra": [str], "task": [str]},
+        "job": {"config_name": str},
+    }
+}
+CHECKPOINT_NAME = re.compile(r"[\w-]+")  # tested_on.checkpoint: best, last or a file stem in checkpoints/
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, checked against ``SUMMARY_SHAPE``; ``DamagedRun`` names what is not as the app wrote it."""
+    try:
+        text = path.read_text()
+        summary = json.loads(text)
+    except UnicodeDecodeError:
+        raise DamagedRun(f"{path} is not UTF-8 text; {REPAIR}.") from None
+    except json.JSONDecodeError as err:
+        what = "is empty" if not text.strip() else f"is not valid JSON ({err})"
+        raise DamagedRun(
+            f"{path} {what}; the job was cut off while writing it or the file was edited: {REPAIR}."
+        ) from None
+    if not isinstance(summary, dict):
+        raise DamagedRun(
+            f"{path} holds a JSON {_kind(summary)}, not a run summary (a mapping with status, final, ...); {REPAIR}."
+        )
+    check_shape(summary, SUMMARY_SHAPE, path)
+    name = (summary.get("tested_on") or {}).get("checkpoint")
+    if name is not None and not CHECKPOINT_NAME.fullmatch(name):
+        raise DamagedRun(
+            f"{path}: field tested_on.checkpoint is {json.dumps(name)}, not best, last or the name of a checkpoint "
+            f"in the run's checkpoints/ folder (like pareto_epoch_003); {REPAIR}."
+        )
+    return summary
+
+
+def read_yaml(path: Path, shape: Any) -> Any:
+    """A run's .hydra YAML file (``load_yaml``), checked against ``shape`` (``DamagedRun``)."""
+    data = load_yaml(path)
+    if data == {} and not path.read_text(errors="replace").strip():
+        raise DamagedRun(
+            f"{path} is empty; the job was cut off while Hydra wrote it or the file was emptied: {REPAIR}."
+        )
+    check_shape(data, shape, path, top=True)
+    return data
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file as plain containers, interpolations left as written; a file that is not YAML (or uses a tag, an
+    interpolation Hydra cannot parse) is one sentence (``DamagedRun``)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except UnicodeDecodeError:
+        raise DamagedRun(f"{path} is not UTF-8 text; {REPAIR}.") from None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        tag = re.search(r"constructor for the tag '([^']*)'", problem)
+        what = (
+            f"holds the YAML tag {tag.group(1).replace('tag:yaml.org,2002:', '!!')} ({where}), which Hydra never "
+            f"writes and nothing here reads"
+            if tag
+            else f"is not valid YAML ({problem}, {where})"
+        )
+        raise DamagedRun(f"{path} {what}; {REPAIR}.") from None
+    except OmegaConfBaseException as err:
+        raise DamagedRun(f"{path} cannot be read as a config ({str(err).splitlines()[0]}); {REPAIR}.") from None
+
+
+def check_shape(value: Any, shape: Any, path: Path, field: str = "", top: bool = False) -> None:
+    """Raise ``DamagedRun`` for the first value in ``value`` that is not of ``shape`` (a type or tuple of types, a
+    mapping of known keys or ``"*"``, or a one-element list); null is always allowed below the top."""
+    if value is None and not top:
+        return
+    if isinstance(shape, dict):
+        ok = isinstance(value, dict)
+    elif isinstance(shape, list):
+        ok = isinstance(value, list)
+    else:
+        types = shape if isinstance(shape, tuple) else (shape,)
+        ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))  # JSON true is no number
+    if not ok:
+        shown = json.dumps(value, default=str)
+        shown = f" ({shown})" if len(shown) <= 60 and not isinstance(value, (dict, list)) else ""
+        what = f"{path}" if top else f"{path}: {field if field.startswith('item') else 'field ' + field}"
+        raise DamagedRun(f"{what} is a {_kind(value)}{shown}, not {_expected(shape)}; {REPAIR}.")
+    if isinstance(shape, list):
+        for i, item in enumerate(value):
+            check_shape(item, shape[0], path, f"{field}[{i}]" if field else f"item [{i}]")
+    elif isinstance(shape, dict):
+        for key, item in value.items():
+            sub = shape.get(key, shape.get("*"))
+            if sub is not None:
+                name = f"{field}[{key!r}]" if "*" in shape else (f"{field}.{key}" if field else str(key))
+                check_shape(item, sub, path, name)
+
+
+def _kind(value: Any) -> str:
+    """A JSON / YAML value's kind in words: string, number, list, mapping, ..."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _expected(shape: Any) -> str:
+    """What ``shape`` asks for, in words."""
+    if isinstance(shape, dict):
+        return "a mapping of metric names to numbers" if shape is METRICS else "a mapping"
+    if isinstance(shape, list):
+        return "a list of strings" if shape[0] is str else "a list of mappings"
+    return {str: "a string", bool: "true or false", NUMBER: "a number", SCALAR: "a string or number"}[shape]
 
 
 def portable(path: str | Path) -> str:
@@ -204,11 +360,6 @@ def _parse_commit(text: str | None) -> dict[str, Any]:
     if not text:
         return {"commit": None, "dirty": None}
     return {"commit": text.removesuffix("+dirty"), "dirty": text.endswith("+dirty")}
-
-
-def load_yaml(path: Path) -> Any:
-    """A YAML file as plain containers, interpolations left as written."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
@@ -335,8 +486,14 @@ def saved_run(run_dir: str | os.PathLike) -> Run:
             f"{path} holds neither summary.json nor .hydra/hydra.yaml; pass a run directory "
             f"written by python -m gain_exp.run."
         )
-    hydra = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)["hydra"]  # type: ignore[index]
-    return Run(path, {}, {}, listed=hydra["overrides"]["task"], hydra=hydra)
+    hydra = read_yaml(hydra_file, HYDRA_SHAPE).get("hydra") or {}
+    task = (hydra.get("overrides") or {}).get("task")
+    if task is None:
+        raise DamagedRun(
+            f"{hydra_file}: field hydra.overrides.task is missing, and the run has no summary.json either, so "
+            f"its job is not known; {REPAIR}."
+        )
+    return Run(path, {}, _parse_overrides(task), listed=list(task), hydra=hydra)
 
 
 def job_command(
@@ -382,25 +539,37 @@ def _quote(value: str) -> str:
     return value if SAFE_VALUE.fullmatch(value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def tested_on(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())["tested_on"]["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "best"
+def tested_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint the run's test splits were scored with (summary.json ``tested_on``: best, last or a Pareto
+    member's file in checkpoints/); ``best`` for a run that does not say."""
+    name = (saved_summary(run_dir).get("tested_on") or {}).get("checkpoint")
+    if name in (None, "best", "last"):
+        return checkpoint_file(run_dir, name or "best")
+    path = run_dir / "checkpoints" / f"{name}.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir / 'summary.json'}: field tested_on.checkpoint names {name}, but {path} does not exist "
+            f"(removed or never copied); pass --checkpoint best, last or another .ckpt file of the run."
+        )
+    return path
+
+
+def saved_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json, checked (``read_summary``); empty for a run that wrote none (it died before)."""
+    path = run_dir / "summary.json"
+    return read_summary(path) if path.is_file() else {}
 
 
 def diverged(run_dir: Path) -> str | None:
     """Why the run diverged (summary.json's error) when its status is ``diverged``, else None."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("status") != "diverged":
+    summary = saved_summary(run_dir)
+    if summary.get("status") != "diverged":
         return None
     return str(summary.get("error") or "the training loss or weights became non-finite")
 
 
 def checkpoint_file(run_dir: Path, which: str) -> Path:
+    """The weights ``which`` names: best (last when the run kept no best), last, or a checkpoint file."""
     ckpts = run_dir / "checkpoints"
     if which in ("best", "last"):
         path = ckpts / f"{which}.ckpt"
@@ -420,10 +589,8 @@ def checkpoint_file(run_dir: Path, which: str) -> Path:
 
 def wandb_state(run_dir: Path) -> dict[str, Any]:
     """The run's W&B state (run id, last step and epoch): summary.json's, else its last checkpoint's."""
-    try:
-        saved = json.loads((run_dir / "summary.json").read_text()).get("tracking") or {}
-    except (OSError, ValueError):
-        saved = {}
+    summary = saved_summary(run_dir)
+    saved = summary.get("tracking") or {}
     if not saved.get("wandb") and (run_dir / "checkpoints" / "last.ckpt").is_file():
         saved = saved_tracking(run_dir, run_dir) or {}
     return saved.get("wandb") or {}
@@ -431,8 +598,6 @@ def wandb_state(run_dir: Path) -> dict[str, Any]:
 
 def run_threads(run_dir: Path) -> int | None:
     """The torch CPU thread count the run trained with (summary.json ``threads``), if saved."""
-    try:
-        threads = json.loads((run_dir / "summary.json").read_text()).get("threads")
-    except (OSError, ValueError):
-        return None
+    summary = saved_summary(run_dir)
+    threads = summary.get("threads")
     return int(threads) if threads else None

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from gain_exp.runs.rundir import (
+    DamagedRun,
     Run,
     _parse_overrides,
     find_runs,
@@ -234,13 +235,14 @@ def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
     return chosen
 
 
-def completed_runs(paths: Sequence[str | Path]) -> list[Run]:
+def completed_runs(paths: Sequence[str | Path], damaged: str = "skip") -> list[Run]:
     """The completed runs at or below ``paths``, plus the jobs of any table spec among them; the others
     (interrupted, diverged, failed) are named and left out. A spec's job that is also here as a run directory (same
-    directory, same overrides) is counted once, from the directory."""
+    directory, same overrides) is counted once, from the directory. A damaged run directory (``DamagedRun``) is left
+    out with a warning, or with ``damaged="raise"`` raised (a reproduction must not drop a job)."""
     specs = [Path(p) for p in paths if Path(p).suffix in SPEC_SUFFIXES]
     dirs = [p for p in paths if Path(p).suffix not in SPEC_SUFFIXES]
-    runs = _live_runs(dirs) if dirs else []
+    runs = _live_runs(dirs, damaged) if dirs else []
     here = {_identity(r) for r in runs}
     for spec in specs:
         runs += [r for r in spec_runs(read_spec(spec)) if _identity(r) not in here]
@@ -252,13 +254,15 @@ def _identity(run: Run) -> tuple[Path, tuple[str, ...]]:
     return run.path.resolve(), tuple(run.task_overrides)
 
 
-def _live_runs(paths: Sequence[str | Path]) -> list[Run]:
+def _live_runs(paths: Sequence[str | Path], damaged: str = "skip") -> list[Run]:
     runs = []
     for path in find_runs(paths):
         try:
             run = read_run(path)
-        except ValueError as err:  # one broken run dir must not hide a sweep's table
-            print(f"note: skipped {path}: {err}", file=sys.stderr)
+        except DamagedRun as err:  # one broken run dir must not hide a sweep's table
+            if damaged == "raise":
+                raise
+            print(f"warning: skipped {path}: {err}", file=sys.stderr)
             continue
         if run.summary.get("status") == "diverged":
             reason = str(run.summary.get("error") or "non-finite loss or weights").split(";")[0]
