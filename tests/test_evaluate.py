@@ -350,3 +350,19 @@ def test_multi_label_maps_are_scored_per_label_whatever_the_training_formulation
     assert json.dumps(metrics["batch"]) == json.dumps(metrics["per_label"])
     with pytest.raises(ValueError, match="formulation='pairs': choose one of batch, per_label"):
         gain(data.val[0]["image"][None], formulation="pairs")
+
+
+@pytest.mark.slow
+def test_an_unreadable_tested_checkpoint_is_named_as_such_not_as_an_option_not_given(finished, tmp_path, capsys):
+    """Without --checkpoint the sentence said "--checkpoint: checkpoint .../best.ckpt is unreadable" (found in the
+    issue 27 catalogue): it names the run's tested checkpoint instead."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    tested = json.loads((run / "summary.json").read_text())["tested_on"]["checkpoint"]
+    (run / "checkpoints" / f"{tested}.ckpt").write_bytes(b"PK\x03\x04 half a zip")
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: the run's tested checkpoint: checkpoint {run / 'checkpoints' / tested}.ckpt is unreadable"
+    )
+    assert "--checkpoint:" not in err and err.count("\n") == 1

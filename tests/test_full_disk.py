@@ -249,3 +249,15 @@ def test_a_read_only_dataset_cache_keeps_the_splits_in_memory(read_only, caplog)
 def test_a_dataset_root_that_is_a_file_is_one_sentence(root, where):
     with pytest.raises(ValueError, match=rf"^shapes: dataset.root={root} {where}, not a folder; point dataset.root"):
         cached_splits(root, {"k": 1}, lambda: {}, "shapes")
+
+
+def test_a_skipped_file_names_its_dataset_once(caplog):
+    """A dataset's own sentence already starts with its name (voc2012 printed "voc2012 dataset: skipped: voc2012
+    dataset: annotation ...")."""
+    from gain_exp.data.mask_folder import BadFiles
+
+    error = FileNotFoundError("voc2012 dataset: annotation a.xml does not exist; restore it from the VOC tar.")
+    with caplog.at_level(logging.WARNING):
+        BadFiles("voc2012 dataset", strict=False).report(error, Path("a.xml"))
+    assert "voc2012 dataset: skipped: annotation a.xml does not exist" in caplog.text
+    assert caplog.text.count("voc2012 dataset") == 1

@@ -341,7 +341,8 @@ def test_a_corrupt_shapes_cache_is_generated_again(tmp_path, tiny, caplog):
     [cache] = (tmp_path / "shapes").glob("*.pt")
     cache.write_bytes(b"not a cache")
     again = train(compose(tiny + ["trainer.epochs=1", "loss=baseline"]), out_dir=tmp_path / "b")["final"]
-    assert again == first and "generating it again" in caplog.text
+    assert again == first and f"shapes: {cache} is unreadable (" in caplog.text
+    assert "generating the splits again" in caplog.text and caplog.text.count(str(cache)) == 1  # named once
 
 
 def test_a_diverging_run_stops_says_so_and_saves_no_nonfinite_weights(tmp_path, tiny):

@@ -349,7 +349,7 @@ def cached_splits(
         try:
             return load_state(path)["splits"]
         except (CorruptFile, KeyError) as err:
-            log.warning("%s cache %s is unreadable (%s); generating it again", dataset, path, err)
+            log.warning("%s: %s; generating the splits again", dataset, str(err).rstrip("."))
     data = generate()
     try:
         with atomic_write(path) as f:  # readers see either no file or a complete one

@@ -106,10 +106,11 @@ class BadFiles:
             return
         self._files.add(path)
         self.extras["skipped_files"] = self.count
+        sentence = str(error).removeprefix(f"{self.dataset}: ")  # the dataset's own errors name it already
         log.warning(
             "%s: skipped: %s (%d file(s) skipped so far; set strict=true to stop at the first bad file)",
             self.dataset,
-            error,
+            sentence,
             self.count,
         )
 

@@ -71,7 +71,11 @@ def load_experiment(
     path = checkpoint_file(run_dir, checkpoint) if checkpoint else tested_checkpoint(run_dir)
     experiment = build_experiment(plan, Runtime(plan.device), training=False)
     state = read_checkpoint(
-        path, experiment.runtime.device, option="--checkpoint", needs=("model",), instead=CHECKPOINT_INSTEAD
+        path,
+        experiment.runtime.device,
+        option="--checkpoint" if checkpoint else "the run's tested checkpoint",
+        needs=("model",),
+        instead=CHECKPOINT_INSTEAD,
     )
     experiment.model.load_state_dict(state["model"])
     experiment.gain.eval()

@@ -209,8 +209,10 @@ class Trainer:
         for key, name in self.val_metric_names.items():
             if name not in val:
                 close = difflib.get_close_matches(name, val, n=3)
-                hint = f"did you mean {', '.join(close)}" if close else f"its val metrics are {', '.join(sorted(val))}"
-                raise ValueError(f"{key}={name} is not a metric of this run; {hint}?")
+                hint = (
+                    f"did you mean {', '.join(close)}?" if close else f"its val metrics are {', '.join(sorted(val))}."
+                )
+                raise ValueError(f"{key}={name} is not a metric of this run; {hint}")
 
     def _check_finite(self, epoch: int) -> None:
         if self._nonfinite is not None and bool(self._nonfinite):
