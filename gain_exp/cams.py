@@ -48,7 +48,7 @@ from gain_exp.core.attention import normalise
 from gain_exp.core.gain import GAIN
 from gain_exp.data.base import IGNORE_INDEX, DataSplits
 from gain_exp.data.voc import VOC_CLASSES
-from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.files import CannotWrite, atomic_write, jsonable, write_json
 from gain_exp.runs.reload import load_checked
 from gain_exp.runs.trust import TRUST_FLAG, TRUST_HELP
 
@@ -470,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.workers = trainer.workers
         options.progress = sys.stderr.isatty()
         record = export(experiment.gain, experiment.data, options, experiment.runtime.device)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the cause quoted
         return 2
     record = {

@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gain_exp.core.faithfulness import randomisation_check
-from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.files import CannotWrite, atomic_write, jsonable, write_json
 from gain_exp.output.panels import save_panels
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked
 from gain_exp.runs.rundir import run_threads, wandb_state
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sanity=args.sanity,
                 trust=args.trust,
             )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever the cause quoted
         return 2
     except Stopped as stop:

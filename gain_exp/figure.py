@@ -30,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from gain_exp.output.files import atomic_write, jsonable, write_json
+from gain_exp.output.files import CannotWrite, atomic_write, jsonable, write_json
 from gain_exp.output.panels import SEPARATOR_PX, denormalise, overlay, tile_scale, to_pil, upscale
 from gain_exp.runs.reload import checkpoint_record, choose_splits, load_checked, refuse_diverged
 from gain_exp.runs.rundir import saved_run
@@ -494,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=command,
             trust=args.trust,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
 
-from gain_exp.output.files import jsonable, write_json
+from gain_exp.output.files import CannotWrite, jsonable, write_json
 from gain_exp.runs.rundir import (
     Job,
     read_run,
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{taken[0]} already holds a run; pass a new --out directory, or --resume to keep it.")
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs} must be at least 1; pass --jobs 1 to run one job at a time.")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reproducing {len(source.jobs)} job(s) of {args.source} in {out}", file=sys.stderr)

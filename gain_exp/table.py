@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from gain_exp.output.files import CannotWrite, atomic_write
 from gain_exp.runs.rundir import load_yaml
 from gain_exp.runs.tables import (
     Table,
@@ -127,17 +128,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.where:
             runs = select_runs(runs, args.where)
         table = build_table(runs, args.metrics, args.rows.split(",") if args.rows else None, args.digits)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in optuna_notes(args.paths):
         print(f"note: {note}", file=sys.stderr)
-    if _emit(table, args):
-        return 2
     spec_path = args.save_spec or (_spec_beside(args.md or args.csv) if (args.md or args.csv) else None)
+    try:
+        if _emit(table, args):
+            return 2
+        if spec_path:
+            command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
+            write_spec(spec_path, table_spec(table, args.paths, command))
+    except CannotWrite as err:  # a read-only folder or a full disk: the table was printed, its file is not written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if spec_path:
-        command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
-        write_spec(spec_path, table_spec(table, args.paths, command))
         print(
             f"note: spec in {spec_path}; re-run and check it with python -m gain_exp.reproduce {spec_path}",
             file=sys.stderr,
@@ -154,11 +160,15 @@ def _print_spec(args: argparse.Namespace) -> int:
         if args.paths:
             raise ValueError(f"--spec {args.spec} and run directories were both given; pass one of them.")
         table, origin = table_from_spec(read_spec(args.spec))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, CannotWrite) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"note: table of {args.spec} from {origin}", file=sys.stderr)
-    return _emit(table, args)
+    try:
+        return _emit(table, args)
+    except CannotWrite as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _emit(table: Table, args: argparse.Namespace) -> int:
@@ -174,7 +184,7 @@ def _emit(table: Table, args: argparse.Namespace) -> int:
 
         try:
             plot_table(table, args.plot)
-        except ValueError as err:
+        except (ValueError, CannotWrite) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     return 0
@@ -190,8 +200,8 @@ def _can_plot() -> bool:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    with atomic_write(path) as f:
+        f.write(text.encode())
 
 
 def _spec_beside(output: Path) -> Path:

@@ -233,7 +233,9 @@ def test_a_pareto_tested_run_is_scored_with_its_pareto_checkpoint(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert evaluate.main([str(run), "--no-wandb"]) == 2
     sentence = _one_error_line(capsys.readouterr().err)
-    assert str(run / "checkpoints" / "pareto_epoch_003.ckpt") in sentence and "--checkpoint" in sentence
+    assert str(run / "checkpoints" / "pareto_epoch_003.ckpt") in sentence and sentence.startswith(
+        "the run's tested checkpoint: checkpoint "
+    )
 
 
 def test_the_reader_raises_one_value_error_subclass(tmp_path):

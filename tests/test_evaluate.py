@@ -366,3 +366,15 @@ def test_an_unreadable_tested_checkpoint_is_named_as_such_not_as_an_option_not_g
         f"error: the run's tested checkpoint: checkpoint {run / 'checkpoints' / tested}.ckpt is unreadable"
     )
     assert "--checkpoint:" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_full_disk_is_one_sentence(finished, tmp_path, monkeypatch, capsys):
+    from test_full_disk import disk_fills
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    with disk_fills(monkeypatch):
+        assert main([str(run), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and "the disk is full (" in err and err.count("\n") == 1

@@ -261,3 +261,23 @@ def test_a_skipped_file_names_its_dataset_once(caplog):
         BadFiles("voc2012 dataset", strict=False).report(error, Path("a.xml"))
     assert "voc2012 dataset: skipped: annotation a.xml does not exist" in caplog.text
     assert caplog.text.count("voc2012 dataset") == 1
+
+
+@pytest.mark.parametrize("flag", ["--md", "--csv", "--save-spec"])
+def test_table_files_on_a_full_disk_are_one_sentence_after_the_printed_table(tmp_path, monkeypatch, capsys, flag):
+    from test_table import make_run
+
+    from gain_exp.table import main as table
+
+    for seed in (0, 1):
+        make_run(tmp_path / "sweep" / str(seed), [f"seed={seed}"], {"test/acc": 0.5 + seed / 10})
+    out = tmp_path / "out" / "table.md"
+    with disk_fills(monkeypatch, room=10):  # the table's first line does not fit
+        status = table([str(tmp_path / "sweep"), flag, str(out)])
+    printed = capsys.readouterr()
+    assert status == 2 and "| n |" in printed.out  # the table itself was printed
+    errors = [line for line in printed.err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: cannot write {out}: the disk is full ({errors[0].split('(')[1].split(')')[0]}); nothing partial was left; free some space, then run again."
+    ]
+    assert "Traceback" not in printed.err and not out.exists() and _no_temps(tmp_path) == []

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from gain_exp.output.files import atomic_write
 from gain_exp.runs.rundir import (
     DamagedRun,
     Run,
@@ -158,8 +159,8 @@ def write_spec(path: Path, spec: dict[str, Any]) -> None:
         "# Re-run every job and compare with the numbers below: python -m gain_exp.reproduce <this file>\n"
         "# Relative paths are relative to the repository root.\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120))
+    with atomic_write(path) as f:
+        f.write((header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=120)).encode())
 
 
 def read_spec(path: Path) -> dict[str, Any]:
