@@ -25,7 +25,18 @@ OWN_MODELS = frozenset({"gain_cnn4", "gain_cnn4_wide", "mlp"})
 default_cfgs = {"mlp": {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}}
 
 
-class SmallCNN(nn.Module):
+class _TimmClassifier(nn.Module):
+    """timm's classifier interface for the models here: forward = forward_head(forward_features(x)), head ``fc``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+
+class SmallCNN(_TimmClassifier):
     """Conv-norm-ReLU blocks with 2x2 max-pooling after all but the last, global average pool, linear head.
 
     ``norm``: ``batch`` (default), ``group`` (GroupNorm, 8 groups: no statistics shared between images, e.g. for input
@@ -75,13 +86,6 @@ class SmallCNN(nn.Module):
         x = self.drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-
 
 def _norm(norm: str, width: int) -> nn.Module:
     if norm == "batch":
@@ -110,7 +114,7 @@ def gain_cnn4_wide(pretrained: bool = False, **kwargs) -> SmallCNN:
     return SmallCNN((64, 64, 128, 128), **kwargs)
 
 
-class MLP(nn.Module):
+class MLP(_TimmClassifier):
     """Ross et al.'s multilayer perceptron (IJCAI 2017; dtak/rrr ``rrr/multilayer_perceptron.py``): the image
     flattened, fully connected ReLU layers of ``hidden`` units (no normalisation, no dropout), a linear head.
 
@@ -177,13 +181,6 @@ class MLP(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.flatten(1)
         return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
 
 
 @register_model
