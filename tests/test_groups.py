@@ -60,6 +60,47 @@ def test_no_group_seen_gives_nan_summaries_and_bad_ids_are_refused():
         GroupMetrics(NAMES).update(_onehot([0]), _onehot([0]), torch.tensor([4]))
 
 
+# cue_follow: 2 classes, groups (class, cue's class) = (0, 0), (0, 1), (1, 0), (1, 1); the cue-conflicting groups are
+# 1 (class 0 on class 1's cue) and 2 (class 1 on class 0's cue). Predictions there: 1, 1, 0 and 0, 1: 3 of the 5
+# name the cue's class. Group 0's wrong prediction (1) and the image without a group are not cue-conflicting.
+CUE_CLASSES = [(0, 0), (0, 1), (1, 0), (1, 1)]
+CUE_LABELS = [0, 0, 0, 0, 1, 1, 1, 0]
+CUE_PREDS = [1, 1, 1, 0, 0, 1, 1, 1]
+CUE_GROUPS = [0, 1, 1, 1, 2, 2, 3, -1]
+
+
+def _cue_metrics(batches: list[slice], classes=CUE_CLASSES) -> dict[str, float]:
+    whole = GroupMetrics(NAMES, classes)
+    logits, targets, ids = _onehot(CUE_PREDS) * 5, _onehot(CUE_LABELS), torch.tensor(CUE_GROUPS)
+    for sl in batches:
+        part = GroupMetrics(NAMES, classes)
+        part.update(logits[sl], targets[sl], ids[sl])
+        whole.add(part)
+    return whole.compute()
+
+
+def test_cue_follow_by_hand_is_the_share_of_cue_conflicting_images_predicted_as_the_cue_class():
+    m = _cue_metrics([slice(0, 8)])
+    assert m["cue_follow"] == pytest.approx(3 / 5) and m["cue_conflict_n"] == 5.0
+    assert _cue_metrics([slice(i, i + 1) for i in range(8)]) == pytest.approx(m, nan_ok=True)  # batching: same
+    assert m["group_acc/b"] == pytest.approx(1 / 3)  # the group metrics are unchanged by it
+    none = _cue_metrics([slice(0, 8)], classes=[(0, 0), (0, -1), (1, -1), (1, 1)])  # cues that name no class
+    assert math.isnan(none["cue_follow"]) and none["cue_conflict_n"] == 0.0  # no conflicting image: NaN, not 0
+    assert "cue_follow" not in _metrics([slice(0, 7)])  # groups without cue classes: no cue_follow
+    with pytest.raises(ValueError, match="classes gives 3 .class, cue class. pairs for 4 groups"):
+        GroupMetrics(NAMES, CUE_CLASSES[:3])
+
+
+def test_the_built_in_benchmarks_cue_value_q_stands_for_class_q(tmp_path):
+    data = _shapes(tmp_path, bias=0.9)
+    assert data.group_classes == [(c, q) for c in range(3) for q in range(3)]
+    assert [data.groups[g] for g, (c, q) in enumerate(data.group_classes) if c == q] == [
+        "circle_on_circle_tint",
+        "square_on_square_tint",
+        "triangle_on_triangle_tint",
+    ]
+
+
 def _shapes(tmp_path, **kw):
     args = dict(root=str(tmp_path / "shapes"), num_classes=3, image_size=32, n_train=30, n_val=300, n_test=20, seed=1)
     return shapes.build(**{**args, **kw})
@@ -118,7 +159,7 @@ def test_decoy_digits_groups_are_digit_by_patch(tmp_path):
     from gain_exp.data import decoy_digits
 
     data = decoy_digits.build(root=str(tmp_path / "dd"), image_size=32, n_train=50, n_val=200, n_test=20, val_bias=0.1)
-    assert len(data.groups) == 100 and data.groups[37] == "3_patch_7"
+    assert len(data.groups) == 100 and data.groups[37] == "3_patch_7" and data.group_classes[37] == (3, 7)
     assert torch.equal(data.val.groups, data.val.labels * 10 + data.val.cue)
     assert (data.train.groups // 10 == data.train.groups % 10).all()  # bias 1.0: every train patch names its digit
     assert (data.val.labels == data.val.cue).float().mean() < 0.3  # val_bias 0.1: no longer
@@ -134,4 +175,9 @@ def test_a_run_reports_group_metrics_and_can_select_on_worst_group(tmp_path, tin
         accs = [v for k, v in final.items() if k.startswith(f"{split}/group_acc/") and v is not None]
         assert final[f"{split}/worst_group_acc"] == pytest.approx(min(accs))
         assert sum(v for k, v in final.items() if k.startswith(f"{split}/group_n/")) == 16  # n_val = n_test = 16
+        names = [k.split("/")[-1] for k in final if k.startswith(f"{split}/group_n/")]
+        off = sum(final[f"{split}/group_n/{g}"] for g in names if g.split("_on_")[0] != g.split("_on_")[1][:-5])
+        assert final[f"{split}/cue_conflict_n"] == off  # shape x another shape's tint (<shape>_on_<shape>_tint)
+        follow = final[f"{split}/cue_follow"]
+        assert (0 <= follow <= 1) if off else follow is None  # NaN (None in JSON) without a conflicting image
     assert summary["best"]["metric"] == "val/worst_group_acc"

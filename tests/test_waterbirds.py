@@ -196,4 +196,6 @@ def test_trains_one_epoch_and_reports_groups(wb, tmp_path, annotation):
         accs = [final[f"{split}/group_acc/{g}"] for g in GROUPS]
         assert final[f"{split}/worst_group_acc"] == pytest.approx(min(accs))
         assert sum(final[f"{split}/group_n/{g}"] for g in GROUPS) == N // 3
+        off = final[f"{split}/group_n/landbird_on_water"] + final[f"{split}/group_n/waterbird_on_land"]
+        assert final[f"{split}/cue_conflict_n"] == off  # land stands for landbirds, water for waterbirds
         assert isinstance(final[f"{split}/loc_iou"], float) and isinstance(final[f"{split}/spurious_energy"], float)

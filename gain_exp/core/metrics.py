@@ -156,16 +156,25 @@ class GroupMetrics:
     out of both summaries (NaN when no group was seen): an empty group is never scored. Samples with a negative group
     id have no group and are not counted. ``add`` folds in another batch's or process's counts, so the result is the
     same however the split was batched or sharded.
+
+    With ``classes`` (per group: its class and the class its cue value stands for, -1 for none; ``cue_group_classes``)
+    it also reports ``cue_follow``: of the images whose cue stands for another class than their label (the
+    cue-conflicting groups), the share predicted as the cue's class (chance about 1/K; 0 for a model that ignores
+    the cue), with their count ``cue_conflict_n``; NaN when no such image was seen.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], classes: Sequence[tuple[int, int]] | None = None) -> None:
         self.names = list(names)
+        if classes is not None and len(classes) != len(self.names):
+            raise ValueError(f"classes gives {len(classes)} (class, cue class) pairs for {len(self.names)} groups.")
+        self.classes = None if classes is None else torch.tensor([list(c) for c in classes], dtype=torch.long)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything seen since the last reset."""
         self.correct = torch.zeros(len(self.names), dtype=torch.long)
         self.count = torch.zeros(len(self.names), dtype=torch.long)
+        self.to_cue = torch.zeros(len(self.names), dtype=torch.long)  # predictions naming the cue's class
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor) -> None:
@@ -178,16 +187,21 @@ class GroupMetrics:
         groups = groups.detach().long().cpu()
         if len(groups) and int(groups.max()) >= len(self.names):
             raise ValueError(f"group id {int(groups.max())} is not one of the {len(self.names)} groups {self.names}.")
-        correct = (logits.detach().argmax(dim=1) == targets.detach().argmax(dim=1)).long().cpu()
+        pred = logits.detach().argmax(dim=1).cpu()
+        correct = (pred == targets.detach().argmax(dim=1).cpu()).long()
         kept = groups >= 0
         size = len(self.names)
         self.correct += torch.bincount(groups[kept], weights=correct[kept], minlength=size).round().long()
         self.count += torch.bincount(groups[kept], minlength=size)
+        if self.classes is not None:
+            to_cue = (pred[kept] == self.classes[groups[kept], 1]).long()
+            self.to_cue += torch.bincount(groups[kept], weights=to_cue, minlength=size).round().long()
 
     def add(self, other: GroupMetrics) -> None:
         """Fold in what ``other`` has seen (one batch, or another process's share) as if seen here."""
         self.correct += other.correct
         self.count += other.count
+        self.to_cue += other.to_cue
 
     def compute(self) -> dict[str, float]:
         """The metrics over everything seen since the last reset."""
@@ -197,6 +211,12 @@ class GroupMetrics:
             "worst_group_acc": seen.min().item() if len(seen) else NAN,
             "mean_group_acc": seen.mean().item() if len(seen) else NAN,
         }
+        if self.classes is not None:
+            label, cue = self.classes.unbind(dim=1)
+            conflict = (cue >= 0) & (cue != label)
+            n = int(self.count[conflict].sum())
+            out["cue_follow"] = int(self.to_cue[conflict].sum()) / n if n else NAN
+            out["cue_conflict_n"] = float(n)
         out |= {f"group_acc/{name}": a for name, a in zip(self.names, acc.tolist())}
         out |= {f"group_n/{name}": float(n) for name, n in zip(self.names, self.count.tolist())}
         return out

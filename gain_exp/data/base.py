@@ -54,6 +54,8 @@ class DataSplits:
     # names of the groups every sample of every split carries as ``group`` (single-label data with a known cue: class x
     # cue value); None: the data has no groups. Metrics: worst_group_acc, mean_group_acc, group_acc/<name>.
     groups: list[str] | None = None
+    # per group: (its class, the class its cue value stands for, -1: none) (``cue_group_classes``); gives cue_follow
+    group_classes: list[tuple[int, int]] | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -129,6 +131,12 @@ def cue_group_names(classes: Sequence[str], cues: Sequence[str]) -> list[str]:
     """Groups of single-label data with a known spurious cue: one per (class, cue value), ``<class>_<cue>``, in
     class-major order; a sample's group id is ``cue_group_ids``."""
     return [f"{c}_{q}" for c in classes for q in cues]
+
+
+def cue_group_classes(num_classes: int, cue_classes: Sequence[int]) -> list[tuple[int, int]]:
+    """Per group of ``cue_group_names`` (class-major): its class and the class its cue value stands for
+    (``cue_classes[q]``, -1: a cue value that stands for no class); the built-in benchmarks' cue value q is class q's."""
+    return [(c, int(q)) for c in range(num_classes) for q in cue_classes]
 
 
 def cue_group_ids(labels: torch.Tensor, cue: torch.Tensor, num_cues: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from gain_exp.data.base import (
     cached_splits,
     check_annotation,
     choose_masks,
+    cue_group_classes,
     cue_group_ids,
     cue_group_names,
     derive_seed,
@@ -231,6 +232,7 @@ def build(
         classes=list(CLASSES),
         multi_label=False,
         groups=cue_group_names(CLASSES, [f"patch_{c}" for c in CLASSES]),  # digit x patch colour: 3_patch_7, ...
+        group_classes=cue_group_classes(len(CLASSES), range(len(CLASSES))),  # patch_7 stands for digit 7
         extras={
             "bias": float(bias),
             "val_bias": val_bias,

@@ -42,6 +42,7 @@ from gain_exp.data.base import (
     cached_splits,
     check_annotation,
     choose_masks,
+    cue_group_classes,
     cue_group_ids,
     cue_group_names,
     derive_seed,
@@ -257,6 +258,7 @@ def build(
         classes=classes,
         multi_label=multi_label,
         groups=None if multi_label else cue_group_names(classes, cues),
+        group_classes=None if multi_label else cue_group_classes(num_classes, range(num_classes)),  # tint q: class q's
         extras={
             "bias": float(bias),
             "val_bias": val_bias,

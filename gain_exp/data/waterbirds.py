@@ -56,6 +56,7 @@ from gain_exp.data.base import (
     Sample,
     annotation_extras,
     check_annotation,
+    cue_group_classes,
     cue_group_ids,
     cue_group_names,
     no_folder,
@@ -324,5 +325,6 @@ def build(
         multi_label=False,
         negative_class=None,  # both classes show a bird to localise and mine attention from (module docstring)
         groups=group_names,
+        group_classes=cue_group_classes(len(CLASSES), range(len(PLACES))),  # land: landbirds' place, water: waterbirds'
         extras=extras,  # the dict bad_files counts into, so load-time skips show up in it
     )

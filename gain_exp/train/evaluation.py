@@ -213,7 +213,7 @@ class Evaluator:
         faith = self._faithfulness(batch, images, out, scored, valid) if index >= 0 else FaithfulnessMetrics()
         groups = None
         if self.data.groups is not None and "group" in batch:
-            groups = GroupMetrics(self.data.groups)
+            groups = GroupMetrics(self.data.groups, self.data.group_classes)
             groups.update(logits, targets, batch["group"])
         return BatchResult(
             index, logits.cpu(), targets.float().cpu(), loss_sum, loc, drop.cpu(), faith, groups, made, table
@@ -284,7 +284,7 @@ class Evaluator:
         }
         metrics = {**cls.compute(), **loc.compute(), **explained, "loss_cl": loss_sum / max(count, 1)}
         if d.groups is not None:  # every sample carries its group; counts add exactly over batches and processes
-            groups = GroupMetrics(d.groups)
+            groups = GroupMetrics(d.groups, d.group_classes)
             for r in results:
                 if r.groups is not None:
                     groups.add(r.groups)
