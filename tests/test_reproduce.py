@@ -152,6 +152,8 @@ def test_a_single_job_spec_has_no_spread_so_any_difference_differs(monkeypatch, 
 @pytest.mark.slow
 def test_dry_run_prints_the_commands_and_runs_nothing(originals, monkeypatch, capsys):
     monkeypatch.chdir(originals / "elsewhere")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # printed only where they differ from the caller's shell
+        monkeypatch.delenv(name, raising=False)
     threads = _summary(originals / "multi" / "0")["threads"]
     assert main(["../multi", "--out", "dry", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()

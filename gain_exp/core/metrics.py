@@ -159,8 +159,8 @@ class GroupMetrics:
 
     With ``classes`` (per group: its class and the class its cue value stands for, -1 for none; ``cue_group_classes``)
     it also reports ``cue_follow``: of the images whose cue stands for another class than their label (the
-    cue-conflicting groups), the share predicted as the cue's class (chance about 1/K; 0 for a model that ignores
-    the cue), with their count ``cue_conflict_n``; NaN when no such image was seen.
+    cue-conflicting groups), the share predicted as the cue's class (0: always right there, 1/K: random guesses,
+    1: the cue alone decides), with their count ``cue_conflict_n``; NaN when no such image was seen.
     """
 
     def __init__(self, names: Sequence[str], classes: Sequence[tuple[int, int]] | None = None) -> None:
