@@ -87,6 +87,11 @@ def test_cue_follow_by_hand_is_the_share_of_cue_conflicting_images_predicted_as_
     none = _cue_metrics([slice(0, 8)], classes=[(0, 0), (0, -1), (1, -1), (1, 1)])  # cues that name no class
     assert math.isnan(none["cue_follow"]) and none["cue_conflict_n"] == 0.0  # no conflicting image: NaN, not 0
     assert "cue_follow" not in _metrics([slice(0, 7)])  # groups without cue classes: no cue_follow
+    # 3 classes: a conflicting image predicted as the third class is wrong but does not follow the cue
+    three = GroupMetrics(["0_on_1", "1_on_0"], [(0, 1), (1, 0)])
+    three.update(_onehot([2, 1, 2], 3) * 5, _onehot([0, 0, 1], 3), torch.tensor([0, 0, 1]))
+    m3 = three.compute()
+    assert m3["cue_follow"] == pytest.approx(1 / 3) and m3["mean_group_acc"] == 0.0  # all wrong, one to the cue
     with pytest.raises(ValueError, match="classes gives 3 .class, cue class. pairs for 4 groups"):
         GroupMetrics(NAMES, CUE_CLASSES[:3])
 

@@ -50,6 +50,7 @@ def test_splits_classes_groups_and_sample_contract(wb):
     data = _build(wb)
     assert data.classes == ["landbird", "waterbird"] and data.multi_label is False
     assert data.negative_class is None and data.groups == GROUPS
+    assert data.group_classes == [(0, 0), (0, 1), (1, 0), (1, 1)]  # land stands for landbirds, water for waterbirds
     assert set(data.tests) == {"test"} and data.tests["test"] is not data.val
     for split, ds in (("train", data.train), ("val", data.val), ("test", data.tests["test"])):
         assert len(ds) == N // 3

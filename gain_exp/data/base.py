@@ -52,7 +52,7 @@ class DataSplits:
     negative_class: int | None = None  # binary datasets: index of the "negative" class (AM on positives only)
     train_sampler: torch.utils.data.Sampler | None = None  # optional custom sampler for train
     # names of the groups every sample of every split carries as ``group`` (single-label data with a known cue: class x
-    # cue value); None: the data has no groups. Metrics: worst_group_acc, mean_group_acc, group_acc/<name>.
+    # cue value); None: the data has no groups. Metrics: worst_group_acc, mean_group_acc, group_acc/<name>, cue_follow.
     groups: list[str] | None = None
     # per group: (its class, the class its cue value stands for, -1: none) (``cue_group_classes``); gives cue_follow
     group_classes: list[tuple[int, int]] | None = None
