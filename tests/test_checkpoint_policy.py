@@ -94,6 +94,35 @@ def test_a_missing_or_nan_monitor_never_becomes_best(tmp_path, value):
     assert list(policy.after_epoch(2, metrics, state)) == ["last"] and policy.best["epoch"] == 1
 
 
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_a_tiebreak_decides_only_between_epochs_whose_monitor_ties(tmp_path, mode):
+    """A worst-group monitor stuck at 0 for every epoch (the degenerate case): the tie-break metric picks the epoch."""
+    sign = 1 if mode == "max" else -1
+    policy, state = CheckpointPolicy(tmp_path, "val/wg", mode, tiebreak="val/mean"), _State()
+    epochs = [  # (monitor, tiebreak) -> best epoch after it
+        ((0.0, 0.30 * sign), 0),
+        ((0.0, 0.50 * sign), 1),  # tie, better tiebreak: the later epoch wins
+        ((0.0, 0.40 * sign), 1),  # tie, worse tiebreak
+        ((0.0, 0.50 * sign), 1),  # tie on both: the earlier stays
+        ((0.0, math.nan), 1),  # a NaN tiebreak never wins a tie
+        ((0.1 * sign, 0.0), 5),  # a better monitor wins whatever its tiebreak
+        ((0.1 * sign, 0.9 * sign), 6),
+    ]
+    for epoch, ((value, second), best) in enumerate(epochs):
+        written = policy.after_epoch(epoch, {"val/wg": value, "val/mean": second}, state)
+        assert policy.best["epoch"] == best and ("best" in written) == (best == epoch), epoch
+    assert policy.best == {
+        "metric": "val/wg",
+        "value": 0.1 * sign,
+        "epoch": 6,
+        "tiebreak": {"metric": "val/mean", "value": 0.9 * sign},
+    }
+    plain = CheckpointPolicy(tmp_path / "plain", "val/wg", mode)  # without one, a tie never improves
+    for epoch, ((value, second), _) in enumerate(epochs[:4]):
+        plain.after_epoch(epoch, {"val/wg": value, "val/mean": second}, state)
+    assert plain.best["epoch"] == 0 and "tiebreak" not in plain.best
+
+
 def test_other_processes_call_the_state_once_and_write_nothing(tmp_path):
     """The state function gathers every process's RNG streams (a collective): one call per epoch on each process."""
     policy, state = CheckpointPolicy(tmp_path, "val/acc", "max", every=1), _State(main=False)

@@ -3,7 +3,9 @@ benchmarks' groups and their group-balanced validation split (dataset.val_bias).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -168,6 +170,40 @@ def test_decoy_digits_groups_are_digit_by_patch(tmp_path):
     assert torch.equal(data.val.groups, data.val.labels * 10 + data.val.cue)
     assert (data.train.groups // 10 == data.train.groups % 10).all()  # bias 1.0: every train patch names its digit
     assert (data.val.labels == data.val.cue).float().mean() < 0.3  # val_bias 0.1: no longer
+
+
+def test_a_worst_group_monitor_can_break_ties_on_mean_group_accuracy(tmp_path, tiny):
+    cfg = compose(
+        [
+            *tiny,
+            "dataset.val_bias=balanced",
+            "trainer.monitor=val/worst_group_acc",
+            "trainer.monitor_tiebreak=val/mean_group_acc",
+            "trainer.epochs=2",
+        ]
+    )
+    summary = train(cfg, out_dir=tmp_path / "run")
+    best = summary["best"]
+    assert best["tiebreak"]["metric"] == "val/mean_group_acc"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/worst_group_acc" in r]
+    keys = [(r["val/worst_group_acc"], r["val/mean_group_acc"]) for r in val]
+    assert best["epoch"] == max(range(len(keys)), key=lambda e: (keys[e], -e))  # lexicographic; earlier on a full tie
+    assert best["tiebreak"]["value"] == pytest.approx(keys[best["epoch"]][1])
+    assert "(ties: the max val/mean_group_acc)" in summary["selections"]["best"]["rule"]
+
+
+@pytest.mark.parametrize(
+    "value,phrase",
+    [
+        ("test_unbiased/acc", "trainer.monitor_tiebreak=test_unbiased/acc must be a validation metric"),
+        ("val/mean_grup_acc", "trainer.monitor_tiebreak=val/mean_grup_acc is not a metric of this run; did you mean"),
+    ],
+)
+def test_a_tiebreak_that_is_no_val_metric_is_one_sentence(tmp_path, tiny, value, phrase):
+    cfg = compose([*tiny, "trainer.monitor_tiebreak=" + value, "trainer.epochs=1"])
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        train(cfg, out_dir=tmp_path / "run")
 
 
 def test_a_run_reports_group_metrics_and_can_select_on_worst_group(tmp_path, tiny):

@@ -159,6 +159,12 @@ def check_metric_names(cfg: DictConfig, monitor: str, data: Any) -> None:
             f"trainer.monitor={monitor} must be a validation metric (val/<name>, e.g. val/acc): the best "
             f"checkpoint is chosen on val, never on a test split."
         )
+    tiebreak = cfg.trainer.get("monitor_tiebreak")
+    if tiebreak is not None and not str(tiebreak).startswith("val/"):
+        raise ValueError(
+            f"trainer.monitor_tiebreak={tiebreak} must be a validation metric (val/<name>, e.g. val/mean_group_acc) "
+            f"or null: ties of the monitor are decided on val, never on a test split."
+        )
     metric = cfg.optimize_metric
     splits = {"train", "val", *data.tests}
     if metric != "auto" and metric.split("/")[0] not in splits:

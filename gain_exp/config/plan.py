@@ -67,6 +67,8 @@ class Plan:
     def val_metric_names(self) -> dict[str, str]:
         """Config keys that name a validation metric, checked against the real names after the first epoch."""
         names = {"trainer.monitor": self.trainer.monitor}
+        if self.trainer.monitor_tiebreak is not None:
+            names["trainer.monitor_tiebreak"] = self.trainer.monitor_tiebreak
         if "pareto" in self.trainer.selections:
             for i, metric in enumerate(self.trainer.pareto.metrics):
                 names[f"trainer.pareto.metrics[{i}]"] = metric

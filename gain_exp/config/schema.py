@@ -125,6 +125,7 @@ class TrainerSchema:
     scheduler: Optional[Any] = MISSING  # a torch.optim.lr_scheduler node (_target_, _partial_) or null
     monitor: str = MISSING  # auto until the plan resolves it from the data (val/acc or val/mAP)
     monitor_mode: str = MISSING
+    monitor_tiebreak: Optional[str] = MISSING  # a val metric deciding ties of the monitor (same mode), or null
     test_on: str = MISSING
     test_also: List[str] = MISSING
     pareto: ParetoSchema = field(default_factory=ParetoSchema)

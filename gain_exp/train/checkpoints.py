@@ -114,6 +114,8 @@ class CheckpointPolicy:
     Args:
         folder: the run's ``checkpoints`` directory.
         monitor: the val metric that picks the best epoch; ``mode``: ``max`` or ``min`` is better.
+        tiebreak: a second val metric (same ``mode``) that decides between epochs whose monitor ties (None: the
+            earlier epoch stays best). On a tie the later epoch wins only if it is strictly better in ``tiebreak``.
         every: ``trainer.checkpoint_every`` (None or 0: no ``epoch_NNN`` copies).
         pareto: keep the front of two val metrics as ``pareto_epoch_NNN`` copies (None: no front).
     """
@@ -125,23 +127,35 @@ class CheckpointPolicy:
         mode: str = "max",
         every: int | None = None,
         pareto: ParetoFront | None = None,
+        tiebreak: str | None = None,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"trainer.monitor_mode={mode} must be max or min")
         self.folder, self.monitor, self.mode, self.every = Path(folder), monitor, mode, every
-        self.pareto = pareto
+        self.pareto, self.tiebreak = pareto, tiebreak
         self.best: dict[str, Any] = {"metric": monitor, "value": None, "epoch": None}  # saved, resumed, summarised
+        if tiebreak is not None:
+            self.best["tiebreak"] = {"metric": tiebreak, "value": None}
         self.written: tuple[Path, int] | None = None  # the last checkpoint this run wrote, and its epochs done
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.ckpt"
 
-    def improves(self, value: Any) -> bool:
-        """Whether ``value`` of the monitor beats the best so far (a missing or NaN value never does)."""
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+    def improves(self, value: Any, second: Any = None) -> bool:
+        """Whether ``value`` of the monitor beats the best so far (a missing or NaN value never does); on a tie,
+        whether ``second``, the tie-break metric's value, beats the best epoch's."""
+        if _missing(value):
             return False
         best = self.best["value"]
-        return best is None or (value > best if self.mode == "max" else value < best)
+        if best is None or self._better(value, best):
+            return True
+        if value != best or self.tiebreak is None or _missing(second):
+            return False
+        kept = self.best.get("tiebreak", {}).get("value")
+        return _missing(kept) or self._better(second, kept)
+
+    def _better(self, a: Any, b: Any) -> bool:
+        return a > b if self.mode == "max" else a < b
 
     def after_epoch(
         self, epoch: int, metrics: dict[str, Any], state: Callable[[], dict[str, Any] | None]
@@ -150,8 +164,11 @@ class CheckpointPolicy:
         one call of ``state`` (after the update: best.ckpt records itself as the best). Returns {name: path}."""
         names = []
         value = metrics.get(self.monitor)
-        if self.improves(value):
+        second = metrics.get(self.tiebreak) if self.tiebreak is not None else None
+        if self.improves(value, second):
             self.best = {"metric": self.monitor, "value": value, "epoch": epoch}
+            if self.tiebreak is not None:
+                self.best["tiebreak"] = {"metric": self.tiebreak, "value": second}
             names.append("best")
         names.append("last")
         if self.every and (epoch + 1) % self.every == 0:
@@ -208,6 +225,10 @@ class CheckpointPolicy:
             if self.written or self.path("last").exists()
             else f"{where}, then run again"
         )
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def rng_state() -> dict[str, Any]:

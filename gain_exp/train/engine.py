@@ -110,7 +110,12 @@ class Trainer:
         if "pareto" in cfg.selections:
             pareto = ParetoFront(list(cfg.pareto.metrics), list(cfg.pareto.modes))  # auto resolved by the plan
         self.checkpoints = CheckpointPolicy(
-            self.ckpt_dir, cfg.monitor, cfg.monitor_mode, cfg.checkpoint_every, pareto=pareto
+            self.ckpt_dir,
+            cfg.monitor,
+            cfg.monitor_mode,
+            cfg.checkpoint_every,
+            pareto=pareto,
+            tiebreak=cfg.monitor_tiebreak,
         )
         self.history: list[dict[str, float]] = []
         self.speed: dict[str, float] = {}  # the last epoch's training images/s (global) and data-wait share
@@ -259,6 +264,8 @@ class Trainer:
             if self.best.get("epoch") is not None and best.is_file():
                 self._load_weights("best")
                 monitor = f"{self.cfg.monitor_mode} {self.cfg.monitor}"
+                if self.cfg.monitor_tiebreak is not None:
+                    monitor += f" (ties: the {self.cfg.monitor_mode} {self.cfg.monitor_tiebreak})"
                 return {
                     "checkpoint": "best",
                     "epoch": self.best["epoch"],
