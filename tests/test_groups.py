@@ -28,14 +28,16 @@ GROUPS = [0, 0, 0, 1, 1, 3, -1]
 NAMES = ["a", "b", "c", "d"]
 
 
-def _metrics(batches: list[slice]) -> dict[str, float]:
-    groups = GroupMetrics(NAMES)
-    logits, targets, ids = _onehot(PREDS) * 5, _onehot(LABELS), torch.tensor(GROUPS)
+def _metrics(batches: list[slice], data=(PREDS, LABELS, GROUPS), classes=None) -> dict[str, float]:
+    """GroupMetrics over (predictions, labels, group ids), one part per batch folded in with ``add``."""
+    preds, labels, group_ids = data
+    whole = GroupMetrics(NAMES, classes)
+    logits, targets, ids = _onehot(preds) * 5, _onehot(labels), torch.tensor(group_ids)
     for sl in batches:
-        part = GroupMetrics(NAMES)
+        part = GroupMetrics(NAMES, classes)
         part.update(logits[sl], targets[sl], ids[sl])
-        groups.add(part)
-    return groups.compute()
+        whole.add(part)
+    return whole.compute()
 
 
 def test_group_accuracy_by_hand_with_an_empty_group_and_an_image_without_one():
@@ -72,13 +74,7 @@ CUE_GROUPS = [0, 1, 1, 1, 2, 2, 3, -1]
 
 
 def _cue_metrics(batches: list[slice], classes=CUE_CLASSES) -> dict[str, float]:
-    whole = GroupMetrics(NAMES, classes)
-    logits, targets, ids = _onehot(CUE_PREDS) * 5, _onehot(CUE_LABELS), torch.tensor(CUE_GROUPS)
-    for sl in batches:
-        part = GroupMetrics(NAMES, classes)
-        part.update(logits[sl], targets[sl], ids[sl])
-        whole.add(part)
-    return whole.compute()
+    return _metrics(batches, (CUE_PREDS, CUE_LABELS, CUE_GROUPS), classes)
 
 
 def test_cue_follow_by_hand_is_the_share_of_cue_conflicting_images_predicted_as_the_cue_class():

@@ -190,12 +190,12 @@ class GroupMetrics:
         pred = logits.detach().argmax(dim=1).cpu()
         correct = (pred == targets.detach().argmax(dim=1).cpu()).long()
         kept = groups >= 0
-        size = len(self.names)
-        self.correct += torch.bincount(groups[kept], weights=correct[kept], minlength=size).round().long()
-        self.count += torch.bincount(groups[kept], minlength=size)
+        ids, size = groups[kept], len(self.names)
+        self.correct += torch.bincount(ids, weights=correct[kept], minlength=size).round().long()
+        self.count += torch.bincount(ids, minlength=size)
         if self.classes is not None:
-            to_cue = (pred[kept] == self.classes[groups[kept], 1]).long()
-            self.to_cue += torch.bincount(groups[kept], weights=to_cue, minlength=size).round().long()
+            to_cue = (pred[kept] == self.classes[ids, 1]).long()
+            self.to_cue += torch.bincount(ids, weights=to_cue, minlength=size).round().long()
 
     def add(self, other: GroupMetrics) -> None:
         """Fold in what ``other`` has seen (one batch, or another process's share) as if seen here."""
