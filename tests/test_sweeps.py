@@ -54,6 +54,18 @@ def test_every_launcher_recipe_composes(name):
     assert cfg.hydra.mode.name == "MULTIRUN" and "hydra_plugins" in cfg.hydra.launcher._target_
 
 
+@pytest.mark.parametrize("selection", _options("selection"))
+@pytest.mark.parametrize("data", _options("data"))
+def test_every_selection_rule_composes_with_every_study_dataset_and_passes_the_checks(data, selection):
+    from gain_exp.config.checks import check_config
+
+    cfg = compose_with_sweeps([f"+data={data}", f"+selection={selection}"])
+    settings = check_config(cfg)
+    assert settings.monitor == ("auto" if selection == "biased" else "val/worst_group_acc")
+    assert cfg.dataset.val_bias == ("balanced" if selection.startswith("balanced") else None)  # None: as bias
+    assert cfg.trainer.monitor_tiebreak == ("val/mean_group_acc" if selection == "balanced_tiebreak" else None)
+
+
 def test_paper_table_settings_differ_only_in_loss_and_mask_budget():
     base = OmegaConf.to_container(compose_with_sweeps([]), resolve=True)
     seen = {}
