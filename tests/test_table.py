@@ -262,9 +262,16 @@ def test_a_spec_among_the_paths_grows_by_new_runs_and_counts_each_job_once(tmp_p
     grown_out = capsys.readouterr().out
     assert "| baseline | 2 | 0.300 ± 0.071 |" in grown_out and "| gain | 3 | 0.450 ± 0.050 |" in grown_out
     grown = yaml.safe_load((tmp_path / "grown.yaml").read_text())
-    assert len(grown["jobs"]) == 5 and grown["sources"] == [str(tmp_path / "s.yaml"), str(tmp_path / "later")]
+    assert len(grown["jobs"]) == 5 and grown["sources"] == [str(tmp_path / "m"), str(tmp_path / "later")]
+    assert grown["earlier_commands"] == ["python -m gain_exp.table m --rows loss --save-spec s.yaml"]
     assert main(["--spec", "grown.yaml"]) == 0  # the grown table stands alone
     assert capsys.readouterr().out == grown_out
+    make_run(tmp_path / "latest" / "0", ["seed=3"], {"test_unbiased/acc": 0.6}, choices={"loss": "gain"})
+    assert main(["grown.yaml", "latest", "--rows", "loss", "--save-spec", "grown.yaml"]) == 0  # grown in place
+    capsys.readouterr()
+    regrown = yaml.safe_load((tmp_path / "grown.yaml").read_text())  # still says where every job came from
+    assert regrown["sources"] == [str(tmp_path / d) for d in ("m", "later", "latest")] and len(regrown["jobs"]) == 6
+    assert regrown["earlier_commands"] == [*grown["earlier_commands"], grown["command"]]
 
 
 def test_where_keeps_the_runs_with_the_given_values_from_run_dirs_and_specs(tmp_path, monkeypatch, capsys):

@@ -124,7 +124,20 @@ def default_metrics(runs: Sequence[Run]) -> list[str]:
 
 
 def table_spec(table: Table, sources: Sequence[str | Path], command: str | None = None) -> dict[str, Any]:
-    """The table as a saved config: sources, rows, metrics, format, each job's recipe and numbers, and its cells."""
+    """The table as a saved config: sources, rows, metrics, format, each job's recipe and numbers, and its cells.
+
+    A spec among ``sources`` (a table grown from a saved one) stands for what it was made from: its own sources
+    replace it, and the commands that made it are kept in order under ``earlier_commands``, so a spec grown in place
+    still says where every job came from."""
+    flat: list[str] = []
+    earlier: list[str] = []
+    for source in sources:
+        if Path(source).suffix in SPEC_SUFFIXES and Path(source).is_file():
+            made_from = read_spec(Path(source))
+            flat += [s for s in made_from.get("sources") or [] if s not in flat]
+            earlier += [c for c in [*(made_from.get("earlier_commands") or []), made_from.get("command")] if c]
+        elif portable(source) not in flat:
+            flat.append(portable(source))
     jobs = []
     for row in table.rows:
         for run in row.runs:
@@ -143,7 +156,8 @@ def table_spec(table: Table, sources: Sequence[str | Path], command: str | None 
     return {
         "kind": SPEC_KIND,
         "command": command,
-        "sources": [portable(s) for s in sources],
+        **({"earlier_commands": earlier} if earlier else {}),
+        "sources": flat,
         "rows": table.row_keys,
         "metrics": table.metrics,
         "format": {"digits": table.digits},
