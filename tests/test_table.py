@@ -272,6 +272,13 @@ def test_a_spec_among_the_paths_grows_by_new_runs_and_counts_each_job_once(tmp_p
     regrown = yaml.safe_load((tmp_path / "grown.yaml").read_text())  # still says where every job came from
     assert regrown["sources"] == [str(tmp_path / d) for d in ("m", "later", "latest")] and len(regrown["jobs"]) == 6
     assert regrown["earlier_commands"] == [*grown["earlier_commands"], grown["command"]]
+    make_run(tmp_path / "new_loss" / "0", ["seed=0"], {"test_unbiased/acc": 0.1}, choices={"loss": "energy"})
+    assert main(["grown.yaml", "new_loss", "--rows", "loss"]) == 0  # old rows keep their place, new ones follow
+    assert [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()[2:]] == [
+        "baseline",
+        "gain",
+        "energy",
+    ]
 
 
 def test_where_keeps_the_runs_with_the_given_values_from_run_dirs_and_specs(tmp_path, monkeypatch, capsys):

@@ -254,13 +254,23 @@ def completed_runs(paths: Sequence[str | Path], damaged: str = "skip") -> list[R
     """The completed runs at or below ``paths``, plus the jobs of any table spec among them; the others
     (interrupted, diverged, failed) are named and left out. A spec's job that is also here as a run directory (same
     directory, same overrides) is counted once, from the directory. A damaged run directory (``DamagedRun``) is left
-    out with a warning, or with ``damaged="raise"`` raised (a reproduction must not drop a job)."""
-    specs = [Path(p) for p in paths if Path(p).suffix in SPEC_SUFFIXES]
+    out with a warning, or with ``damaged="raise"`` raised (a reproduction must not drop a job). Runs come in the
+    order of ``paths`` (a spec's jobs in its own order), so a table grown from its spec keeps its rows' order."""
     dirs = [p for p in paths if Path(p).suffix not in SPEC_SUFFIXES]
-    runs = _live_runs(dirs, damaged) if dirs else []
-    here = {_identity(r) for r in runs}
-    for spec in specs:
-        runs += [r for r in spec_runs(read_spec(spec)) if _identity(r) not in here]
+    live = _live_runs(dirs, damaged) if dirs else []
+    by_identity = {_identity(r): r for r in live}
+    runs: list[Run] = []
+    taken: set[tuple[Path, tuple[str, ...]]] = set()
+    for path in paths:
+        if Path(path).suffix in SPEC_SUFFIXES:
+            found = [by_identity.get(_identity(job), job) for job in spec_runs(read_spec(Path(path)))]
+        else:
+            below = Path(path).resolve()
+            found = [r for r in live if r.path.resolve() == below or below in r.path.resolve().parents]
+        for run in found:
+            if _identity(run) not in taken:
+                taken.add(_identity(run))
+                runs.append(run)
     return runs
 
 
