@@ -29,6 +29,7 @@ from gain_exp.runs.tables import (
     build_table,
     completed_runs,
     read_spec,
+    read_specs,
     select_runs,
     table_from_spec,
     table_spec,
@@ -122,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.paths:
             raise ValueError("no runs given; pass multirun or run directories, or --spec <table spec>.")
-        runs = completed_runs(args.paths)
+        specs = read_specs(args.paths)
+        runs = completed_runs(args.paths, specs=specs)
         if not runs:
             raise ValueError(f"no completed runs under {', '.join(args.paths)}; finish or re-run them first.")
         if args.where:
@@ -139,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if spec_path:
             command = shlex.join(["python", "-m", "gain_exp.table", *(sys.argv[1:] if argv is None else argv)])
-            write_spec(spec_path, table_spec(table, args.paths, command))
+            write_spec(spec_path, table_spec(table, args.paths, command, specs))
     except CannotWrite as err:  # a read-only folder or a full disk: the table was printed, its file is not written
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -123,21 +123,25 @@ def default_metrics(runs: Sequence[Run]) -> list[str]:
     return [m for m in first + then if m in known]
 
 
-def table_spec(table: Table, sources: Sequence[str | Path], command: str | None = None) -> dict[str, Any]:
+def table_spec(
+    table: Table,
+    sources: Sequence[str | Path],
+    command: str | None = None,
+    specs: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The table as a saved config: sources, rows, metrics, format, each job's recipe and numbers, and its cells.
 
-    A spec among ``sources`` (a table grown from a saved one) stands for what it was made from: its own sources
-    replace it, and the commands that made it are kept in order under ``earlier_commands``, so a spec grown in place
-    still says where every job came from."""
+    A spec among ``sources`` (``specs``, as ``read_specs`` gives them: a table grown from a saved one) stands for what
+    it was made from: its own sources replace it, and the commands that made it are kept in order under
+    ``earlier_commands``, so a spec grown in place still says where every job came from."""
     flat: list[str] = []
     earlier: list[str] = []
     for source in sources:
-        if Path(source).suffix in SPEC_SUFFIXES and Path(source).is_file():
-            made_from = read_spec(Path(source))
-            flat += [s for s in made_from.get("sources") or [] if s not in flat]
-            earlier += [c for c in [*(made_from.get("earlier_commands") or []), made_from.get("command")] if c]
-        elif portable(source) not in flat:
-            flat.append(portable(source))
+        spec = (specs or {}).get(str(source))
+        mine = [portable(source)] if spec is None else spec.get("sources") or []
+        flat += [s for s in mine if s not in flat]
+        if spec is not None:
+            earlier += [c for c in [*(spec.get("earlier_commands") or []), spec.get("command")] if c]
     jobs = []
     for row in table.rows:
         for run in row.runs:
@@ -250,26 +254,32 @@ def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
     return chosen
 
 
-def completed_runs(paths: Sequence[str | Path], damaged: str = "skip") -> list[Run]:
-    """The completed runs at or below ``paths``, plus the jobs of any table spec among them; the others
-    (interrupted, diverged, failed) are named and left out. A spec's job that is also here as a run directory (same
-    directory, same overrides) is counted once, from the directory. A damaged run directory (``DamagedRun``) is left
-    out with a warning, or with ``damaged="raise"`` raised (a reproduction must not drop a job). Runs come in the
-    order of ``paths`` (a spec's jobs in its own order), so a table grown from its spec keeps its rows' order."""
-    dirs = [p for p in paths if Path(p).suffix not in SPEC_SUFFIXES]
-    live = _live_runs(dirs, damaged) if dirs else []
-    by_identity = {_identity(r): r for r in live}
+def read_specs(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """The table specs among ``paths`` (a ``.yaml``/``.yml`` path is one), each read once, by path."""
+    return {str(p): read_spec(Path(p)) for p in paths if Path(p).suffix in SPEC_SUFFIXES}
+
+
+def completed_runs(
+    paths: Sequence[str | Path], damaged: str = "skip", specs: Mapping[str, dict[str, Any]] | None = None
+) -> list[Run]:
+    """The completed runs at or below ``paths``, plus the jobs of any table spec among them (``specs``, when the
+    caller has read them with ``read_specs``); the others (interrupted, diverged, failed) are named and left out. A
+    spec's job that is also here as a run directory (same directory, same overrides) is counted once, from the
+    directory. A damaged run directory (``DamagedRun``) is left out with a warning, or with ``damaged="raise"`` raised
+    (a reproduction must not drop a job). Runs come in the order of ``paths`` (a spec's jobs in its own order), so a
+    table grown from its spec keeps its rows' order."""
+    specs = read_specs(paths) if specs is None else specs
+    live = {str(p): _live_runs([p], damaged) for p in paths if str(p) not in specs}
+    by_identity = {_identity(r): r for found in live.values() for r in found}
     runs: list[Run] = []
     taken: set[tuple[Path, tuple[str, ...]]] = set()
-    for path in paths:
-        if Path(path).suffix in SPEC_SUFFIXES:
-            found = [by_identity.get(_identity(job), job) for job in spec_runs(read_spec(Path(path)))]
-        else:
-            below = Path(path).resolve()
-            found = [r for r in live if r.path.resolve() == below or below in r.path.resolve().parents]
+    for path in map(str, paths):
+        spec = specs.get(path)
+        found = live[path] if spec is None else [by_identity.get(_identity(j), j) for j in spec_runs(spec)]
         for run in found:
-            if _identity(run) not in taken:
-                taken.add(_identity(run))
+            identity = _identity(run)
+            if identity not in taken:
+                taken.add(identity)
                 runs.append(run)
     return runs
 
